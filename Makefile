@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test   creates .venv if missing, installs the pinned requirements and the package, runs pytest
+#   make demo   the same set-up, then the main job (arrives with the demo issue)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export HF_EVALUATE_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export MPLBACKEND = Agg
+
+.PHONY: install test test-fast bench clean
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed" tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

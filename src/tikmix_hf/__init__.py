@@ -1,0 +1,48 @@
+"""tikmix_hf: TiKMiX dynamic data mixing as a drop-in Hugging Face ``Trainer`` callback.
+
+TiKMiX (arXiv 2508.17677) re-weights the domains of a pre-training mixture at stage
+boundaries from their Group Influence on validation tasks. This package is layered so that
+each piece can be used alone:
+
+- :class:`DomainMixture` (``mixture.py``): the data plane, a training stream over named
+  domains whose sampling weights can change while training runs.
+- :func:`group_influence` (``influence.py``): the n_tasks x n_domains influence matrix of a
+  model, trainer-agnostic.
+- :func:`solve_direct` / :func:`solve_surrogate` (``solvers/``): TiKMiX-D and TiKMiX-M, pure
+  numpy/scipy/lightgbm.
+- :class:`TiKMiXCallback` / :class:`TiKMiXConfig` (``callback.py``, ``config.py``): the thin
+  adapter that drives the above from inside ``transformers.Trainer``.
+
+Heavy modules are imported on first use so that ``import tikmix_hf`` stays cheap.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DomainMixture": "tikmix_hf.mixture",
+    "group_influence": "tikmix_hf.influence",
+    "InfluenceResult": "tikmix_hf.influence",
+    "solve_direct": "tikmix_hf.solvers",
+    "solve_surrogate": "tikmix_hf.solvers",
+    "SolverResult": "tikmix_hf.solvers",
+    "TiKMiXConfig": "tikmix_hf.config",
+    "TiKMiXTrainingArguments": "tikmix_hf.config",
+    "TiKMiXCallback": "tikmix_hf.callback",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tikmix_hf' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
