@@ -1,0 +1,41 @@
+"""Small file helpers shared by the layers: atomic JSON writes, JSON reads with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file in the same folder and a rename.
+
+    A crash or a full disk leaves either the previous file or the new one, never half of one.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file; a missing or corrupt file raises an error that names ``what`` and the path."""
+    path = os.fspath(path)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} at {path} is not valid JSON ({err}); it may be truncated or tampered with") from None
