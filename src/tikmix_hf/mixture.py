@@ -75,8 +75,12 @@ class _MapSource:
         epoch, pos = divmod(int(cursor), self.n)
         return int(self._perm(epoch)[pos])
 
-    def get(self, cursor: int) -> Any:
-        return self.data[self.index_of(cursor)]
+    def get_many(self, cursors: np.ndarray) -> list:
+        indices = [self.index_of(c) for c in cursors]
+        getitems = getattr(self.data, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems(indices))
+        return [self.data[i] for i in indices]
 
     def tokens_drawn(self, count: int) -> int | None:
         if self.lengths is None:
@@ -91,6 +95,26 @@ class _MapSource:
         rng = np.random.default_rng([self.seed, _TAG_PROBE, self.domain_id, round_])
         order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(n / self.n))])[:n]
         return [self.data[int(i)] for i in order]
+
+
+class _Row:
+    """Row ``i`` of a column batch, turned into a dict only if somebody keeps it.
+
+    Every DataLoader worker reads the whole of an iterable domain but keeps only its own samples,
+    so the rows the other workers keep are skipped without being built.
+    """
+
+    __slots__ = ("batch", "i")
+
+    def __init__(self, batch: dict, i: int):
+        self.batch, self.i = batch, i
+
+    def get(self) -> dict:
+        return {key: column[self.i] for key, column in self.batch.items()}
+
+
+def _materialise(example: Any) -> Any:
+    return example.get() if isinstance(example, _Row) else example
 
 
 class _IterSource:
@@ -113,8 +137,9 @@ class _IterSource:
         # datasets.IterableDataset splits its shards between DataLoader workers when iterated inside
         # one; every worker here must see the whole domain, so read it through .iter(), which does not.
         if hasattr(self.data, "iter") and hasattr(self.data, "_ex_iterable"):
-            for batch in self.data.iter(batch_size=1):
-                yield {key: value[0] for key, value in batch.items()}
+            for batch in self.data.iter(batch_size=256):
+                for i in range(len(next(iter(batch.values())))):
+                    yield _Row(batch, i)
         else:
             yield from self.data
 
@@ -157,7 +182,7 @@ class _IterSource:
         while len(out) < n:
             before = len(out)
             for example in self._one_pass(pass_):
-                out.append(example)
+                out.append(_materialise(example))
                 if len(out) == n:
                     break
             if len(out) == before:
@@ -566,7 +591,7 @@ class DomainMixture(IterableDataset):
                 f"DomainMixture is read by {workers} DataLoader workers but does not know the batch size: "
                 "add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) first"
             )
-        chunk = chunk if workers > 1 else 1024
+        chunk = chunk if workers > 1 else 256
         slot = 0 if info is None else 1 + worker
         if int(self._ctrl[0]) == start:
             cursors = self._seek_cursors.numpy().copy()
@@ -575,41 +600,87 @@ class DomainMixture(IterableDataset):
         yield from self._generate(start, stop, cursors, chunk, workers, worker, slot)
 
     def _generate(self, start, stop, cursors, chunk, workers, worker, slot) -> Iterator[Any]:
+        """Yield this copy's samples from index ``start``: chunk ``j`` (of ``chunk`` samples, counted
+        from ``start``) belongs to worker ``j % workers``. Every copy walks every index, so all copies
+        agree on the per-domain cursors, on exhaustion and on the schedule."""
         cycle = self.exhausted == "cycle"
         readers: dict[int, Iterator] = {}
         for d, src in enumerate(self._sources):
             if not src.random_access:
                 readers[d] = src.reader(int(cursors[d]), cycle)
+        sizes = np.array([src.n if src.random_access else -1 for src in self._sources])
         high_water = self._high_water.numpy()  # shared memory; a numpy view is cheap to write
         version = self._ctrl.numpy()[5:6]
-        k, j = start, 0
+        span = chunk * max(1, 2048 // chunk)
+        k = start
         while stop is None or k < stop:
-            end = k + chunk if stop is None else min(k + chunk, stop)
-            mine = j % workers == worker
+            span_end = k + span - (k - start) % chunk
+            if stop is not None:
+                span_end = min(span_end, stop)
             seen = int(version[0])
-            ids = self.domain_ids(k, end)
-            for i in range(end - k):
-                if int(version[0]) != seen:  # new weights were published while this chunk was drawn
-                    seen = int(version[0])
-                    ids[i:] = self.domain_ids(k + i, end)
-                d = int(ids[i])
-                src = self._sources[d]
-                c = int(cursors[d])
-                cursors[d] += 1
-                if src.random_access:
-                    if not cycle and c >= src.n:
+            ids = self.domain_ids(k, span_end)
+            draw = self._draw_numbers(ids, cursors)
+            pos, redraw = k, False
+            while pos < span_end and not redraw:
+                j = (pos - start) // chunk
+                a, b = pos - k, min(start + (j + 1) * chunk, span_end) - k
+                mine = j % workers == worker
+                if int(version[0]) != seen:
+                    break  # new weights were published: redraw from here under them
+                if not mine and not readers:  # nothing to read: advance the cursors in one go
+                    seg_ids, seg_draw = ids[a:b], draw[a:b]
+                    if not cycle and np.any(seg_draw >= sizes[seg_ids]):
                         return
-                    example = src.get(c) if mine else None
-                else:
-                    example = next(readers[d])
-                    if example is None:
-                        return
-                if mine:
-                    high_water[slot] = k + i + 1
-                    if slot == 0:
-                        self._position = k + i + 1
-                    yield example
-            k, j = end, j + 1
+                    np.maximum.at(cursors, seg_ids, seg_draw + 1)
+                    pos = k + b
+                    continue
+                # This worker's map-style rows are fetched together: one Arrow read, not one per row.
+                fetched = self._fetch(ids[a:b], draw[a:b]) if mine else {}
+                for i in range(a, b):
+                    if int(version[0]) != seen:
+                        redraw = True  # new weights were published mid-chunk: redraw the rest under them
+                        break
+                    d, c = int(ids[i]), int(draw[i])
+                    cursors[d] = c + 1
+                    if readers.get(d) is None:
+                        if not cycle and c >= sizes[d]:
+                            return
+                        example = fetched.get(i - a)
+                    else:
+                        example = next(readers[d])
+                        if example is None:
+                            return
+                        if mine:
+                            example = _materialise(example)
+                    pos = k + i + 1
+                    if mine:
+                        high_water[slot] = pos
+                        if slot == 0:
+                            self._position = pos
+                        yield example
+            k = pos
+
+    @staticmethod
+    def _draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:
+        """The per-domain draw number of each sample, continuing from ``cursors``."""
+        draw = np.empty(len(ids), dtype=np.int64)
+        for d in np.unique(ids):
+            where = np.flatnonzero(ids == d)
+            draw[where] = cursors[d] + np.arange(len(where))
+        return draw
+
+    def _fetch(self, ids: np.ndarray, draw: np.ndarray) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        for d in np.unique(ids):
+            src = self._sources[d]
+            if not src.random_access:
+                continue
+            where = np.flatnonzero(ids == d)
+            if self.exhausted == "stop":
+                where = where[draw[where] < src.n]
+            if len(where):
+                out.update(zip(where.tolist(), src.get_many(draw[where])))
+        return out
 
     # ------------------------------------------------------------------ probes
     def probe(self, domain: str, n: int, *, round: int = 0) -> list:  # noqa: A002 - paper's "round"
