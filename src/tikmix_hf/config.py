@@ -1,0 +1,192 @@
+"""Options of the TiKMiX callback: one dataclass whose fields are command-line flags.
+
+Every field is prefixed ``tikmix_`` so :class:`TiKMiXConfig` can sit beside any
+``TrainingArguments`` subclass in one ``HfArgumentParser``, or be mixed in through
+:class:`TiKMiXTrainingArguments`::
+
+    parser = HfArgumentParser(TiKMiXTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses()   # --tikmix_solver direct --tikmix_stage_steps 500 ...
+    callback = TiKMiXCallback(mixture, validation, config=args.tikmix_config())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+SOLVERS = ("direct", "surrogate")
+PRECONDITIONERS = ("identity", "adam", "diag_fisher")
+
+
+def _help(text: str) -> dict:
+    return {"help": text.replace("%", "%%")}
+
+
+@dataclass
+class TiKMiXConfig:
+    """How and when TiKMiX re-mixes the training domains (see docs/method.md of the project).
+
+    Stage boundaries come from exactly one of ``tikmix_stage_steps``, ``tikmix_stage_tokens`` or
+    ``tikmix_stage_fractions``; with none of them, the mixture is re-decided at 25, 50 and 75
+    percent of training.
+    """
+
+    tikmix_solver: Literal["direct", "surrogate"] = field(
+        default="direct",
+        metadata=_help("direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search)."),
+    )
+    tikmix_stage_steps: int | None = field(
+        default=None, metadata=_help("Re-decide the mixture every N optimizer steps.")
+    )
+    tikmix_stage_tokens: int | None = field(
+        default=None,
+        metadata=_help("Re-decide the mixture every N training tokens (all ranks together)."),
+    )
+    tikmix_stage_fractions: list[float] | None = field(
+        default=None,
+        metadata=_help("Re-decide at these fractions of max_steps, e.g. 0.5 (the paper's single switch)."),
+    )
+    tikmix_warmup_steps: int | None = field(
+        default=None,
+        metadata=_help("Take the first decision after this many steps, then follow the regular stages."),
+    )
+    tikmix_probe_sequences: int = field(
+        default=16, metadata=_help("Probe sequences drawn per domain at each stage (equal budget per domain).")
+    )
+    tikmix_validation_sequences: int = field(
+        default=16, metadata=_help("Sequences per validation task used for its gradient.")
+    )
+    tikmix_probe_batch_size: int | None = field(
+        default=None, metadata=_help("Micro-batch size of the influence pass (default: per_device_train_batch_size).")
+    )
+    tikmix_preconditioner: Literal["identity", "adam", "diag_fisher"] = field(
+        default="identity",
+        metadata=_help("Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher."),
+    )
+    tikmix_damping: float = field(default=1e-8, metadata=_help("lambda added to diagonal curvature."))
+    tikmix_alpha: float = field(default=1.0, metadata=_help("Weight of std(P_hat), the spread across tasks (Eq. 10)."))
+    tikmix_beta: float = field(default=1.0, metadata=_help("Weight of sum(P_hat), the total normalised gain (Eq. 10)."))
+    tikmix_gamma: float = field(default=1.0, metadata=_help("Weight of the entropy H(w), data diversity (Eq. 10)."))
+    tikmix_pareto: bool = field(
+        default=True, metadata=_help("Require S w >= S w_prev: no task worse than under the previous mixture.")
+    )
+    tikmix_floor: float = field(default=0.0, metadata=_help("Lowest weight any domain may get (0 = no floor)."))
+    tikmix_max_change: float | None = field(
+        default=None, metadata=_help("Largest change of one domain's weight per stage (none by default).")
+    )
+    tikmix_initial_weights: str = field(
+        default="keep",
+        metadata=_help("keep (the mixture's own weights), natural, uniform, or a JSON mapping domain -> weight."),
+    )
+    tikmix_surrogate_candidates: int = field(
+        default=64, metadata=_help("TiKMiX-M: mixtures evaluated by the look-ahead to train the surrogate.")
+    )
+    tikmix_lookahead_lr: float | None = field(
+        default=None,
+        metadata=_help("TiKMiX-M: step size of the virtual look-ahead step (default: the current learning rate x 10)."),
+    )
+    tikmix_seed: int = field(default=0, metadata=_help("Seed of the probe draws and of the surrogate search."))
+    tikmix_log_matrix: bool = field(
+        default=True, metadata=_help("Also log every influence entry as tikmix/influence/<task>/<domain>.")
+    )
+    tikmix_entropy_warning: float = field(
+        default=0.5,
+        metadata=_help("Warn when the weights' entropy falls below this fraction of log(number of domains)."),
+    )
+    tikmix_show_progress: bool = field(default=True, metadata=_help("Show a progress bar during the influence pass."))
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TiKMiXConfig)}
+
+    def initial_weights(self) -> str | dict[str, float]:
+        """``tikmix_initial_weights`` parsed: a keyword or a mapping."""
+        value = self.tikmix_initial_weights
+        return value if value in ("keep", "natural", "uniform") else json.loads(value)
+
+
+def _fail(name: str, value, fix: str) -> None:
+    raise ValueError(f"{name}={value!r}: {fix}")
+
+
+def _validate(c) -> None:
+    if c.tikmix_solver not in SOLVERS:
+        _fail("tikmix_solver", c.tikmix_solver, f"use one of {SOLVERS}")
+    if c.tikmix_preconditioner not in PRECONDITIONERS:
+        _fail("tikmix_preconditioner", c.tikmix_preconditioner, f"use one of {PRECONDITIONERS}")
+    given = [n for n in ("tikmix_stage_steps", "tikmix_stage_tokens", "tikmix_stage_fractions") if getattr(c, n)]
+    if len(given) > 1:
+        _fail(given[1], getattr(c, given[1]), f"give only one of {given} to set the stage boundaries")
+    for name in ("tikmix_stage_steps", "tikmix_stage_tokens", "tikmix_warmup_steps"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            _fail(name, value, "must be a positive integer (or unset)")
+    if c.tikmix_stage_fractions is not None:
+        fr = list(c.tikmix_stage_fractions)
+        if not fr or any(not (0.0 < f < 1.0) for f in fr) or fr != sorted(set(fr)):
+            _fail("tikmix_stage_fractions", fr, "give increasing fractions strictly between 0 and 1, e.g. 0.5")
+    for name in ("tikmix_probe_sequences", "tikmix_validation_sequences", "tikmix_surrogate_candidates"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            _fail(name, value, "must be a positive integer")
+    if c.tikmix_surrogate_candidates < 8:
+        _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates, "the surrogate needs at least 8 candidates")
+    if c.tikmix_probe_batch_size is not None and c.tikmix_probe_batch_size < 1:
+        _fail("tikmix_probe_batch_size", c.tikmix_probe_batch_size, "must be a positive integer (or unset)")
+    for name in ("tikmix_alpha", "tikmix_beta", "tikmix_gamma", "tikmix_damping", "tikmix_floor"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            _fail(name, value, "must be a finite number >= 0")
+    if c.tikmix_floor >= 1:
+        _fail("tikmix_floor", c.tikmix_floor, "must be below 1 (it is a per-domain minimum weight)")
+    if c.tikmix_max_change is not None and not (0 < c.tikmix_max_change <= 1):
+        _fail("tikmix_max_change", c.tikmix_max_change, "must lie in (0, 1] (or unset)")
+    if c.tikmix_lookahead_lr is not None and not (c.tikmix_lookahead_lr > 0 and math.isfinite(c.tikmix_lookahead_lr)):
+        _fail("tikmix_lookahead_lr", c.tikmix_lookahead_lr, "must be a positive number (or unset)")
+    if not (0 <= c.tikmix_entropy_warning <= 1):
+        _fail("tikmix_entropy_warning", c.tikmix_entropy_warning, "must lie in [0, 1]")
+    if not isinstance(c.tikmix_seed, int) or c.tikmix_seed < 0:
+        _fail("tikmix_seed", c.tikmix_seed, "must be a non-negative integer")
+    value = c.tikmix_initial_weights
+    if value not in ("keep", "natural", "uniform"):
+        try:
+            parsed = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            parsed = None
+        if not isinstance(parsed, dict) or not all(isinstance(v, (int, float)) for v in parsed.values()):
+            _fail(
+                "tikmix_initial_weights",
+                value,
+                'use keep, natural, uniform, or a JSON mapping such as \'{"code": 0.6, "web": 0.4}\'',
+            )
+
+
+@dataclass
+class TiKMiXTrainingArguments(TrainingArguments, TiKMiXConfig):
+    """``TrainingArguments`` plus every ``--tikmix_*`` flag of :class:`TiKMiXConfig`."""
+
+    def __post_init__(self) -> None:
+        TrainingArguments.__post_init__(self)
+        _validate(self)
+
+    def tikmix_config(self) -> TiKMiXConfig:
+        """The TiKMiX options alone, for :class:`~tikmix_hf.TiKMiXCallback`."""
+        return TiKMiXConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TiKMiXConfig)})
+
+
+def config_from(args) -> TiKMiXConfig:
+    """A :class:`TiKMiXConfig` from a config, a :class:`TiKMiXTrainingArguments` or ``None`` (defaults)."""
+    if args is None:
+        return TiKMiXConfig()
+    if isinstance(args, TiKMiXConfig) and not isinstance(args, TrainingArguments):
+        return args
+    if isinstance(args, TiKMiXTrainingArguments):
+        return args.tikmix_config()
+    raise TypeError(f"config must be a TiKMiXConfig or TiKMiXTrainingArguments, got {type(args).__name__}")
