@@ -1,0 +1,1 @@
+"""Folder of the ``choice_accuracy`` evaluate module; see ``choice_accuracy.py``."""
