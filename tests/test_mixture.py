@@ -1,10 +1,7 @@
 """DomainMixture: the stream is a pure function of (seed, index, schedule), on every copy."""
 
 import json
-import math
 import os
-import socket
-import subprocess
 import sys
 
 import datasets
@@ -13,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from _launch import torchrun
 from tikmix_hf import DomainMixture
 
 HERE = os.path.dirname(__file__)
@@ -331,18 +329,9 @@ def test_state_from_other_domains_or_tampered_is_refused_and_changes_nothing():
 
 
 # ---------------------------------------------------------------------------- two ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), os.path.join(HERE, "dist_mixture.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("dist_mixture.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     sys.path.insert(0, HERE)
     from dist_mixture import BATCH, sources

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -293,6 +293,7 @@ class DomainMixture(IterableDataset):
         self.domains: list[str] = list(sources)
         self.seed, self.exhausted, self.shuffle, self.shuffle_buffer = seed, exhausted, shuffle, shuffle_buffer
         self.num_samples = num_samples
+        self._sizes = sizes
         self._sources = []
         for i, (name, data) in enumerate(sources.items()):
             if _is_map_style(data):
@@ -306,8 +307,9 @@ class DomainMixture(IterableDataset):
         self._sched_start = torch.zeros(max_stages, dtype=torch.int64).share_memory_()
         self._sched_weights = torch.zeros(max_stages, m, dtype=torch.float64).share_memory_()
         self._sched_len = torch.zeros(1, dtype=torch.int64).share_memory_()
-        # [seek index, epoch, samples per worker batch, num_workers, prefetch_factor, schedule version]
-        self._ctrl = torch.tensor([0, 0, 0, 0, 2, 0], dtype=torch.int64).share_memory_()
+        # [seek index, epoch, samples per worker batch, num_workers, prefetch_factor, schedule version,
+        #  samples per micro-step over all ranks]
+        self._ctrl = torch.tensor([0, 0, 0, 0, 2, 0, 0], dtype=torch.int64).share_memory_()
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
         self._high_water = torch.zeros(_HW_SLOTS, dtype=torch.int64).share_memory_()
         self._position = 0  # samples yielded by the last in-process iterator (exact with num_workers=0)
@@ -325,6 +327,10 @@ class DomainMixture(IterableDataset):
                 return self._natural(sizes)
             raise ValueError(f"weights={weights!r}: use 'natural', 'uniform' or a mapping domain -> weight")
         return self._validate(weights, "weights")
+
+    def resolve_weights(self, spec: str | Mapping[str, float]) -> dict[str, float]:
+        """``"natural"``, ``"uniform"`` or a mapping, as normalised weights per domain (nothing is changed)."""
+        return dict(zip(self.domains, map(float, self._resolve_initial(spec, self._sizes))))
 
     def _natural(self, sizes: Mapping[str, float] | None) -> np.ndarray:
         if sizes is not None:
@@ -423,7 +429,7 @@ class DomainMixture(IterableDataset):
         accelerate's one-batch look-ahead plus one batch of margin; ``samples per batch`` is the value
         given to :meth:`bind_loader` (1 when unbound).
         """
-        per_batch = max(int(self._ctrl[2]), 1)
+        per_batch = max(int(self._ctrl[2]), int(self._ctrl[6]), 1)
         workers, prefetch = int(self._ctrl[3]), int(self._ctrl[4])
         return per_batch * (workers * prefetch + 2)
 
@@ -531,7 +537,13 @@ class DomainMixture(IterableDataset):
         return out
 
     # ------------------------------------------------------------------ position, epochs, loaders
-    def bind_loader(self, samples_per_batch: int, num_workers: int = 0, prefetch_factor: int | None = 2) -> None:
+    def bind_loader(
+        self,
+        samples_per_batch: int,
+        num_workers: int = 0,
+        prefetch_factor: int | None = 2,
+        global_batch: int | None = None,
+    ) -> None:
         """Tell the mixture how the DataLoader reads it.
 
         Args:
@@ -539,14 +551,19 @@ class DomainMixture(IterableDataset):
                 times the number of processes when accelerate shards an iterable with
                 ``dispatch_batches=False``).
             num_workers, prefetch_factor: the DataLoader's, for the lag bound of :meth:`lag_samples`.
+            global_batch: stream samples consumed per micro-step over all ranks (default
+                ``samples_per_batch``); accelerate's look-ahead fetches one such batch early.
         """
         if not isinstance(samples_per_batch, int) or samples_per_batch < 1:
             raise ValueError(f"samples_per_batch must be a positive int, got {samples_per_batch!r}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if global_batch is not None and (not isinstance(global_batch, int) or global_batch < 1):
+            raise ValueError(f"global_batch must be a positive int or None, got {global_batch!r}")
         self._ctrl[2] = samples_per_batch
         self._ctrl[3] = num_workers
         self._ctrl[4] = 2 if prefetch_factor is None else int(prefetch_factor)
+        self._ctrl[6] = samples_per_batch if global_batch is None else global_batch
 
     def seek(self, index: int) -> None:
         """Make the next iterator start at sample ``index`` (cursors computed, nothing replayed)."""

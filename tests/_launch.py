@@ -1,0 +1,30 @@
+"""Launch a test script on two CPU ranks with torchrun (gloo), retrying once on a port clash."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(__file__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/<script>`` under ``torchrun --nproc_per_node nproc``; raise with its stderr on failure."""
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), os.path.join(HERE, script), *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return proc
+        clash = "address already in use" in proc.stderr.lower() or "EADDRINUSE" in proc.stderr
+        if not clash or attempt:
+            raise AssertionError(f"torchrun {script} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise AssertionError("unreachable")
