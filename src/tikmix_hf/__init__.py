@@ -24,6 +24,7 @@ _EXPORTS = {
     "DomainMixture": "tikmix_hf.mixture",
     "group_influence": "tikmix_hf.influence",
     "InfluenceResult": "tikmix_hf.influence",
+    "lookahead_gain": "tikmix_hf.influence",
     "solve_direct": "tikmix_hf.solvers",
     "solve_surrogate": "tikmix_hf.solvers",
     "SolverResult": "tikmix_hf.solvers",
