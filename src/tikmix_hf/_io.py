@@ -39,3 +39,16 @@ def load_json(path: str | os.PathLike, what: str) -> Any:
         raise FileNotFoundError(f"{what} not found at {path}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} at {path} is not valid JSON ({err}); it may be truncated or tampered with") from None
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+    """Delete temporary files that a killed :func:`save_json_atomic` left in ``directory``."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(".tmp-") and name.endswith(".json"):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass

@@ -508,6 +508,14 @@ class DomainMixture(IterableDataset):
             self._count_cache = (upto, counts.copy())
         return counts
 
+    def exhausted_domains(self, upto: int) -> list[str]:
+        """Map-style domains that samples ``[0, upto)`` would draw past their end (policy ``"stop"``).
+
+        Iterable domains are not listed: their length is only known once they were read to the end.
+        """
+        counts = self._counts(upto)
+        return [s.name for s, c in zip(self._sources, counts) if isinstance(s, _MapSource) and c > s.n]
+
     def drawn(self, upto: int) -> dict[str, dict[str, int | None]]:
         """Examples and tokens drawn from each domain by samples ``[0, upto)``.
 
@@ -593,6 +601,8 @@ class DomainMixture(IterableDataset):
     def _bounds(self) -> tuple[int, int | None]:
         seek = int(self._ctrl[0])
         if self.num_samples is None:
+            if self.exhausted == "stop" and int(self._ctrl[1]) > 0:
+                return seek, seek  # the finite stream ended in epoch 0: a new epoch has nothing left
             return seek, None
         epoch = int(self._ctrl[1])
         lo, hi = epoch * self.num_samples, (epoch + 1) * self.num_samples

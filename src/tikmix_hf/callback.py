@@ -1,0 +1,552 @@
+"""The thin adapter between ``transformers.Trainer`` and TiKMiX.
+
+At each stage boundary (decided in ``on_step_end`` from the global step or the token count, values
+identical on every rank) the callback
+
+1. draws probe examples of every domain from the mixture's probe stream and the fixed validation
+   examples of every task, collated by the Trainer's own collator;
+2. measures the Group Influence matrix ``S`` (:func:`tikmix_hf.group_influence`, paper Eq. 8);
+3. solves for the next mixture (:func:`tikmix_hf.solve_direct` or :func:`tikmix_hf.solve_surrogate`,
+   Eqs. 9-11 and Algorithm 1);
+4. schedules the new weights on the mixture at a sample index past everything the data pipeline
+   may already have drawn (:meth:`tikmix_hf.DomainMixture.set_weights`), identical on every rank;
+5. appends the stage to ``<output_dir>/tikmix/history.json`` and logs ``tikmix/*`` metrics through
+   ``Trainer.log`` so every ``report_to`` integration receives them.
+
+The algorithm lives in :mod:`tikmix_hf.influence` and :mod:`tikmix_hf.solvers`; nothing here
+computes influence or solves anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
+
+from ._io import load_json, remove_stale_temporaries, save_json_atomic
+from .config import TiKMiXConfig, config_from
+from .mixers import Mixer, StageInputs, build_mixer
+from .mixture import DomainMixture
+
+logger = logging.get_logger(__name__)
+
+HISTORY_FORMAT = "tikmix_hf.history/1"
+STATE_FORMAT = "tikmix_hf.callback/1"
+STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3}
+
+
+def _log_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+class TiKMiXCallback(TrainerCallback, ExportableState):
+    r"""Re-mix the training domains at stage boundaries from their Group Influence on validation tasks.
+
+    Args:
+        mixture: the :class:`~tikmix_hf.DomainMixture` that is the Trainer's ``train_dataset``.
+        validation: task name -> dataset of tokenised examples with ``labels`` (a ``datasets.Dataset``,
+            a list of dicts, ...). ``tikmix_validation_sequences`` examples per task, chosen once with
+            ``tikmix_seed``, give each task's gradient at every stage.
+        config: a :class:`~tikmix_hf.TiKMiXConfig` (or a :class:`~tikmix_hf.TiKMiXTrainingArguments`);
+            defaults when ``None``.
+        collator: turns a list of examples into a model batch; default: the collator of the
+            Trainer's training DataLoader.
+
+    Example::
+
+        mixture = DomainMixture({"code": code, "prose": prose, "noise": noise}, weights="natural")
+        callback = TiKMiXCallback(mixture, {"held_out_code": val_code}, TiKMiXConfig(tikmix_stage_steps=500))
+        trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=collator,
+                          callbacks=[callback])
+        trainer.train()
+
+    The callback finds its Trainer when the Trainer is created with it (``callbacks=[...]``); a
+    callback added later with ``trainer.add_callback`` needs ``callback.bind(trainer)``.
+    Checkpoints hold its state (JSON only) and it restores itself in ``on_train_begin``; keep
+    ``restore_callback_states_from_checkpoint=False``. ``ignore_data_skip=True`` makes a resume
+    jump straight to the saved stream position instead of replaying the skipped batches.
+    """
+
+    def __init__(self, mixture: DomainMixture, validation: Mapping[str, Any], config: TiKMiXConfig | None = None, *,
+                 collator=None):
+        if not isinstance(mixture, DomainMixture):
+            raise TypeError(
+                f"mixture must be a tikmix_hf.DomainMixture, got {type(mixture).__name__}; wrap your domains with "
+                "DomainMixture({name: dataset, ...}) and pass it as the Trainer's train_dataset too"
+            )
+        self.mixture = mixture
+        self.validation = self._check_validation(validation)
+        self.config = config_from(config)
+        self.mixer: Mixer = build_mixer(self.config)
+        self.collator = collator
+        self.history: list[dict] = []
+        self.stage = 0
+        self._trainer: Trainer | None = None
+        self._boundaries: set[int] = set()
+        self._tokens_prev = 0
+        self._step = 0
+        self._micro_global = 1  # stream samples per micro-step, all ranks together
+        self._grad_accum = 1
+        self._history_path: str | None = None
+        self._val_examples: dict[str, list] | None = None
+        self._is_main = True
+        self._initial_weights: dict[str, float] | None = None
+        self._loader_collate = None
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_validation(validation) -> dict[str, Any]:
+        if isinstance(validation, Mapping):
+            items = list(validation.items())
+        elif isinstance(validation, (list, tuple)) and all(isinstance(x, tuple) and len(x) == 2 for x in validation):
+            items = list(validation)
+        else:
+            raise TypeError(
+                f"validation must be a mapping task name -> dataset, got {type(validation).__name__}"
+            )
+        if not items:
+            raise ValueError("validation is empty: give at least one task, e.g. {'held_out': dataset}")
+        seen: dict[str, str] = {}
+        for name, data in items:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"validation task names must be non-empty strings, got {name!r}")
+            key = _log_key(name)
+            if key in seen:
+                raise ValueError(
+                    f"validation task names {seen[key]!r} and {name!r} clash (both log as tikmix/influence/{key}); "
+                    "rename one"
+                )
+            seen[key] = name
+            try:
+                size = len(data)
+            except TypeError:
+                size = None
+            if size == 0:
+                raise ValueError(f"validation task {name!r} has no examples")
+        return dict(items)
+
+    def bind(self, trainer: Trainer) -> "TiKMiXCallback":
+        """Attach to ``trainer`` (needed only for a callback added after the Trainer was created)."""
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"bind() takes a transformers.Trainer, got {type(trainer).__name__}")
+        self._trainer = trainer
+        return self
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if self._trainer is None:
+            # Trainer.__init__ fires on_init_end itself: its frame holds the trainer being built.
+            frame = inspect.currentframe()
+            for _ in range(12):
+                frame = frame.f_back if frame is not None else None
+                if frame is None:
+                    break
+                candidate = frame.f_locals.get("self")
+                if isinstance(candidate, Trainer):
+                    self._trainer = candidate
+                    break
+            del frame
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "restore_callback_states_from_checkpoint=True would rebuild TiKMiXCallback without its mixture and "
+                "validation sets; set it to False: TiKMiXCallback restores its own state from the checkpoint"
+            )
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        cfg = self.config
+        if self._trainer is None:
+            raise RuntimeError(
+                "TiKMiXCallback is not attached to a Trainer: create the Trainer with callbacks=[callback], or call "
+                "callback.bind(trainer) after trainer.add_callback(callback)"
+            )
+        if train_dataloader is None:
+            raise RuntimeError("TiKMiXCallback needs the Trainer's training DataLoader (transformers >= 4.46)")
+        self._bind_loader(train_dataloader, args)
+        self._is_main = bool(state.is_world_process_zero)
+        self._grad_accum = args.gradient_accumulation_steps
+        self._history_path = os.path.join(args.output_dir, "tikmix", "history.json")
+        if self._is_main:
+            remove_stale_temporaries(os.path.dirname(self._history_path))
+        self._val_examples = self._select_validation()
+        self._boundaries = self._plan_boundaries(state.max_steps)
+
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = saved.get("attributes", {}).get("tikmix") if isinstance(saved, Mapping) else None
+        if state.global_step > 0 and saved:
+            self._restore(saved, args, state, train_dataloader)
+        elif state.global_step > 0:
+            warnings.warn(
+                f"resuming at step {state.global_step} from a checkpoint written without TiKMiXCallback: the TiKMiX "
+                "schedule starts now, from the mixture's current weights",
+                stacklevel=2,
+            )
+            self._step = state.global_step
+            self._tokens_prev = self._tokens_seen(state)
+            self.mixture.seek(self._resume_start(state.global_step, args, state, train_dataloader))
+        else:
+            self.mixture.seek(0)
+            initial = cfg.initial_weights()
+            if initial != "keep":
+                self.mixture.set_weights(self.mixture.resolve_weights(initial), at=0)
+            self._initial_weights = self.mixture.weights
+            self.history, self.stage, self._tokens_prev = [], 0, 0
+            self._write_history()
+        # Trainer._save_checkpoint indexes stateful_callbacks by name: make sure the entry exists.
+        if isinstance(state.stateful_callbacks, dict):
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+    def _bind_loader(self, loader, args) -> None:
+        from accelerate.data_loader import IterableDatasetShard
+
+        dataset = loader.dataset
+        inner = dataset.dataset if isinstance(dataset, IterableDatasetShard) else dataset
+        if inner is not self.mixture:
+            raise ValueError(
+                "the Trainer's train_dataset is not the DomainMixture given to TiKMiXCallback "
+                f"(got {type(inner).__name__}); pass the same mixture as train_dataset"
+            )
+        batch = loader.batch_size or args.per_device_train_batch_size
+        split = bool(getattr(args.accelerator_config, "split_batches", False))
+        world = max(args.world_size, 1)
+        if isinstance(dataset, IterableDatasetShard):  # dispatch_batches=False: every rank reads everything
+            per_worker_batch = dataset.batch_size * (1 if dataset.split_batches else dataset.num_processes)
+        else:  # one process, or rank 0 reading for all (dispatch_batches=True)
+            per_worker_batch = batch
+        # Stream samples consumed per micro-step, all ranks together (accelerate's own total_batch_size
+        # does not count the ranks of an IterableDatasetShard).
+        self._micro_global = int(batch if split else batch * world)
+        self.mixture.bind_loader(
+            int(per_worker_batch),
+            num_workers=loader.num_workers,
+            prefetch_factor=loader.prefetch_factor,
+            global_batch=self._micro_global,
+        )
+        self._loader_collate = loader.collate_fn
+
+    def _plan_boundaries(self, max_steps: int) -> set[int]:
+        cfg = self.config
+        if cfg.tikmix_stage_tokens:
+            bounds: set[int] = set()  # decided as tokens are seen
+        elif cfg.tikmix_stage_steps:
+            bounds = set(range(cfg.tikmix_stage_steps, max(max_steps, 1), cfg.tikmix_stage_steps))
+            if cfg.tikmix_stage_steps >= max_steps:
+                warnings.warn(
+                    f"tikmix_stage_steps={cfg.tikmix_stage_steps} is not shorter than training (max_steps={max_steps}): "
+                    "no stage boundary falls inside this run, the mixture will not change",
+                    stacklevel=3,
+                )
+        else:
+            fractions = cfg.tikmix_stage_fractions or [0.25, 0.5, 0.75]
+            bounds = {s for s in (round(f * max_steps) for f in fractions) if 0 < s < max_steps}
+            if not bounds:
+                warnings.warn(
+                    f"no stage boundary at fractions {fractions} of max_steps={max_steps} falls inside training",
+                    stacklevel=3,
+                )
+        if cfg.tikmix_warmup_steps:
+            if cfg.tikmix_warmup_steps >= max_steps:
+                warnings.warn(
+                    f"tikmix_warmup_steps={cfg.tikmix_warmup_steps} is not shorter than max_steps={max_steps}",
+                    stacklevel=3,
+                )
+            else:
+                bounds.add(cfg.tikmix_warmup_steps)
+        return bounds
+
+    def _tokens_seen(self, state) -> int:
+        args = self._trainer.args
+        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+            return int(state.num_input_tokens_seen)
+        drawn = self.mixture.drawn(self._consumed(state.global_step))
+        tokens = [v["tokens"] for v in drawn.values()]
+        if any(t is None for t in tokens):
+            raise ValueError(
+                "tikmix_stage_tokens needs token counts: set TrainingArguments.include_num_input_tokens_seen=True, "
+                "or use map-style domains whose examples carry input_ids"
+            )
+        return int(sum(tokens))
+
+    def _consumed(self, global_step: int) -> int:
+        return int(global_step) * self._grad_accum * self._micro_global
+
+    def _resume_start(self, global_step, args, state, loader) -> int:
+        """The stream index the resumed DataLoader must start from."""
+        consumed = self._consumed(global_step)
+        if args.ignore_data_skip:
+            return consumed
+        # The Trainer will replay-and-discard the batches already trained in this epoch: start at the epoch.
+        try:
+            per_epoch = max(len(loader) // args.gradient_accumulation_steps, 1)
+        except TypeError:
+            per_epoch = state.max_steps
+        skipped_micro = (global_step % per_epoch) * args.gradient_accumulation_steps
+        return consumed - skipped_micro * self._micro_global
+
+    def _select_validation(self) -> dict[str, list]:
+        cfg, out = self.config, {}
+        for t, (name, data) in enumerate(self.validation.items()):
+            n = cfg.tikmix_validation_sequences
+            try:
+                size = len(data)
+            except TypeError:
+                size = None
+            if size is not None and hasattr(data, "__getitem__"):
+                rng = np.random.default_rng([cfg.tikmix_seed, 0xA11, t])
+                idx = rng.permutation(size)[: min(n, size)]
+                examples = [data[int(i)] for i in idx]
+            else:
+                examples = []
+                for example in data:
+                    examples.append(example)
+                    if len(examples) == n:
+                        break
+            if not examples:
+                raise ValueError(f"validation task {name!r} has no examples")
+            out[name] = examples
+        return out
+
+    # ------------------------------------------------------------------ the stage
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._step = state.global_step
+        boundary = state.global_step in self._boundaries
+        if self.config.tikmix_stage_tokens:
+            tokens = self._tokens_seen(state)
+            period = self.config.tikmix_stage_tokens
+            boundary = boundary or (tokens // period > self._tokens_prev // period and state.global_step < state.max_steps)
+            self._tokens_prev = tokens
+        if boundary:
+            self._run_stage(args, state, model, optimizer)
+        if self.mixture.exhausted == "stop" and state.global_step < state.max_steps:
+            # accelerate raises on an iterable that ends early; stop training cleanly instead
+            out = self.mixture.exhausted_domains(self._consumed(state.global_step + 1))
+            if out:
+                warnings.warn(
+                    f"domains {out} run out of examples within the next step (DomainMixture exhausted='stop'): "
+                    f"training stops at step {state.global_step}",
+                    stacklevel=2,
+                )
+                control.should_training_stop = True
+
+    def _collate(self, examples: list) -> dict:
+        collate = self.collator or self._loader_collate or self._trainer.data_collator
+        batch = collate(examples)
+        device = self._trainer.args.device
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _batches(self, examples: list, batch_size: int) -> list[dict]:
+        return [self._collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+    def _run_stage(self, args, state, model, optimizer) -> None:
+        cfg = self.config
+        started = time.perf_counter()
+        bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
+        domains = self.mixture.domains
+        before = self.mixture.weights
+        inputs = StageInputs(
+            stage=self.stage,
+            step=state.global_step,
+            domains=list(domains),
+            prior=np.array([before[d] for d in domains]),
+            model=model,
+            optimizer=optimizer,
+            domain_batches={
+                d: self._batches(self.mixture.probe(d, cfg.tikmix_probe_sequences, round=self.stage), bs)
+                for d in domains
+            },
+            validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
+            config=cfg,
+            show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+            learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
+        )
+        decision = self.mixer.decide(inputs)
+        new = self._agree(np.asarray(decision.weights, dtype=np.float64))
+        total = time.perf_counter() - started
+
+        consumed = self._consumed(state.global_step)
+        at = self.mixture.set_weights(dict(zip(domains, new.tolist())), at=consumed + self.mixture.lag_samples())
+        after = self.mixture.weights
+        entropy = -sum(w * math.log(w) for w in after.values() if w > 0)
+        notes = []
+        if len(domains) > 1 and entropy < cfg.tikmix_entropy_warning * math.log(len(domains)):
+            notes.append(
+                f"the weights' entropy {entropy:.3f} is below {cfg.tikmix_entropy_warning} x log({len(domains)}): "
+                "the mixture is collapsing onto few domains (consider tikmix_floor or tikmix_max_change)"
+            )
+        if decision.status == "skipped":
+            notes.append(decision.message)
+        for note in notes:
+            warnings.warn(f"TiKMiX stage {self.stage + 1}: {note}", stacklevel=2)
+        entry = {
+            "stage": self.stage + 1,
+            "step": state.global_step,
+            "samples_consumed": consumed,
+            "tokens_seen": self._safe_tokens(state),
+            "effective_index": at,
+            "weights_before": before,
+            "weights_after": after,
+            "entropy": entropy,
+            "solver": cfg.tikmix_solver,
+            "status": decision.status,
+            "message": decision.message,
+            "influence": decision.influence.to_dict() if decision.influence is not None else None,
+            "solver_result": decision.solver_result.to_dict() if decision.solver_result is not None else None,
+            "mixer": decision.extra,
+            "seconds": {"influence": decision.seconds_measure, "solve": decision.seconds_solve, "total": total},
+            "warnings": notes,
+        }
+        self.history.append(entry)
+        self.stage += 1
+        self._write_history()
+        self._log(entry)
+
+    def _agree(self, weights: np.ndarray) -> np.ndarray:
+        """Every rank computed the same weights; broadcast rank 0's so they agree to the bit."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                box = [weights.tolist()]
+                torch.distributed.broadcast_object_list(box, src=0)
+                return np.asarray(box[0], dtype=np.float64)
+        return weights
+
+    def _safe_tokens(self, state) -> int | None:
+        try:
+            return self._tokens_seen(state)
+        except ValueError:
+            return None
+
+    def _log(self, entry: dict) -> None:
+        logs: dict[str, float] = {"tikmix/stage": float(entry["stage"])}
+        for d, w in entry["weights_after"].items():
+            logs[f"tikmix/weight/{_log_key(d)}"] = float(w)
+        logs["tikmix/entropy"] = float(entry["entropy"])
+        logs["tikmix/status"] = float(STATUS_CODES.get(entry["status"], -1))
+        logs["tikmix/seconds"] = float(entry["seconds"]["total"])
+        logs["tikmix/seconds_influence"] = float(entry["seconds"]["influence"])
+        influence = entry["influence"]
+        if self.config.tikmix_log_matrix and influence is not None:
+            for t, row in zip(influence["task_names"], influence["scores"]):
+                for d, s in zip(influence["domain_names"], row):
+                    logs[f"tikmix/influence/{_log_key(t)}/{_log_key(d)}"] = float(s)
+        self._trainer.log(logs)
+
+    # ------------------------------------------------------------------ history and checkpoints
+    def _history_document(self) -> dict:
+        return {
+            "format": HISTORY_FORMAT,
+            "domains": list(self.mixture.domains),
+            "tasks": list(self.validation),
+            "config": self.config.to_dict(),
+            "initial_weights": self._initial_weights,
+            "stages": self.history,
+        }
+
+    def _write_history(self) -> None:
+        if self._is_main and self._history_path:
+            try:
+                save_json_atomic(self._history_path, self._history_document())
+            except OSError as err:
+                raise OSError(
+                    f"TiKMiX could not write its history to {self._history_path} ({err}); the previous history file "
+                    "is left intact. Free disk space or fix the folder's permissions, then resume from the last checkpoint"
+                ) from err
+
+    def state(self) -> dict:
+        """JSON-only checkpoint state (``ExportableState``): stage, schedule, stream position, history."""
+        return {
+            "args": {},
+            "attributes": {
+                "tikmix": {
+                    "format": STATE_FORMAT,
+                    "stage": self.stage,
+                    "step": self._step,
+                    "tokens_prev": self._tokens_prev,
+                    "tasks": list(self.validation),
+                    "mixture": self.mixture.state_dict(position=self._consumed(self._step)),
+                    "initial_weights": self._initial_weights,
+                    "mixer": {"name": self.mixer.name, "state": self.mixer.state_dict()},
+                    "history": self.history,
+                }
+            },
+        }
+
+    def _restore(self, saved: Mapping, args, state, loader) -> None:
+        if not isinstance(saved, Mapping) or saved.get("format") != STATE_FORMAT:
+            raise ValueError(
+                "the checkpoint's TiKMiXCallback state is not in format "
+                f"{STATE_FORMAT!r}: it was written by another version or has been modified"
+            )
+        tasks = list(saved.get("tasks", []))
+        if tasks != list(self.validation):
+            raise ValueError(
+                f"the checkpoint was trained with validation tasks {tasks} but this run has {list(self.validation)}; "
+                "resume with the same tasks"
+            )
+        self.mixture.load_state_dict(saved["mixture"])  # refuses other domains, clearly
+        position = int(saved["mixture"]["position"])
+        if position != self._consumed(state.global_step):
+            raise ValueError(
+                f"the checkpoint's mixture position {position} does not match step {state.global_step} x "
+                f"{self._grad_accum} x {self._micro_global} samples: resume with the same batch size, gradient "
+                "accumulation and number of processes"
+            )
+        self.stage = int(saved["stage"])
+        self._step = int(saved["step"])
+        self._tokens_prev = int(saved.get("tokens_prev", 0))
+        self._initial_weights = saved.get("initial_weights")
+        self.history = list(saved.get("history", []))
+        mixer = saved.get("mixer") or {"name": self.mixer.name, "state": {}}
+        if mixer.get("name") != self.mixer.name:
+            raise ValueError(
+                f"the checkpoint was trained with tikmix_solver={mixer.get('name')!r} but this run uses "
+                f"{self.mixer.name!r}; resume with the same solver"
+            )
+        self.mixer.load_state_dict(mixer.get("state") or {})
+        self.mixture.seek(self._resume_start(state.global_step, args, state, loader))
+        if not args.ignore_data_skip and state.global_step > 0:
+            logger.info("TiKMiX: set ignore_data_skip=True to resume without replaying the skipped batches")
+        self._write_history()  # drops stages a killed run wrote after this checkpoint
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` whose ``trainer_state.json`` is complete.
+
+    ``transformers.trainer_utils.get_last_checkpoint`` returns the highest number even when the run was
+    killed while writing it; this skips such half-written folders. ``None`` when there is none.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            try:
+                with open(os.path.join(path, "trainer_state.json")) as fh:
+                    step = json.load(fh)["global_step"]
+            except (OSError, ValueError, KeyError):
+                continue  # missing or half-written: not a checkpoint to resume from
+            if step == int(match.group(1)):
+                found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def load_history(path: str) -> dict:
+    """Read a ``history.json`` written by :class:`TiKMiXCallback`."""
+    doc = load_json(path, "TiKMiX history")
+    if not isinstance(doc, dict) or doc.get("format") != HISTORY_FORMAT:
+        raise ValueError(f"{path} is not a TiKMiX history (expected format {HISTORY_FORMAT!r})")
+    return doc
+
+
+__all__ = ["TiKMiXCallback", "latest_checkpoint", "load_history"]

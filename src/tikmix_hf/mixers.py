@@ -1,0 +1,166 @@
+"""Mixers: what happens at a stage boundary, behind one small interface the callback drives.
+
+A mixer takes a :class:`StageInputs` (the prior weights, probe and validation batches, the model
+and optimizer) and returns a :class:`Decision` (the next weights and what happened). It measures
+with :mod:`tikmix_hf.influence` and decides with :mod:`tikmix_hf.solvers`; it knows nothing about
+the Trainer, so a custom training loop can drive one too. Mixers with memory across stages keep it
+in :meth:`Mixer.state_dict` (JSON), which the callback stores in every checkpoint.
+
+TiKMiX-D (``direct``) and TiKMiX-M (``surrogate``) are two mixers of this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import TiKMiXConfig
+from .influence import InfluenceResult, group_influence, lookahead_gain
+from .solvers import SolverResult, solve_direct, solve_surrogate
+
+
+@dataclasses.dataclass
+class StageInputs:
+    """Everything a mixer may use at one stage boundary."""
+
+    stage: int  # 0 for the first decision
+    step: int
+    domains: list[str]
+    prior: np.ndarray  # the weights in effect, in the order of ``domains``
+    model: Any
+    optimizer: Any
+    domain_batches: dict[str, list]  # probe batches per domain (this stage's draw)
+    validation_batches: dict[str, list]
+    config: TiKMiXConfig
+    show_progress: bool = False
+    learning_rate: float | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    """A mixer's answer: the next weights and an account of how they came about."""
+
+    weights: np.ndarray
+    status: str  # converged | restarted | fallback | skipped
+    message: str
+    influence: InfluenceResult | None = None
+    solver_result: SolverResult | None = None
+    seconds_measure: float = 0.0
+    seconds_solve: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)  # JSON-ready, mixer-specific
+
+
+class Mixer:
+    """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods."""
+
+    name = "mixer"
+
+    def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
+
+def _solver_kwargs(inputs: StageInputs, tasks: list[str]) -> dict:
+    cfg = inputs.config
+    return dict(
+        alpha=cfg.tikmix_alpha, beta=cfg.tikmix_beta, gamma=cfg.tikmix_gamma, pareto=cfg.tikmix_pareto,
+        floor=cfg.tikmix_floor or None, max_change=cfg.tikmix_max_change, domains=list(inputs.domains), tasks=tasks,
+    )
+
+
+def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = False) -> tuple[InfluenceResult | None, str]:
+    """Group Influence of the probes on the validation tasks; ``(None, reason)`` on a NaN/inf loss."""
+    cfg = inputs.config
+    try:
+        result = group_influence(
+            inputs.model,
+            inputs.domain_batches,
+            inputs.validation_batches,
+            preconditioner=cfg.tikmix_preconditioner,
+            optimizer=inputs.optimizer,
+            damping=cfg.tikmix_damping if cfg.tikmix_preconditioner == "diag_fisher" else None,
+            seed=cfg.tikmix_seed,
+            show_progress=inputs.show_progress,
+            keep_domain_gradients=keep_domain_gradients,
+        )
+    except FloatingPointError as err:
+        return None, f"influence not measured, weights kept: {err}"
+    return result, ""
+
+
+class TiKMiXDirect(Mixer):
+    """TiKMiX-D: Group Influence (Eq. 8), then SLSQP with the Pareto constraint (Eqs. 9-11)."""
+
+    name = "direct"
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        started = time.perf_counter()
+        result, reason = measure_influence(inputs)
+        measured = time.perf_counter()
+        if result is None:
+            return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
+        solved = solve_direct(result.scores, inputs.prior, **_solver_kwargs(inputs, result.task_names))
+        return Decision(solved.weights, solved.status, solved.message, result, solved,
+                        seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured)
+
+
+class TiKMiXSurrogate(Mixer):
+    """TiKMiX-M: a LightGBM surrogate of the look-ahead validation gain around the TiKMiX-D answer."""
+
+    name = "surrogate"
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        cfg = inputs.config
+        started = time.perf_counter()
+        result, reason = measure_influence(inputs, keep_domain_gradients=True)
+        measured = time.perf_counter()
+        if result is None:
+            return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
+        step = cfg.tikmix_lookahead_lr
+        if step is None:
+            lr = inputs.learning_rate or 0.0
+            step = 10.0 * lr if lr > 0 else 1e-3
+        lookahead_seconds = [0.0]
+
+        def evaluate(W: np.ndarray) -> np.ndarray:
+            t0 = time.perf_counter()
+            gains = lookahead_gain(inputs.model, result, inputs.validation_batches, W, step_size=step,
+                                   show_progress=False)
+            lookahead_seconds[0] += time.perf_counter() - t0
+            scale = np.abs(gains).max(axis=0) + 1e-12  # each task in units of its largest drop
+            return (gains / scale).sum(axis=1)
+
+        try:
+            solved = solve_surrogate(result.scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
+                                     seed=cfg.tikmix_seed + inputs.stage, **_solver_kwargs(inputs, result.task_names))
+        finally:
+            result.domain_gradients = None  # free the m kept gradients
+        solve = time.perf_counter() - measured
+        return Decision(solved.weights, solved.status, solved.message, result, solved,
+                        seconds_measure=measured - started + lookahead_seconds[0],
+                        seconds_solve=solve - lookahead_seconds[0],
+                        extra={"lookahead_step": step, "lookahead_seconds": lookahead_seconds[0]})
+
+
+MIXERS: dict[str, type[Mixer]] = {"direct": TiKMiXDirect, "surrogate": TiKMiXSurrogate}
+
+# The baselines (static, odm, doremi, doge) register themselves in MIXERS; their module imports this
+# one, so the import comes after everything it needs is defined.
+from . import baseline_mixers  # noqa: E402,F401
+
+
+def build_mixer(config: TiKMiXConfig) -> Mixer:
+    """The mixer named by ``config.tikmix_solver``."""
+    try:
+        return MIXERS[config.tikmix_solver]()
+    except KeyError:
+        raise ValueError(f"tikmix_solver={config.tikmix_solver!r}: use one of {sorted(MIXERS)}") from None
