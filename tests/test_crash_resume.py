@@ -1,0 +1,74 @@
+"""Kill a TiKMiX run with SIGKILL at many moments, resume each time: as if it never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tikmix_hf.callback import latest_checkpoint, load_history
+
+HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "crash_run.py")
+BATCH = 8
+
+
+def run(out, kill=None):
+    cmd = [sys.executable, SCRIPT, str(out)] + ([kill] if kill else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if kill:
+        assert proc.returncode == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def stream(out):
+    """The samples the model consumed, stitched from every attempt's record (each cut where the next resumed)."""
+    attempts = []
+    for i in range(len([f for f in os.listdir(out) if f.startswith("seen-")])):
+        with open(os.path.join(out, f"seen-{i}.jsonl")) as fh:
+            lines = [json.loads(line) for line in fh]
+        attempts.append((lines[0]["resumed_from"], [sid for batch in lines[1:] for sid in batch]))
+    samples = []
+    for (start, seen), nxt in zip(attempts, attempts[1:] + [(None, None)]):
+        assert len(samples) == start * BATCH
+        keep = None if nxt[0] is None else (nxt[0] - start) * BATCH
+        samples += seen if keep is None else seen[:keep]
+    return samples
+
+
+def check_files(out):
+    history = os.path.join(out, "tikmix", "history.json")
+    if os.path.exists(history):
+        load_history(history)  # parses: never half-written
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name.startswith("checkpoint-") and os.path.exists(os.path.join(path, "trainer_state.json")):
+            json.load(open(os.path.join(path, "trainer_state.json")))
+
+
+@pytest.mark.slow
+def test_sigkill_at_five_moments_then_resume_equals_uninterrupted(tmp_path):
+    clean = tmp_path / "clean"
+    run(clean)
+    reference = load_history(clean / "tikmix" / "history.json")
+    crashed = tmp_path / "crashed"
+    # Each kill lies after the checkpoint the previous attempt resumes from (checkpoints every 4 steps,
+    # stages every 5): before any checkpoint, mid-influence, mid-checkpoint, mid-history-write,
+    # between boundaries, and in the influence pass of the last stage.
+    kills = ["step:3", "influence:2", "checkpoint:12", "history:3", "step:18", "influence:1"]
+    for kill in kills:
+        run(crashed, kill)
+        check_files(crashed)
+    run(crashed)
+    assert latest_checkpoint(crashed).endswith("checkpoint-24")
+    got = load_history(crashed / "tikmix" / "history.json")
+    assert [s["step"] for s in got["stages"]] == [s["step"] for s in reference["stages"]] == [5, 10, 15, 20]
+    for a, b in zip(got["stages"], reference["stages"]):
+        assert a["weights_after"] == b["weights_after"]
+        assert a["effective_index"] == b["effective_index"]
+        assert a["influence"]["scores"] == b["influence"]["scores"]
+    assert stream(crashed) == stream(clean)
+    assert not [f for f in os.listdir(crashed / "tikmix") if f.startswith(".tmp-")]
