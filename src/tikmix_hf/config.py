@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import TrainingArguments
 
-SOLVERS = ("direct", "surrogate")
+SOLVERS = ("direct", "surrogate", "static", "odm", "doremi", "doge")
 PRECONDITIONERS = ("identity", "adam", "diag_fisher")
 
 
@@ -36,9 +37,14 @@ class TiKMiXConfig:
     percent of training.
     """
 
-    tikmix_solver: Literal["direct", "surrogate"] = field(
+    tikmix_solver: Literal["direct", "surrogate", "static", "odm", "doremi", "doge"] = field(
         default="direct",
-        metadata=_help("direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search)."),
+        metadata=_help(
+            "direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search). "
+            "Baselines (docs/baselines.md): static (fixed weights, see tikmix_initial_weights and "
+            "tikmix_temperature); odm (Online Data Mixing, EXP3 bandit on per-domain loss); doremi "
+            "(excess loss over tikmix_reference_model); doge (gradient alignment with the validation tasks)."
+        ),
     )
     tikmix_stage_steps: int | None = field(
         default=None, metadata=_help("Re-decide the mixture every N optimizer steps.")
@@ -99,6 +105,36 @@ class TiKMiXConfig:
         metadata=_help("Warn when the weights' entropy falls below this fraction of log(number of domains)."),
     )
     tikmix_show_progress: bool = field(default=True, metadata=_help("Show a progress bar during the influence pass."))
+    # Baseline mixers (docs/baselines.md)
+    tikmix_temperature: float = field(
+        default=1.0,
+        metadata=_help(
+            "static: w proportional to w0^(1/T), w0 the weights in effect at the first stage boundary "
+            "(with tikmix_initial_weights=natural: size^(1/T)); 1 keeps them."
+        ),
+    )
+    tikmix_odm_alpha: float = field(
+        default=0.9, metadata=_help("odm: smoothing of the mean reward, R <- alpha R + (1 - alpha) loss; in [0, 1).")
+    )
+    tikmix_odm_exploration: float | None = field(
+        default=None,
+        metadata=_help(
+            "odm: initial exploration rate eps_0 (at most 1/K); eps_t = min(eps_0, sqrt(ln K / (K t))). Default 1/K."
+        ),
+    )
+    tikmix_doremi_eta: float = field(
+        default=1.0, metadata=_help("doremi: step size of the exponentiated-gradient update on the excess loss.")
+    )
+    tikmix_doremi_smoothing: float = field(
+        default=1e-3, metadata=_help("doremi: weight c of the uniform distribution mixed into each update; in [0, 1].")
+    )
+    tikmix_reference_model: str | None = field(
+        default=None,
+        metadata=_help("doremi: local folder of the reference model (AutoModelForCausalLM.from_pretrained)."),
+    )
+    tikmix_doge_eta: float = field(
+        default=1.0, metadata=_help("doge: step size of the mirror-descent update on the normalised alignment scores.")
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -154,6 +190,30 @@ def _validate(c) -> None:
         _fail("tikmix_entropy_warning", c.tikmix_entropy_warning, "must lie in [0, 1]")
     if not isinstance(c.tikmix_seed, int) or c.tikmix_seed < 0:
         _fail("tikmix_seed", c.tikmix_seed, "must be a non-negative integer")
+    for name in ("tikmix_temperature", "tikmix_doremi_eta", "tikmix_doge_eta"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            _fail(name, value, "must be a finite number > 0")
+    if isinstance(c.tikmix_odm_alpha, bool) or not isinstance(c.tikmix_odm_alpha, (int, float)) or not (
+        0 <= c.tikmix_odm_alpha < 1
+    ):
+        _fail("tikmix_odm_alpha", c.tikmix_odm_alpha, "must lie in [0, 1) (1 would never update the reward)")
+    explore = c.tikmix_odm_exploration
+    if explore is not None and (
+        isinstance(explore, bool) or not isinstance(explore, (int, float)) or not 0 < explore <= 1
+    ):
+        _fail("tikmix_odm_exploration", explore, "must lie in (0, 1/number of domains] (or unset for 1/K)")
+    smoothing = c.tikmix_doremi_smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
+        _fail("tikmix_doremi_smoothing", smoothing, "must lie in [0, 1]")
+    ref = c.tikmix_reference_model
+    if ref is not None and not (isinstance(ref, str) and os.path.isdir(ref)):
+        _fail(
+            "tikmix_reference_model",
+            ref,
+            "must be a local folder written by save_pretrained (no such folder); or leave it unset and give the "
+            "model object to DoReMiMixer(reference_model=...)",
+        )
     value = c.tikmix_initial_weights
     if value not in ("keep", "natural", "uniform"):
         try:

@@ -1,0 +1,445 @@
+"""Baseline mixers: static, ODM, DoReMi and DoGE behind the same :class:`~tikmix_hf.mixers.Mixer`
+interface as TiKMiX, so that one callback, one history format and one resume path serve every arm
+of a comparison (``--tikmix_solver static|odm|doremi|doge``).
+
+The update rules are the pure functions of :mod:`tikmix_hf.solvers.baselines`; this module measures
+their inputs with torch and keeps their state between stages as JSON (:meth:`Mixer.state_dict`),
+which the callback stores in every checkpoint. Each method was written for its own training loop;
+``docs/baselines.md`` says how each was adapted to a decision at stage boundaries, and why.
+
+Example (a custom loop, without the callback)::
+
+    mixer = ODMMixer()
+    decision = mixer.decide(StageInputs(stage=0, step=500, domains=names, prior=w, model=model,
+                                        optimizer=None, domain_batches=probes, validation_batches={},
+                                        config=TiKMiXConfig(tikmix_solver="odm")))
+    decision.weights    # the next mixture, in the order of ``names``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .influence import IGNORE_INDEX, _all_reduce, _unwrap, _world, group_influence
+from .mixers import MIXERS, Decision, Mixer, StageInputs
+from .solvers.baselines import (
+    doge_update,
+    doremi_update,
+    odm_exploration_rate,
+    odm_policy,
+    odm_update_rewards,
+    running_average,
+    temperature_weights,
+)
+
+__all__ = ["DoGEMixer", "DoReMiMixer", "ODMMixer", "ProbeLosses", "StaticMixer", "probe_losses"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement: per-domain token losses, forward passes only
+
+
+@dataclasses.dataclass
+class ProbeLosses:
+    """Mean next-token losses per domain on the stage's probe batches (all ranks together).
+
+    ``losses``: the model's; with a reference model also ``reference`` (its losses on the same
+    tokens) and ``excess``, DoReMi's per-token clipped excess ``mean_tokens max(l - l_ref, 0)``.
+    """
+
+    domains: list[str]
+    losses: np.ndarray
+    tokens: np.ndarray
+    reference: np.ndarray | None = None
+    excess: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    """Dropout off for the measurement; every module's ``training`` flag restored exactly after."""
+    flags = [(m, m.training) for module in modules if module is not None for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _token_losses(module: torch.nn.Module, batch: Mapping) -> torch.Tensor:
+    """Next-token cross-entropy of every labelled target of ``batch`` (flat, float64)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" in inspect.signature(module.forward).parameters:
+        inputs["use_cache"] = False
+    output = module(**inputs)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="none",
+                             ignore_index=IGNORE_INDEX)
+    return losses[targets != IGNORE_INDEX].double()
+
+
+def probe_losses(model, domain_batches: Mapping[str, list], reference_model=None, *,
+                 show_progress: bool = False) -> ProbeLosses:
+    """Per-domain mean token loss of ``model`` (and of ``reference_model``) on probe batches.
+
+    Forward passes only, under ``torch.no_grad()`` with dropout off. Under data parallelism rank
+    ``r`` takes batches ``k % world == r`` and the sums are all-reduced, so every rank returns the
+    same numbers. Raises ``FloatingPointError`` on a non-finite loss and ``ValueError`` for a
+    domain with no labelled target token.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    module = _unwrap(model)
+    reference = None if reference_model is None else _unwrap(reference_model)
+    rank, world = _world()
+    device = next(module.parameters()).device
+    names = list(domain_batches)
+    sums = torch.zeros(4, len(names), dtype=torch.float64, device=device)  # tokens, loss, ref loss, excess
+    local = {name: list(domain_batches[name])[rank::world] for name in names}
+    bar = tqdm(total=sum(len(b) for b in local.values()), desc="probe losses", unit="batch",
+               disable=not show_progress or rank != 0)
+    with torch.no_grad(), _eval_mode(module, reference), bar:
+        for j, name in enumerate(names):
+            for batch in local[name]:
+                losses = _token_losses(module, batch)
+                sums[0, j] += losses.numel()
+                sums[1, j] += losses.sum()
+                if reference is not None:
+                    ref = _token_losses(reference, batch)
+                    sums[2, j] += ref.sum()
+                    sums[3, j] += (losses - ref).clamp(min=0).sum()
+                bar.update(1)
+    _all_reduce(sums, world)
+    table = sums.cpu().numpy()
+    tokens = table[0]
+    empty = [name for name, n in zip(names, tokens) if n == 0]
+    if empty:
+        raise ValueError(
+            f"domains {empty} have no labelled target token in their probe batches; their loss is undefined"
+        )
+    means = table[1:] / tokens
+    if not np.all(np.isfinite(means[: 3 if reference is not None else 1])):
+        bad = [name for name, v in zip(names, means[0]) if not math.isfinite(v)]
+        raise FloatingPointError(f"non-finite probe loss for domains {bad or names}; check the model's numerics")
+    return ProbeLosses(
+        domains=names, losses=means[0], tokens=tokens.astype(np.int64),
+        reference=means[1] if reference is not None else None,
+        excess=means[2] if reference is not None else None,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _named(domains: list[str], values) -> dict[str, float]:
+    return {d: float(v) for d, v in zip(domains, np.asarray(values, dtype=np.float64))}
+
+
+def _check_state(owner: Mixer, state: Mapping, keys: set[str]) -> None:
+    unknown = sorted(set(state) - keys)
+    if unknown:
+        raise ValueError(f"{type(owner).__name__} state has unknown keys {unknown}; expected {sorted(keys)}")
+
+
+def _check_domains(owner: Mixer, vector: list | None, domains: list[str], what: str) -> None:
+    if vector is not None and len(vector) != len(domains):
+        raise ValueError(
+            f"{type(owner).__name__}: the saved {what} has {len(vector)} entries but this run has "
+            f"{len(domains)} domains {domains}; resume with the same domains"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Static
+
+
+class StaticMixer(Mixer):
+    r"""Fixed weights: the static arms of a comparison.
+
+    The weights are those in effect at the first stage boundary, i.e. what ``tikmix_initial_weights``
+    chose (``natural``, ``uniform`` or an explicit JSON mapping; ``keep``: the mixture's own), raised
+    to ``1 / tikmix_temperature`` and renormalised (:func:`~tikmix_hf.solvers.temperature_weights`);
+    with ``natural`` that is temperature sampling, ``w \propto size^{1/T}``. Every later stage returns
+    the same weights. Since the callback first consults the mixer at the first stage boundary, a
+    temperature other than 1 applies from there: set ``tikmix_warmup_steps=1`` to apply it from
+    step 1, or pass ``temperature_weights(sizes, T)`` as ``tikmix_initial_weights``.
+    """
+
+    name = "static"
+
+    def __init__(self):
+        self.weights: list[float] | None = None
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        T = inputs.config.tikmix_temperature
+        _check_domains(self, self.weights, inputs.domains, "weights")
+        first = self.weights is None
+        if first:
+            self.weights = temperature_weights(inputs.prior, T).tolist()
+        message = (f"static mixture set from the weights in effect at temperature {T:g}" if first
+                   else "static mixture kept")
+        return Decision(np.array(self.weights), "converged", message, extra={"temperature": T})
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state, {"weights"})
+        weights = state.get("weights")
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+
+# ----------------------------------------------------------------------------------------------
+# ODM
+
+
+class ODMMixer(Mixer):
+    r"""Online Data Mixing (Albalak et al. 2023): an EXP3 bandit whose reward is the domain's loss.
+
+    At every stage boundary (so the decisions are as frequent as the stage schedule, not every step
+    as in ODM), with ``t`` the global step:
+
+    1. ``L_i``: the model's mean token loss on domain ``i``'s probe batches of this stage, **measured
+       with forward passes only**. ODM's reward is the training loss it already has for each
+       sampled batch; a callback never sees per-domain training losses (the Trainer reports one mixed
+       loss), so the loss is re-measured on fresh probe samples at the current parameters. Every
+       domain is measured (equal probe budget), so the reward is full-information and is not
+       importance-weighted by ``1/pi``;
+    2. ``R_i <- alpha R_i + (1 - alpha) L_i`` (smoothed mean, ``tikmix_odm_alpha``);
+    3. ``eps_t = min(eps_0, sqrt(ln K / (K t)))`` (``eps_0 = tikmix_odm_exploration``, default ``1/K``);
+    4. ``pi_i = (1 - K eps_t) softmax(eps_{t-1} R)_i + eps_t``, the next mixture.
+
+    ODM optimises the **training loss**: it up-weights the domains the model finds hardest (highest
+    loss), which is not a validation target. Noisy or incompressible domains attract weight; the
+    validation tasks are not used. State: the reward estimates ``R``, ``eps_{t-1}`` and the update count.
+    """
+
+    name = "odm"
+
+    def __init__(self):
+        self.rewards: list[float] | None = None
+        self.eps_prev: float | None = None
+        self.updates = 0
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        cfg = inputs.config
+        K = len(inputs.domains)
+        _check_domains(self, self.rewards, inputs.domains, "reward estimates")
+        initial = cfg.tikmix_odm_exploration
+        if initial is not None and initial > 1.0 / K:
+            raise ValueError(f"tikmix_odm_exploration={initial!r} exceeds 1/K = {1.0 / K:.6g} for K={K} domains")
+        started = time.perf_counter()
+        try:
+            measured = probe_losses(inputs.model, inputs.domain_batches, show_progress=inputs.show_progress)
+        except FloatingPointError as err:
+            return Decision(inputs.prior, "skipped", f"losses not measured, weights kept: {err}",
+                            seconds_measure=time.perf_counter() - started)
+        solve_started = time.perf_counter()
+        rewards = np.zeros(K) if self.rewards is None else np.array(self.rewards)
+        eps_prev = (1.0 / K if initial is None else initial) if self.eps_prev is None else self.eps_prev
+        eps = odm_exploration_rate(max(int(inputs.step), 1), K, initial=initial)
+        rewards = odm_update_rewards(rewards, measured.losses, cfg.tikmix_odm_alpha)
+        policy = odm_policy(rewards, eps, eps_prev)
+        self.rewards, self.eps_prev, self.updates = rewards.tolist(), float(eps), self.updates + 1
+        extra = {
+            "losses": _named(inputs.domains, measured.losses),
+            "reward_estimates": _named(inputs.domains, rewards),
+            "exploration": eps,
+            "exploration_prev": eps_prev,
+            "updates": self.updates,
+        }
+        return Decision(policy, "converged", f"ODM policy at t={inputs.step}, eps={eps:.4g}",
+                        seconds_measure=measured.seconds, seconds_solve=time.perf_counter() - solve_started,
+                        extra=extra)
+
+    def state_dict(self) -> dict:
+        return {"rewards": self.rewards, "eps_prev": self.eps_prev, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state, {"rewards", "eps_prev", "updates"})
+        rewards = state.get("rewards")
+        self.rewards = None if rewards is None else [float(r) for r in rewards]
+        self.eps_prev = None if state.get("eps_prev") is None else float(state["eps_prev"])
+        self.updates = int(state.get("updates", 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# DoReMi
+
+
+class DoReMiMixer(Mixer):
+    r"""DoReMi (Xie et al. 2023): Group DRO on the excess loss over a reference model.
+
+    At every stage boundary, on the stage's probe batches (forward passes only):
+
+    1. ``lambda_i = mean over domain i's probe tokens of max(l_model - l_ref, 0)``: the excess loss,
+       clipped per token as in DoReMi, of the model being trained (DoReMi's "proxy") over the
+       reference model;
+    2. ``alpha_t = (1 - c) softmax(log alpha_{t-1} + eta lambda) + c / k`` (``tikmix_doremi_eta``,
+       ``tikmix_doremi_smoothing``), with ``alpha_{t-1}`` the weights in effect; ``alpha_t`` is the
+       next mixture;
+    3. ``avg = mean_t alpha_t``, DoReMi's output, is kept in the state and reported
+       (``history[...]["mixer"]["average_weights"]``).
+
+    DoReMi trains a small proxy with these weights and then trains the real model on ``avg``; here
+    the model being trained plays the proxy and the weights are applied online. To reproduce the
+    paper's second phase, train a fresh model with ``--tikmix_solver static --tikmix_initial_weights
+    '<avg as JSON>'``.
+
+    Args:
+        reference_model: the reference model itself (on any device; it is moved to the model's). If
+            ``None``, ``tikmix_reference_model`` (a local folder) is loaded with
+            ``AutoModelForCausalLM.from_pretrained`` at the first decision. The callback builds the mixer
+            without arguments; to give a model object, set ``callback.mixer = DoReMiMixer(reference_model=ref)``.
+    """
+
+    name = "doremi"
+
+    def __init__(self, reference_model: torch.nn.Module | None = None):
+        if reference_model is not None and not isinstance(reference_model, torch.nn.Module):
+            raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
+        self.reference_model = reference_model
+        self.average: list[float] | None = None
+        self.updates = 0
+
+    def _reference(self, inputs: StageInputs) -> torch.nn.Module:
+        device = next(_unwrap(inputs.model).parameters()).device
+        if self.reference_model is None:
+            path = inputs.config.tikmix_reference_model
+            if path is None:
+                raise ValueError(
+                    "tikmix_solver='doremi' needs a reference model: set tikmix_reference_model to a local folder "
+                    "written by save_pretrained, or set callback.mixer = DoReMiMixer(reference_model=model)"
+                )
+            from transformers import AutoModelForCausalLM
+
+            try:
+                self.reference_model = AutoModelForCausalLM.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"tikmix_reference_model={path!r} could not be loaded: {err}") from err
+        ref = self.reference_model
+        if next(ref.parameters()).device != device:
+            ref.to(device)
+        return ref
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        cfg = inputs.config
+        _check_domains(self, self.average, inputs.domains, "average weights")
+        reference = self._reference(inputs)
+        started = time.perf_counter()
+        try:
+            measured = probe_losses(inputs.model, inputs.domain_batches, reference, show_progress=inputs.show_progress)
+        except FloatingPointError as err:
+            return Decision(inputs.prior, "skipped", f"losses not measured, weights kept: {err}",
+                            seconds_measure=time.perf_counter() - started)
+        solve_started = time.perf_counter()
+        weights = doremi_update(inputs.prior, measured.excess, cfg.tikmix_doremi_eta, cfg.tikmix_doremi_smoothing)
+        average = running_average(self.average, self.updates, weights)
+        self.average, self.updates = average.tolist(), self.updates + 1
+        extra = {
+            "excess_loss": _named(inputs.domains, measured.excess),
+            "losses": _named(inputs.domains, measured.losses),
+            "reference_losses": _named(inputs.domains, measured.reference),
+            "average_weights": _named(inputs.domains, average),
+            "updates": self.updates,
+        }
+        return Decision(weights, "converged", "DoReMi exponentiated-gradient step on the excess loss",
+                        seconds_measure=measured.seconds, seconds_solve=time.perf_counter() - solve_started,
+                        extra=extra)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state, {"average", "updates"})
+        average = state.get("average")
+        self.average = None if average is None else [float(a) for a in average]
+        self.updates = int(state.get("updates", 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# DoGE
+
+
+class DoGEMixer(Mixer):
+    r"""DoGE (Fan et al. 2023): up-weight the domains whose gradient aligns with the target's.
+
+    At every stage boundary:
+
+    1. ``S = group_influence(..., preconditioner="identity")``, so ``S_ij = <grad f_i, g_j>``: the
+       alignment of domain ``j``'s probe gradient with validation task ``i``'s gradient (DoGE's
+       out-of-domain mode, the validation tasks being the target); ``W_j = sum_i S_ij``;
+    2. ``W_hat = clip(W / (mean_j ||g_j|| + 1e-6), 0, 5)``, DoGE's normalisation and clip;
+    3. ``w = softmax(log w_prev + eta W_hat)`` (``tikmix_doge_eta``), the mirror-descent step, with
+       ``w_prev`` the weights in effect; the running average of the weights is reported as well.
+
+    DoGE takes this step every training step with ``eta = lr_t / mu``; here one step per stage, so
+    ``eta`` is a per-stage step size. Cost: one forward+backward per probe and validation batch and
+    ``m`` gradient-sized buffers (for the norms ``||g_j||``), as DoGE's own per-domain gradients.
+    The influence matrix is logged like TiKMiX's (``tikmix/influence/...``).
+    """
+
+    name = "doge"
+
+    def __init__(self):
+        self.average: list[float] | None = None
+        self.updates = 0
+
+    def decide(self, inputs: StageInputs) -> Decision:
+        cfg = inputs.config
+        _check_domains(self, self.average, inputs.domains, "average weights")
+        started = time.perf_counter()
+        try:
+            result = group_influence(
+                inputs.model, inputs.domain_batches, inputs.validation_batches, preconditioner="identity",
+                seed=cfg.tikmix_seed, show_progress=inputs.show_progress, keep_domain_gradients=True,
+            )
+        except FloatingPointError as err:
+            return Decision(inputs.prior, "skipped", f"influence not measured, weights kept: {err}",
+                            seconds_measure=time.perf_counter() - started)
+        try:
+            norms = np.array([torch.linalg.vector_norm(row, dtype=torch.float64).item()
+                              for row in result.domain_gradients])
+        finally:
+            result.domain_gradients = None  # free the m kept gradients
+        measured = time.perf_counter()
+        alignment = result.scores.sum(axis=0)
+        weights, scores = doge_update(inputs.prior, alignment, norms, cfg.tikmix_doge_eta)
+        average = running_average(self.average, self.updates, weights)
+        self.average, self.updates = average.tolist(), self.updates + 1
+        extra = {
+            "alignment": _named(inputs.domains, alignment),
+            "gradient_norms": _named(inputs.domains, norms),
+            "scores": _named(inputs.domains, scores),
+            "average_weights": _named(inputs.domains, average),
+            "updates": self.updates,
+        }
+        return Decision(weights, "converged", "DoGE mirror-descent step on the gradient alignment", result,
+                        seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
+                        extra=extra)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state, {"average", "updates"})
+        average = state.get("average")
+        self.average = None if average is None else [float(a) for a in average]
+        self.updates = int(state.get("updates", 0))
+
+
+BASELINE_MIXERS: dict[str, type[Mixer]] = {
+    "static": StaticMixer, "odm": ODMMixer, "doremi": DoReMiMixer, "doge": DoGEMixer,
+}
+MIXERS.update(BASELINE_MIXERS)
