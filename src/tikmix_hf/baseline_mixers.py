@@ -278,7 +278,20 @@ class ODMMixer(Mixer):
 # DoReMi
 
 
-class DoReMiMixer(Mixer):
+class _AveragingMixer(Mixer):
+    """A mixer that keeps the running average of its weights and its update count (JSON state)."""
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state, {"average", "updates"})
+        average = state.get("average")
+        self.average = None if average is None else [float(a) for a in average]
+        self.updates = int(state.get("updates", 0))
+
+
+class DoReMiMixer(_AveragingMixer):
     r"""DoReMi (Xie et al. 2023): Group DRO on the excess loss over a reference model.
 
     At every stage boundary, on the stage's probe batches (forward passes only):
@@ -358,21 +371,13 @@ class DoReMiMixer(Mixer):
                         seconds_measure=measured.seconds, seconds_solve=time.perf_counter() - solve_started,
                         extra=extra)
 
-    def state_dict(self) -> dict:
-        return {"average": self.average, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_state(self, state, {"average", "updates"})
-        average = state.get("average")
-        self.average = None if average is None else [float(a) for a in average]
-        self.updates = int(state.get("updates", 0))
 
 
 # ----------------------------------------------------------------------------------------------
 # DoGE
 
 
-class DoGEMixer(Mixer):
+class DoGEMixer(_AveragingMixer):
     r"""DoGE (Fan et al. 2023): up-weight the domains whose gradient aligns with the target's.
 
     At every stage boundary:
@@ -429,14 +434,6 @@ class DoGEMixer(Mixer):
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
                         extra=extra)
 
-    def state_dict(self) -> dict:
-        return {"average": self.average, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_state(self, state, {"average", "updates"})
-        average = state.get("average")
-        self.average = None if average is None else [float(a) for a in average]
-        self.updates = int(state.get("updates", 0))
 
 
 BASELINE_MIXERS: dict[str, type[Mixer]] = {
