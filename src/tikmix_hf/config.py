@@ -74,7 +74,10 @@ class TiKMiXConfig:
         default="identity",
         metadata=_help("Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher."),
     )
-    tikmix_damping: float = field(default=1e-8, metadata=_help("lambda added to diagonal curvature."))
+    tikmix_damping: float | None = field(
+        default=None,
+        metadata=_help("diag_fisher only: lambda added to the diagonal (default 0.1 x mean of the diagonal)."),
+    )
     tikmix_alpha: float = field(default=1.0, metadata=_help("Weight of std(P_hat), the spread across tasks (Eq. 10)."))
     tikmix_beta: float = field(default=1.0, metadata=_help("Weight of sum(P_hat), the total normalised gain (Eq. 10)."))
     tikmix_gamma: float = field(default=1.0, metadata=_help("Weight of the entropy H(w), data diversity (Eq. 10)."))
@@ -94,7 +97,10 @@ class TiKMiXConfig:
     )
     tikmix_lookahead_lr: float | None = field(
         default=None,
-        metadata=_help("TiKMiX-M: step size of the virtual look-ahead step (default: the current learning rate x 10)."),
+        metadata=_help(
+            "TiKMiX-M: step size of the virtual look-ahead step (default: the best of a grid of learning-rate "
+            "multiples along the TiKMiX-D direction)."
+        ),
     )
     tikmix_seed: int = field(default=0, metadata=_help("Seed of the probe draws and of the surrogate search."))
     tikmix_log_matrix: bool = field(
@@ -176,7 +182,11 @@ def _validate(c) -> None:
         _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates, "the surrogate needs at least 8 candidates")
     if c.tikmix_probe_batch_size is not None and c.tikmix_probe_batch_size < 1:
         _fail("tikmix_probe_batch_size", c.tikmix_probe_batch_size, "must be a positive integer (or unset)")
-    for name in ("tikmix_alpha", "tikmix_beta", "tikmix_gamma", "tikmix_damping", "tikmix_floor"):
+    if c.tikmix_damping is not None and not (
+        isinstance(c.tikmix_damping, (int, float)) and math.isfinite(c.tikmix_damping) and c.tikmix_damping > 0
+    ):
+        _fail("tikmix_damping", c.tikmix_damping, "must be a finite number > 0 (or unset for 0.1 x mean diagonal)")
+    for name in ("tikmix_alpha", "tikmix_beta", "tikmix_gamma", "tikmix_floor"):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             _fail(name, value, "must be a finite number >= 0")

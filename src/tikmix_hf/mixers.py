@@ -87,7 +87,7 @@ def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = Fals
             inputs.validation_batches,
             preconditioner=cfg.tikmix_preconditioner,
             optimizer=inputs.optimizer,
-            damping=cfg.tikmix_damping if cfg.tikmix_preconditioner == "diag_fisher" else None,
+            damping=cfg.tikmix_damping if cfg.tikmix_preconditioner == "diag_fisher" else None,  # None: 0.1 mean(F)
             seed=cfg.tikmix_seed,
             show_progress=inputs.show_progress,
             keep_domain_gradients=keep_domain_gradients,
@@ -125,11 +125,14 @@ class TiKMiXSurrogate(Mixer):
         measured = time.perf_counter()
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
-        step = cfg.tikmix_lookahead_lr
-        if step is None:
-            lr = inputs.learning_rate or 0.0
-            step = 10.0 * lr if lr > 0 else 1e-3
+        kwargs = _solver_kwargs(inputs, result.task_names)
+        direct = solve_direct(result.scores, inputs.prior, **kwargs)  # the surrogate's anchor
         lookahead_seconds = [0.0]
+        step, grid = cfg.tikmix_lookahead_lr, None
+        if step is None:
+            t0 = time.perf_counter()
+            step, grid = self.calibrate_step(inputs, result, direct.weights)
+            lookahead_seconds[0] += time.perf_counter() - t0
 
         def evaluate(W: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
@@ -141,14 +144,41 @@ class TiKMiXSurrogate(Mixer):
 
         try:
             solved = solve_surrogate(result.scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
-                                     seed=cfg.tikmix_seed + inputs.stage, **_solver_kwargs(inputs, result.task_names))
+                                     seed=cfg.tikmix_seed + inputs.stage, direct=direct, **kwargs)
         finally:
             result.domain_gradients = None  # free the m kept gradients
         solve = time.perf_counter() - measured
         return Decision(solved.weights, solved.status, solved.message, result, solved,
                         seconds_measure=measured - started + lookahead_seconds[0],
                         seconds_solve=solve - lookahead_seconds[0],
-                        extra={"lookahead_step": step, "lookahead_seconds": lookahead_seconds[0]})
+                        extra={"lookahead_step": step, "lookahead_step_grid": grid,
+                               "lookahead_seconds": lookahead_seconds[0]})
+
+    #: multiples of the learning rate tried by :meth:`calibrate_step`
+    STEP_MULTIPLES = tuple(4.0**k for k in range(9))
+
+    def calibrate_step(self, inputs: StageInputs, result: InfluenceResult, w_direct: np.ndarray) -> tuple[float, dict]:
+        """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
+
+        The useful step depends on the preconditioner's scale (Adam's ``1/sqrt(v)`` makes the direction
+        hundreds of times longer than the raw gradient): too small and the look-ahead is just ``S w``
+        again, too large and every candidate gets worse. So try learning-rate multiples ``4^0 .. 4^8``
+        along the TiKMiX-D direction, with forward passes only, and keep the step whose summed loss drop is
+        largest before it first falls (the first maximum; much larger steps reach erratic, distant parts of
+        the landscape): near it the gain curves, which is what the surrogate is there to learn.
+        """
+        lr = inputs.learning_rate if inputs.learning_rate and inputs.learning_rate > 0 else 1e-3
+        gains: dict[float, float] = {}
+        best = lr
+        for multiple in self.STEP_MULTIPLES:
+            step = lr * multiple
+            drop = lookahead_gain(inputs.model, result, inputs.validation_batches, w_direct[None, :],
+                                  step_size=step, show_progress=False)
+            gains[step] = float(drop.sum())
+            if gains[step] <= gains.get(best, -np.inf) and step != lr:
+                break  # past the first maximum: larger steps land in an erratic, distant landscape
+            best = step
+        return (best if gains[best] > 0 else lr), {f"{k:.3g}": v for k, v in gains.items()}
 
 
 MIXERS: dict[str, type[Mixer]] = {"direct": TiKMiXDirect, "surrogate": TiKMiXSurrogate}
