@@ -12,8 +12,10 @@ Conventions used throughout (see ``docs/solvers.md``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -104,6 +106,28 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return value
     return str(value)
+
+
+def one_blas_thread(func):
+    """Run ``func`` with BLAS/LAPACK limited to one thread (through threadpoolctl, if installed).
+
+    The solvers' matrices have tens of rows and columns, where a BLAS thread pool costs more than
+    it saves: SLSQP, which calls LAPACK at every iteration, ran 5-50x slower with OpenBLAS's two
+    threads than with one on a busy 2-core machine (threads spinning against other processes).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # a dependency of scikit-learn, so normally present
+            limit = nullcontext()
+        else:
+            limit = threadpool_limits(limits=1, user_api="blas")
+        with limit:
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from ._common import Problem, SolverResult, build_problem, project_bounded_simplex
+from ._common import Problem, SolverResult, build_problem, one_blas_thread, project_bounded_simplex
 
 OBJECTIVE_RTOL = 1e-9
 """An answer whose objective exceeds the reference's by more than this (relative) is refused."""
@@ -19,6 +19,7 @@ ACTIVE_TOL = 1e-6
 """A bound or Pareto row closer than this at SLSQP's answer counts as active in the polish."""
 
 
+@one_blas_thread
 def solve_direct(
     S,
     prior,
