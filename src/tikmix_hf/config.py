@@ -103,6 +103,34 @@ class TiKMiXConfig:
         ),
     )
     tikmix_seed: int = field(default=0, metadata=_help("Seed of the probe draws and of the surrogate search."))
+    # Uncertainty of the influence matrix (docs/uncertainty.md)
+    tikmix_shrink_z: float = field(
+        default=0.0,
+        metadata=_help(
+            "direct/surrogate: shrink S toward zero by z standard errors, sign(S) max(|S| - z SE, 0), before "
+            "solving, so that noise cannot move weight or bind the Pareto constraint; 0 = the paper's plain "
+            "S (1.0 is a sensible choice). Needs >= 2 probe micro-batches per domain."
+        ),
+    )
+    tikmix_smoothing: float = field(
+        default=0.0,
+        metadata=_help(
+            "direct/surrogate: decay in [0, 1) of a precision-weighted (1/SE^2) average of S over stages, kept in "
+            "the checkpoint; 0 = off (each stage uses its own S)."
+        ),
+    )
+    tikmix_target_rse: float | None = field(
+        default=None,
+        metadata=_help(
+            "direct/surrogate: adaptive probe budget; stop differentiating a domain's probe micro-batches once "
+            "its relative standard error |SE_j| / |S_j| is below this target (tikmix_probe_sequences is the "
+            "cap). Unset = use every probe sequence."
+        ),
+    )
+    tikmix_min_probe_batches: int = field(
+        default=4,
+        metadata=_help("Adaptive probe budget: micro-batches per domain before the target may stop it (>= 2)."),
+    )
     tikmix_log_matrix: bool = field(
         default=True, metadata=_help("Also log every influence entry as tikmix/influence/<task>/<domain>.")
     )
@@ -198,6 +226,20 @@ def _validate(c) -> None:
         _fail("tikmix_lookahead_lr", c.tikmix_lookahead_lr, "must be a positive number (or unset)")
     if not (0 <= c.tikmix_entropy_warning <= 1):
         _fail("tikmix_entropy_warning", c.tikmix_entropy_warning, "must lie in [0, 1]")
+    z = c.tikmix_shrink_z
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
+        _fail("tikmix_shrink_z", z, "must be a finite number >= 0 (standard errors; 0 = no shrinkage)")
+    decay = c.tikmix_smoothing
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        _fail("tikmix_smoothing", decay, "must lie in [0, 1) (0 = off; 1 would never forget a stage)")
+    rse = c.tikmix_target_rse
+    if rse is not None and (
+        isinstance(rse, bool) or not isinstance(rse, (int, float)) or not math.isfinite(rse) or rse <= 0
+    ):
+        _fail("tikmix_target_rse", rse, "must be a finite number > 0, e.g. 0.2 (or unset for the full budget)")
+    mb = c.tikmix_min_probe_batches
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 2:
+        _fail("tikmix_min_probe_batches", mb, "must be an integer >= 2 (a standard error needs two batches)")
     if not isinstance(c.tikmix_seed, int) or c.tikmix_seed < 0:
         _fail("tikmix_seed", c.tikmix_seed, "must be a non-negative integer")
     for name in ("tikmix_temperature", "tikmix_doremi_eta", "tikmix_doge_eta"):

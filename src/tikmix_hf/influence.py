@@ -42,7 +42,9 @@ from tikmix_hf.preconditioners import (
     check_preconditioner_name,
 )
 
-__all__ = ["InfluenceResult", "PreconditionerFallbackWarning", "group_influence", "lookahead_gain"]
+__all__ = [
+    "InfluenceResult", "PreconditionerFallbackWarning", "adaptive_group_influence", "group_influence", "lookahead_gain",
+]
 
 IGNORE_INDEX = -100
 # Rows of a projection block are generated together; bounding rows * k keeps each block at a few MB.
@@ -85,6 +87,21 @@ class InfluenceResult:
     parameter_names: list[str] = dataclasses.field(repr=False)
     domain_gradients: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     """``(m, P)``: the preconditioned domain gradients ``P^{-1} g_j`` (``keep_domain_gradients`` only)."""
+    stderr: np.ndarray | None = None
+    """``(n, m)`` standard error of every ``S_ij`` over probe batches (``docs/uncertainty.md``): the
+    ratio estimator's, with batches as the sampling unit. ``nan`` for a domain with fewer than two
+    probe batches; ``None`` when it could not be measured (``projection_dim``, or
+    ``keep_domain_gradients`` with ``diag_fisher``). See ``uncertainty_note``."""
+    split_half: dict[str, float] | None = None
+    """Per task: Spearman rank correlation over domains between ``S`` from the even and from the odd
+    probe batches (global batch index within each domain); ``nan`` when undefined."""
+    probe_batches: dict[str, int] | None = None
+    """Probe micro-batches with at least one labelled target, per domain (the sampling units)."""
+    uncertainty_note: str | None = None
+    """Why ``stderr`` is ``None`` or holds ``nan`` entries; ``None`` when every entry is measured."""
+    adaptive: dict | None = None
+    """:func:`adaptive_group_influence` only: per domain the batches and tokens drawn, the final
+    relative standard error and why drawing stopped."""
 
     def to_dict(self) -> dict:
         """JSON-ready summary (lists, floats, ints, strings); the kept gradients are left out."""
@@ -110,7 +127,18 @@ class InfluenceResult:
             "memory_measure": self.memory_measure,
             "world_size": int(self.world_size),
             "has_domain_gradients": self.domain_gradients is not None,
+            "stderr": None if self.stderr is None else [[_json_float(x) for x in row] for row in self.stderr],
+            "split_half": None if self.split_half is None else {k: _json_float(v) for k, v in self.split_half.items()},
+            "probe_batches": None if self.probe_batches is None else {k: int(v) for k, v in self.probe_batches.items()},
+            "uncertainty_note": self.uncertainty_note,
+            "adaptive": self.adaptive,
         }
+
+
+def _json_float(x) -> float | None:
+    """A float for JSON; ``nan``/``inf`` (not allowed in strict JSON) become ``None``."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def group_influence(
@@ -218,15 +246,24 @@ def group_influence(
     task_batches = sum(len(t.local(rank, world)) for t in tasks.values())
     n_micro = probe_batches * (2 if fisher_pass else 1) + task_batches
 
+    stats = None if projector is not None else _BatchStats(len(tasks), len(domains), layout.device)
     with pass_.measure(), _influence_mode(module), pass_.progress(n_micro):
         if keep:
             # The kept gradients carry P^{-1} (the look-ahead steps along P^{-1} g_j), so the
             # validation side stays raw; diag_fisher gets F from this same single probe pass.
             task_side = pass_.validation(tasks, None, projector)
+            early = None
+            if preconditioner != "diag_fisher":
+                # Known before the probe pass: per-batch contributions <P^{-1} v_i, g_b> can be taken
+                # on the fly for the standard errors. diag_fisher's F needs the whole pass first.
+                early = _build_preconditioner(preconditioner, layout, optimizer, None, damping)
+            else:
+                stats = None
             kept, fisher, domain_loss_sums = pass_.keep_domains(
-                domains, keep_device, want_fisher=preconditioner == "diag_fisher"
+                domains, keep_device, want_fisher=preconditioner == "diag_fisher",
+                stats=stats, task_side=task_side, precond=None if early is None else early[0],
             )
-            precond, fallback = _build_preconditioner(preconditioner, layout, optimizer, fisher, damping)
+            precond, fallback = early or _build_preconditioner(preconditioner, layout, optimizer, fisher, damping)
             pass_.precondition_rows(kept, precond)
             table = pass_.table_from_kept(task_side, kept, projector)
         else:
@@ -236,14 +273,27 @@ def group_influence(
             fisher = pass_.fisher(domains) if fisher_pass else None
             precond, fallback = _build_preconditioner(preconditioner, layout, optimizer, fisher, damping)
             task_side = pass_.validation(tasks, precond, projector)
-            table, domain_loss_sums = pass_.stream_domains(domains, task_side, projector)
+            table, domain_loss_sums = pass_.stream_domains(domains, task_side, projector, stats)
         del task_side, fisher
+        if stats is not None:
+            stats.reduce(world)
 
     task_names, domain_names = list(tasks), list(domains)
     domain_losses = _finite_losses(domain_loss_sums, domains)
     task_losses = pass_.task_losses
     scores = table.cpu().numpy().astype(np.float64)
     _check_finite_scores(scores, task_names, domain_names)
+    if stats is not None:
+        stderr, split_half, note = stats.finish(task_names, domain_names)
+        probe_counts = stats.batch_counts(domain_names)
+    else:
+        stderr = split_half = probe_counts = None
+        note = (
+            "standard errors are not measured with projection_dim (each probe batch would need its own "
+            "projection)" if projector is not None else
+            "standard errors are not measured with keep_domain_gradients and diag_fisher (F, hence P^-1, "
+            "is only known after the probe pass)"
+        )
     return InfluenceResult(
         scores=scores,
         task_names=task_names,
@@ -267,7 +317,153 @@ def group_influence(
         world_size=world,
         parameter_names=list(layout.names),
         domain_gradients=kept,
+        stderr=stderr,
+        split_half=split_half,
+        probe_batches=probe_counts,
+        uncertainty_note=note,
     )
+
+
+def adaptive_group_influence(
+    model: torch.nn.Module,
+    domain_batch_source: Mapping[str, Callable[[int], Mapping | None] | Sequence[Mapping]],
+    validation_batches: Batches,
+    *,
+    target_rse: float,
+    max_batches: int,
+    min_batches: int = 2,
+    max_tokens: int | None = None,
+    preconditioner: str = "identity",
+    optimizer=None,
+    param_filter: ParamFilter = None,
+    show_progress: bool = False,
+    buffer_dtype: torch.dtype | None = None,
+) -> InfluenceResult:
+    """Group Influence with an adaptive probe budget: draw a domain's batches until ``S_j`` is precise.
+
+    For each domain ``j`` probe micro-batches ``k = 0, 1, 2, ...`` are taken from
+    ``domain_batch_source[j]`` (a callable ``k -> batch``, returning ``None`` when exhausted, or a
+    list of batches) and differentiated one by one; after each batch the column's relative standard
+    error ``rse_j = ||SE[:, j]||_2 / ||S[:, j]||_2`` (ratio-estimator ``SE``, ``docs/uncertainty.md``)
+    is checked. Drawing stops at the first of: ``rse_j <= target_rse`` with at least ``min_batches``
+    batches (``"target"``); ``max_batches`` batches (``"max_batches"``); ``max_tokens`` labelled
+    tokens (``"max_tokens"``); the source exhausted (``"exhausted"``).
+
+    ``S`` means the same as in :func:`group_influence` (mean token loss over every drawn probe token of
+    the domain, so identical to :func:`group_influence` on the drawn batches up to rounding).
+    ``result.adaptive`` reports per domain ``batches``, ``tokens``, ``rse`` and ``stopped``, plus the
+    totals (the cost: one forward+backward per drawn batch, as in :func:`group_influence`).
+
+    Only ``identity`` and ``adam`` preconditioners (``diag_fisher`` needs every probe batch before it
+    can precondition) and no projection. Under data parallelism each round draws ``world`` batches,
+    rank ``r`` differentiating batch ``k + r``; the sums are all-reduced every round so that every rank
+    takes the same stopping decision and returns the same result.
+    """
+    started = time.perf_counter()
+    check_preconditioner_name(preconditioner)
+    if preconditioner == "diag_fisher":
+        raise ValueError(
+            "adaptive_group_influence supports preconditioner 'identity' or 'adam': diag_fisher needs the "
+            "Fisher diagonal of all probe batches before any can be scored"
+        )
+    target_rse = float(target_rse)
+    if not math.isfinite(target_rse) or target_rse <= 0:
+        raise ValueError(f"target_rse must be a finite number > 0, got {target_rse!r}")
+    if not isinstance(min_batches, int) or min_batches < 2:
+        raise ValueError(f"min_batches must be an integer >= 2 (a standard error needs two), got {min_batches!r}")
+    if not isinstance(max_batches, int) or max_batches < min_batches:
+        raise ValueError(f"max_batches must be an integer >= min_batches={min_batches}, got {max_batches!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if not isinstance(domain_batch_source, Mapping) or not domain_batch_source:
+        raise TypeError("domain_batch_source must be a non-empty mapping {domain name: callable k -> batch, or list}")
+    module = _unwrap(model)
+    rank, world = _world()
+    layout = _Layout.select(module, param_filter, buffer_dtype)
+    tasks = _batch_sets(validation_batches, "validation_batches", "task", layout.device)
+    sources = {str(name): _as_source(src) for name, src in domain_batch_source.items()}
+    domain_names, task_names = list(sources), list(tasks)
+    pass_ = _Pass(module, layout, rank, world, show_progress)
+    stats = _BatchStats(len(tasks), len(sources), layout.device)
+    loss_sums = torch.zeros(len(sources), dtype=torch.float64, device=layout.device)
+    report: dict = {"target_rse": target_rse, "min_batches": min_batches, "max_batches": max_batches,
+                    "max_tokens": max_tokens, "domains": {}}
+    n_micro = sum(len(t.local(rank, world)) for t in tasks.values()) + max_batches * len(sources)
+    with pass_.measure(), _influence_mode(module), pass_.progress(n_micro):
+        precond, fallback = _build_preconditioner(preconditioner, layout, optimizer, None, None)
+        task_side = pass_.validation(tasks, precond, None)
+        for j, name in enumerate(domain_names):
+            drawn, stopped = 0, None
+            while stopped is None:
+                k = drawn + rank
+                batch = sources[name](k) if k < max_batches else None
+                available = torch.zeros(1, dtype=torch.float64, device=layout.device)
+                round_ = _BatchStats(len(tasks), len(sources), layout.device)
+                if batch is not None:
+                    _check_batch(batch, f"domain {name!r} batch {k}", layout.device)
+                    tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+                    available += 1
+                    if tokens > 0:
+                        with torch.enable_grad():
+                            loss = pass_.summed_loss(batch)
+                            grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
+                        column = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
+                        for (start, stop), g in pass_.flat(grads):
+                            column.add_(torch.mv(task_side[:, start:stop], g))
+                        del grads
+                        round_.add(j, k, tokens, column)
+                        loss_sums[j] += loss.detach().double()
+                    if pass_.bar is not None:
+                        pass_.bar.update(1)
+                # Every rank must see the same sums to take the same decision: reduce this round's.
+                round_.reduce(world)
+                _all_reduce(available, world)
+                stats.merge(round_)
+                drawn += min(world, int(available.item()))
+                column_rse = stats.column_rse(j)
+                batches, tokens_j = stats.batches(j), stats.tokens(j)
+                if batches >= min_batches and column_rse <= target_rse:
+                    stopped = "target"
+                elif drawn >= max_batches or batches >= max_batches:
+                    stopped = "max_batches"
+                elif max_tokens is not None and tokens_j >= max_tokens:
+                    stopped = "max_tokens"
+                elif int(available.item()) < world:
+                    stopped = "exhausted"
+            if stats.tokens(j) == 0:
+                raise ValueError(f"domain {name!r}: no labelled target token in the batches drawn")
+            report["domains"][name] = {"batches": stats.batches(j), "tokens": stats.tokens(j),
+                                       "rse": _json_float(stats.column_rse(j)), "stopped": stopped}
+        del task_side
+    _all_reduce(loss_sums, world)
+    report["total_batches"] = sum(d["batches"] for d in report["domains"].values())
+    report["total_tokens"] = sum(d["tokens"] for d in report["domains"].values())
+    scores = stats.scores()
+    _check_finite_scores(scores, task_names, domain_names)
+    stderr, split_half, note = stats.finish(task_names, domain_names)
+    domain_tokens = {name: stats.tokens(j) for j, name in enumerate(domain_names)}
+    domain_losses = {name: float(loss_sums[j]) / domain_tokens[name] for j, name in enumerate(domain_names)}
+    return InfluenceResult(
+        scores=scores, task_names=task_names, domain_names=domain_names, preconditioner=precond.name,
+        requested_preconditioner=preconditioner, preconditioner_fallback=fallback, damping=None,
+        projection_dim=None, seed=0, num_parameters=layout.total, domain_tokens=domain_tokens,
+        task_tokens={name: t.tokens for name, t in tasks.items()}, domain_losses=domain_losses,
+        task_losses=pass_.task_losses, seconds=time.perf_counter() - started,
+        peak_memory_bytes=pass_.peak_memory_bytes, buffer_bytes=pass_.ledger.peak,
+        buffer_dtype=str(layout.dtype).removeprefix("torch."), memory_measure=pass_.memory_measure,
+        world_size=world, parameter_names=list(layout.names), stderr=stderr, split_half=split_half,
+        probe_batches=stats.batch_counts(domain_names), uncertainty_note=note, adaptive=report,
+    )
+
+
+def _as_source(source):
+    """A callable ``k -> batch or None`` from a callable or a sequence of batches."""
+    if callable(source):
+        return source
+    if isinstance(source, Mapping) or torch.is_tensor(source):
+        raise TypeError("a domain's source must be a callable k -> batch (None when exhausted) or a list of batches")
+    items = list(source)
+    return lambda k: items[k] if k < len(items) else None
 
 
 def lookahead_gain(
@@ -425,6 +621,10 @@ class _BatchSet:
         """This rank's slice (batch ``k`` with ``k % world == rank``), skipping batches with no target."""
         pairs = zip(self.batches[rank::world], self.counts[rank::world])
         return [(batch, count) for batch, count in pairs if count > 0]
+
+    def local_indices(self, rank, world) -> list[int]:
+        """Global indices ``k`` of :meth:`local`'s batches, in the same order (for the even/odd split)."""
+        return [k for k in range(rank, len(self.batches), world) if self.counts[k] > 0]
 
 
 def _batch_sets(batches, argument, kind, device) -> dict[str, _BatchSet]:
@@ -707,6 +907,116 @@ def _restore_rng(state):
 # --------------------------------------------------------------------------------------------
 
 
+class _BatchStats:
+    """Sums over probe micro-batches from which the standard error of ``S`` follows.
+
+    Batch ``b`` of domain ``j`` contributes ``c_ijb = <p_i, grad of b's summed token loss>`` and has
+    ``t_b`` labelled tokens; ``S_ij = sum_b c_ijb / T_j`` with ``T_j = sum_b t_b``. Only sums are kept
+    (``sum c``, ``sum c^2``, ``sum c t`` per entry; ``sum t``, ``sum t^2``, the batch count, and the even
+    half's ``sum c`` and ``sum t``), so that under data parallelism one all-reduce of two small float64
+    tensors combines the ranks, whatever batches each rank held.
+    """
+
+    def __init__(self, n, m, device):
+        self.cell = torch.zeros((4, n, m), dtype=torch.float64, device=device)  # c, c^2, c t, c (even)
+        self.dom = torch.zeros((4, m), dtype=torch.float64, device=device)  # t, t^2, batches, t (even)
+
+    def add(self, j, k, tokens, column, total_tokens=1):
+        """Record batch ``k`` (global index) of domain ``j``: ``column`` holds ``c_ib / total_tokens``."""
+        c = column.double() * total_tokens
+        t = float(tokens)
+        self.cell[0, :, j] += c
+        self.cell[1, :, j] += c * c
+        self.cell[2, :, j] += c * t
+        self.dom[:3, j] += torch.tensor([t, t * t, 1.0], dtype=torch.float64, device=self.dom.device)
+        if k % 2 == 0:
+            self.cell[3, :, j] += c
+            self.dom[3, j] += t
+
+    def reduce(self, world):
+        _all_reduce(self.cell, world)
+        _all_reduce(self.dom, world)
+
+    def merge(self, other):
+        """Add another set of sums (e.g. one all-reduced round of the adaptive budget)."""
+        self.cell += other.cell
+        self.dom += other.dom
+
+    def batches(self, j) -> int:
+        return int(round(float(self.dom[2, j])))
+
+    def tokens(self, j) -> int:
+        return int(round(float(self.dom[0, j])))
+
+    def column_rse(self, j) -> float:
+        """``||SE[:, j]|| / ||S[:, j]||`` (``inf`` with < 2 batches; ``0`` when both are zero)."""
+        se, S = self.stderr()[:, j], self.scores()[:, j]
+        if not np.isfinite(se).all():
+            return float("inf")
+        num, den = float(np.linalg.norm(se)), float(np.linalg.norm(S))
+        if num == 0:
+            return 0.0
+        return num / den if den > 0 else float("inf")
+
+    def batch_counts(self, domain_names) -> dict[str, int]:
+        return {name: int(round(b)) for name, b in zip(domain_names, self.dom[2].tolist())}
+
+    def scores(self) -> np.ndarray:
+        """``S = sum c / T`` from the sums alone (equal to the table up to rounding)."""
+        cell, dom = self.cell.cpu().numpy(), self.dom.cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return cell[0] / dom[0][None, :]
+
+    def stderr(self) -> np.ndarray:
+        """Ratio-estimator standard error of ``S_ij`` (``nan`` where a domain has fewer than 2 batches).
+
+        ``Var(S_ij) = B/(B-1) * sum_b (c_ijb - S_ij t_b)^2 / T_j^2``, the residual sum expanded in the
+        accumulated sums: ``sum c^2 - 2 S sum c t + S^2 sum t^2`` (clipped at 0 against rounding).
+        """
+        cell, dom = self.cell.cpu().numpy(), self.dom.cpu().numpy()
+        T, T2, B = dom[0][None, :], dom[1][None, :], dom[2][None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            S = cell[0] / T
+            resid = cell[1] - 2.0 * S * cell[2] + S * S * T2
+            # Rounding of the expansion is relative to sum c^2; below that the spread is zero.
+            resid = np.where(resid > 1e-13 * cell[1], resid, 0.0)
+            var = B / (B - 1.0) * resid / (T * T)
+        return np.where(np.broadcast_to(B, var.shape) >= 2, np.sqrt(var), np.nan)
+
+    def split_half(self, task_names) -> dict[str, float]:
+        cell, dom = self.cell.cpu().numpy(), self.dom.cpu().numpy()
+        t_even, t_odd = dom[3], dom[0] - dom[3]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            even = cell[3] / t_even[None, :]
+            odd = (cell[0] - cell[3]) / t_odd[None, :]
+        return {name: _spearman(even[i], odd[i]) for i, name in enumerate(task_names)}
+
+    def finish(self, task_names, domain_names):
+        stderr = self.stderr()
+        split = self.split_half(task_names)
+        counts = self.batch_counts(domain_names)
+        thin = [name for name, b in counts.items() if b < 2]
+        note = None
+        if thin:
+            note = (
+                f"standard error undefined (nan) for domain(s) {thin}: fewer than 2 probe micro-batches "
+                f"{ {n: counts[n] for n in thin} }; draw more probe sequences or use a smaller probe batch size"
+            )
+        return stderr, split, note
+
+
+def _spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties); ``nan`` with < 2 points, a nan, or no spread."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (a.size + 1) / 2
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb / denom) if denom > 0 else float("nan")
+
+
 class _Ledger:
     """Bytes of the buffers the pass allocates (the CPU memory measure), current and peak."""
 
@@ -753,6 +1063,7 @@ class _Pass:
         # one converted parameter-sized slice at a time.
         converted = layout.largest * layout.dtype.itemsize if layout.converts else 0
         self.micro_batch_bytes = layout.gradient_bytes + converted
+        self._span_index = {span: index for index, span in enumerate(layout.spans)}
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -912,8 +1223,12 @@ class _Pass:
                     if work is not block:
                         block.copy_(work)
 
-    def stream_domains(self, domains, task_side, projector):
-        """Accumulate ``<p_i, grad loss_b>`` over probe micro-batches into the ``n x m`` table."""
+    def stream_domains(self, domains, task_side, projector, stats=None):
+        """Accumulate ``<p_i, grad loss_b>`` over probe micro-batches into the ``n x m`` table.
+
+        With ``stats`` (no projection) each micro-batch's own column of contributions is also
+        recorded in :class:`_BatchStats`; the table is accumulated exactly as without it.
+        """
         layout = self.layout
         table = torch.zeros((task_side.shape[0], len(domains)), dtype=torch.float64, device=layout.device)
         loss_sums = torch.zeros(len(domains), dtype=torch.float64, device=layout.device)
@@ -925,14 +1240,21 @@ class _Pass:
             column = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
             if projector is not None:
                 accumulator.zero_()
-            for _, loss, grads in self.micro_batches(domain):
+            indices = domain.local_indices(self.rank, self.world)
+            for k, (tokens, loss, grads) in zip(indices, self.micro_batches(domain)):
                 loss_sums[j] += loss.double()
+                own = None if stats is None else torch.zeros_like(column)
                 for (start, stop), g in self.flat(grads):
                     if projector is None:
                         # One matrix-vector product per parameter: the n dot products with p_i.
-                        column.add_(torch.mv(task_side[:, start:stop], g))
+                        dots = torch.mv(task_side[:, start:stop], g)
+                        column.add_(dots)
+                        if own is not None:
+                            own.add_(dots)
                     else:
                         accumulator[start:stop].add_(g)
+                if own is not None:
+                    stats.add(j, k, tokens, own, domain.tokens)
             if projector is not None:
                 column = task_side @ projector.project(accumulator[None])[0]
             table[:, j] = column.double()
@@ -940,20 +1262,35 @@ class _Pass:
         _all_reduce(loss_sums, self.world)
         return table, loss_sums
 
-    def keep_domains(self, domains, keep_device, want_fisher):
-        """Accumulate each domain's gradient ``g_j`` (m buffers), and ``F`` in the same pass if wanted."""
+    def keep_domains(self, domains, keep_device, want_fisher, stats=None, task_side=None, precond=None):
+        """Accumulate each domain's gradient ``g_j`` (m buffers), and ``F`` in the same pass if wanted.
+
+        With ``stats`` (and the preconditioner known up front) each micro-batch's contributions
+        ``<v_i, P^{-1} grad loss_b>`` are recorded too; ``task_side`` holds the raw ``v_i``.
+        """
         layout = self.layout
         device = layout.device if keep_device == "params" else keep_device
         kept = _buffer((len(domains), layout.total), layout.dtype, device, self.ledger)
         fisher = _buffer(layout.total, layout.dtype, layout.device, self.ledger) if want_fisher else None
         loss_sums = torch.zeros(len(domains), dtype=torch.float64, device=layout.device)
         for j, domain in enumerate(domains.values()):
-            for tokens, loss, grads in self.micro_batches(domain):
+            indices = domain.local_indices(self.rank, self.world)
+            for k, (tokens, loss, grads) in zip(indices, self.micro_batches(domain)):
                 loss_sums[j] += loss.double()
                 if fisher is not None:
                     self._add_fisher(fisher, grads, domain.tokens / tokens)
-                for (start, stop), g in self.flat(grads):
+                own = None
+                if stats is not None:
+                    own = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
+                for index, ((start, stop), g) in enumerate(self.flat(grads)):
                     kept[j, start:stop].add_(g.to(device))
+                    if own is not None:
+                        work = g.to(layout.compute_dtype, copy=True)
+                        if not isinstance(precond, IdentityPreconditioner):
+                            precond.scale_(self._span_index[(start, stop)], work)
+                        own.add_(torch.mv(task_side[:, start:stop].to(layout.compute_dtype), work))
+                if own is not None:
+                    stats.add(j, k, tokens, own, domain.tokens)
         if kept.device == layout.device:
             _all_reduce(kept, self.world)
         else:

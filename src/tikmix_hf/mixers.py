@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 
 from .config import TiKMiXConfig
-from .influence import InfluenceResult, group_influence, lookahead_gain
+from .influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
 from .solvers import SolverResult, solve_direct, solve_surrogate
+from .solvers.robust import PrecisionSmoother, shrink_influence
 
 
 @dataclasses.dataclass
@@ -81,6 +83,20 @@ def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = Fals
     """Group Influence of the probes on the validation tasks; ``(None, reason)`` on a NaN/inf loss."""
     cfg = inputs.config
     try:
+        if cfg.tikmix_target_rse is not None and not keep_domain_gradients and cfg.tikmix_preconditioner != "diag_fisher":
+            # Adaptive budget within this stage's draw: tikmix_probe_sequences is the cap.
+            cap = max(len(b) for b in inputs.domain_batches.values())
+            return adaptive_group_influence(
+                inputs.model,
+                {name: list(batches) for name, batches in inputs.domain_batches.items()},
+                inputs.validation_batches,
+                target_rse=cfg.tikmix_target_rse,
+                max_batches=max(cap, cfg.tikmix_min_probe_batches),
+                min_batches=cfg.tikmix_min_probe_batches,
+                preconditioner=cfg.tikmix_preconditioner,
+                optimizer=inputs.optimizer,
+                show_progress=inputs.show_progress,
+            ), ""
         result = group_influence(
             inputs.model,
             inputs.domain_batches,
@@ -97,7 +113,65 @@ def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = Fals
     return result, ""
 
 
-class TiKMiXDirect(Mixer):
+class _UncertaintyAware(Mixer):
+    """The uncertainty switches of ``docs/uncertainty.md`` shared by TiKMiX-D and TiKMiX-M.
+
+    :meth:`decision_scores` turns the measured ``S`` into the matrix the solver sees: smoothed over
+    stages (``tikmix_smoothing``, a precision-weighted average whose accumulators are this mixer's
+    JSON state), then shrunk toward zero by ``tikmix_shrink_z`` standard errors. With both switches
+    off it returns ``result.scores`` itself, so the decisions are the paper's, bit for bit.
+    """
+
+    def __init__(self):
+        self._smoother: PrecisionSmoother | None = None
+
+    def decision_scores(self, inputs: StageInputs, result: InfluenceResult) -> tuple[np.ndarray, dict]:
+        cfg = inputs.config
+        z, decay = float(cfg.tikmix_shrink_z), float(cfg.tikmix_smoothing)
+        adaptive = {"adaptive_budget": result.adaptive} if result.adaptive is not None else {}
+        if z == 0 and decay == 0:
+            return result.scores, ({"uncertainty": adaptive} if adaptive else {})
+        scores, stderr = result.scores, result.stderr
+        info: dict = {"shrink_z": z, "smoothing": decay, **adaptive}
+        if decay > 0:
+            if self._smoother is None:
+                self._smoother = PrecisionSmoother(decay)
+            self._smoother.decay = decay
+            scores, stderr = self._smoother.update(scores, stderr, result.task_names, result.domain_names)
+            info["smoothed_stages"] = self._smoother.stages
+            info["smoothed_scores"] = _json_matrix(scores)
+            info["smoothed_stderr"] = _json_matrix(stderr)
+        if z > 0:
+            if result.stderr is None:
+                warnings.warn(f"tikmix_shrink_z={z}: S not shrunk, {result.uncertainty_note}", stacklevel=2)
+                info["shrink_skipped"] = result.uncertainty_note
+            else:
+                scores = shrink_influence(scores, stderr, z)
+                info["zeroed_entries"] = int((scores == 0).sum() - (result.scores == 0).sum())
+        info["scores_used"] = _json_matrix(scores)
+        return scores, {"uncertainty": info}
+
+    def state_dict(self) -> dict:
+        if self._smoother is None or self._smoother.stages == 0:
+            return {}
+        return {"smoother": self._smoother.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state or {})
+        smoother = state.pop("smoother", None)
+        if state:
+            raise ValueError(f"{type(self).__name__}: unknown mixer state {sorted(state)} in the checkpoint")
+        self._smoother = None
+        if smoother and smoother.get("stages"):
+            self._smoother = PrecisionSmoother(smoother["decay"])
+            self._smoother.load_state_dict(smoother)
+
+
+def _json_matrix(a) -> list:
+    return [[float(x) if np.isfinite(x) else None for x in row] for row in np.asarray(a, dtype=np.float64)]
+
+
+class TiKMiXDirect(_UncertaintyAware):
     """TiKMiX-D: Group Influence (Eq. 8), then SLSQP with the Pareto constraint (Eqs. 9-11)."""
 
     name = "direct"
@@ -108,12 +182,14 @@ class TiKMiXDirect(Mixer):
         measured = time.perf_counter()
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
-        solved = solve_direct(result.scores, inputs.prior, **_solver_kwargs(inputs, result.task_names))
+        scores, extra = self.decision_scores(inputs, result)
+        solved = solve_direct(scores, inputs.prior, **_solver_kwargs(inputs, result.task_names))
         return Decision(solved.weights, solved.status, solved.message, result, solved,
-                        seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured)
+                        seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
+                        extra=extra)
 
 
-class TiKMiXSurrogate(Mixer):
+class TiKMiXSurrogate(_UncertaintyAware):
     """TiKMiX-M: a LightGBM surrogate of the look-ahead validation gain around the TiKMiX-D answer."""
 
     name = "surrogate"
@@ -126,7 +202,8 @@ class TiKMiXSurrogate(Mixer):
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
         kwargs = _solver_kwargs(inputs, result.task_names)
-        direct = solve_direct(result.scores, inputs.prior, **kwargs)  # the surrogate's anchor
+        scores, uncertainty = self.decision_scores(inputs, result)
+        direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
         lookahead_seconds = [0.0]
         step, grid = cfg.tikmix_lookahead_lr, None
         if step is None:
@@ -143,7 +220,7 @@ class TiKMiXSurrogate(Mixer):
             return (gains / scale).sum(axis=1)
 
         try:
-            solved = solve_surrogate(result.scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
+            solved = solve_surrogate(scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
                                      seed=cfg.tikmix_seed + inputs.stage, direct=direct, **kwargs)
         finally:
             result.domain_gradients = None  # free the m kept gradients
@@ -152,7 +229,7 @@ class TiKMiXSurrogate(Mixer):
                         seconds_measure=measured - started + lookahead_seconds[0],
                         seconds_solve=solve - lookahead_seconds[0],
                         extra={"lookahead_step": step, "lookahead_step_grid": grid,
-                               "lookahead_seconds": lookahead_seconds[0]})
+                               "lookahead_seconds": lookahead_seconds[0], **uncertainty})
 
     #: multiples of the learning rate tried by :meth:`calibrate_step`
     STEP_MULTIPLES = tuple(4.0**k for k in range(9))
