@@ -12,7 +12,7 @@ export HF_EVALUATE_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast bench clean demo
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	sh scripts/install_corpora.sh || true
+	$(PY) -m tikmix_hf.cli demo
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed" tests

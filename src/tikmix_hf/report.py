@@ -1,0 +1,270 @@
+"""TiKMiX histories and demo results as markdown tables.
+
+- :func:`stages_table`, :func:`weights_table`, :func:`influence_table`: one ``history.json``
+  (as written by :class:`~tikmix_hf.TiKMiXCallback`) as tables; :func:`history_report` all of them.
+- :func:`demo_tables` (what ``tikmix demo`` prints) and :func:`demo_report` (its ``report.md``)
+  from the ``results.json`` document of :func:`tikmix_hf.demo.run_demo`.
+
+Pure functions of JSON documents: strings in, strings out, nothing imported beyond numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "demo_report",
+    "demo_tables",
+    "history_report",
+    "influence_table",
+    "markdown_table",
+    "stages_table",
+    "weights_table",
+]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default: first
+    column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers):
+        raise ValueError(f"align={align!r} has {len(align)} letters for {len(headers)} columns")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join(rule) + "|"]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {list(row)} has {len(row)} cells for {len(headers)} columns")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _signed(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:+.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# One history
+# ------------------------------------------------------------------------------------------------
+
+def _moves(before: Mapping[str, float], after: Mapping[str, float], k: int = 3) -> str:
+    changes = sorted(after, key=lambda d: -abs(after[d] - before.get(d, 0.0)))[:k]
+    return ", ".join(f"{d} {before.get(d, 0.0):.2f}→{after[d]:.2f}" for d in changes)
+
+
+def stages_table(history: Mapping[str, Any]) -> str:
+    """One row per stage: step, tokens, solver status, entropy, seconds and the largest weight moves."""
+    rows = []
+    for s in history.get("stages") or []:
+        sec = s.get("seconds") or {}
+        tokens = s.get("tokens_seen")
+        rows.append([
+            s.get("stage"), s.get("step"), "—" if tokens is None else f"{tokens:,}", s.get("status"),
+            f"{s.get('entropy', float('nan')):.3f}", f"{sec.get('influence', 0.0):.2f}", f"{sec.get('solve', 0.0):.2f}",
+            _moves(s["weights_before"], s["weights_after"]),
+        ])
+    if not rows:
+        return "_No stage yet: the mixture has not been re-decided._"
+    return markdown_table(
+        ["stage", "step", "tokens seen", "status", "entropy", "influence s", "solve s", "largest moves"], rows,
+        "rrrlrrrl",
+    )
+
+
+def weights_table(history: Mapping[str, Any]) -> str:
+    """One row per domain: the initial weight and the weight after every stage."""
+    domains = list(history["domains"])
+    stages = list(history.get("stages") or [])
+    initial = history.get("initial_weights") or (stages[0]["weights_before"] if stages else {})
+    headers = ["domain", "initial"] + [f"after stage {s['stage']} (step {s['step']})" for s in stages]
+    rows = [[d, f"{initial.get(d, float('nan')):.3f}"] + [f"{s['weights_after'][d]:.3f}" for s in stages]
+            for d in domains]
+    return markdown_table(headers, rows)
+
+
+def influence_table(stage: Mapping[str, Any]) -> str:
+    """One stage's influence matrix, one row per domain (tasks as columns), with the weights it led to."""
+    inf = stage.get("influence")
+    if not inf:
+        return f"_Stage {stage.get('stage')}: no influence matrix ({stage.get('status')}: {stage.get('message')})._"
+    S = np.asarray(inf["scores"], dtype=np.float64)
+    tasks, domains = inf["task_names"], inf["domain_names"]
+    rows = [[d] + [f"{S[i, j]:.3g}" for i in range(len(tasks))]
+            + [f"{stage['weights_before'][d]:.3f}", f"{stage['weights_after'][d]:.3f}"] for j, d in enumerate(domains)]
+    return markdown_table(["domain"] + [f"S[{t}]" for t in tasks] + ["weight before", "weight after"], rows)
+
+
+def history_report(history: Mapping[str, Any], *, title: str = "TiKMiX history") -> str:
+    """Markdown of a whole history: stages, weights and every stage's influence matrix."""
+    parts = [f"# {title}", "", f"Domains: {len(history['domains'])}; tasks: {', '.join(history['tasks'])}; "
+             f"solver: {history.get('config', {}).get('tikmix_solver', '?')}.", "", "## Stages", "",
+             stages_table(history), "", "## Weights", "", weights_table(history)]
+    for s in history.get("stages") or []:
+        parts += ["", f"## Influence at stage {s['stage']} (step {s['step']})", "", influence_table(s)]
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Demo results
+# ------------------------------------------------------------------------------------------------
+
+def _runs_table(results: Mapping[str, Any]) -> str:
+    runs = results["runs"]
+    tasks = list(runs[0]["final"]["losses"])
+    baseline = results.get("baseline")
+    base = {r["seed"]: r["final"]["average"] for r in runs if r["arm"] == baseline}
+    headers = (["seed", "arm"] + [f"{t} loss" for t in tasks]
+               + ["avg loss", f"Δ vs {baseline}" if baseline else "Δ", "choice acc", "all-domains loss",
+                  "train s", "CPU s", "TiKMiX s", "TiKMiX share", "probe tokens"])
+    rows = []
+    for r in runs:
+        f, sec = r["final"], r["seconds"]
+        delta = f["average"] - base[r["seed"]] if r["seed"] in base and r["arm"] != baseline else None
+        is_tikmix = r["stages"] > 0
+        rows.append(
+            [r["seed"], r["label"]] + [f"{f['losses'][t]:.3f}" for t in tasks]
+            + [f"{f['average']:.3f}", _signed(delta), _pct(f["accuracy"]), f"{f['all_domains_loss']:.3f}",
+               f"{sec['train']:.0f}", f"{sec['cpu']:.0f}", f"{sec['tikmix']:.1f}" if is_tikmix else "—",
+               _pct(r["tikmix_share"]) if is_tikmix else "—", f"{r['probe_tokens']:,}" if is_tikmix else "—"]
+        )
+    return markdown_table(headers, rows, "rl" + "r" * (len(headers) - 2))
+
+
+def _summary_table(results: Mapping[str, Any]) -> str:
+    summary = results["summary"]
+    baseline = summary.get("baseline")
+    rows = []
+    for arm, s in summary["arms"].items():
+        spread = f" ± {s['average_loss_std']:.3f}" if len(s["seeds"]) > 1 else ""
+        deltas = s.get("delta_vs_baseline")
+        rows.append([
+            s["label"], len(s["seeds"]), f"{s['average_loss_mean']:.3f}{spread}",
+            "—" if deltas is None else f"{s['delta_mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in deltas)})",
+            "—" if deltas is None else f"{s['wins']}/{len(deltas)}",
+            _pct(s["accuracy_mean"]), f"{s['all_domains_loss_mean']:.3f}", f"{s['train_seconds_mean']:.0f}",
+            _pct(s["tikmix_share_mean"]) if arm.startswith("tikmix") else "—",
+        ])
+    return markdown_table(
+        ["arm", "seeds", "avg loss (mean ± sd)", f"Δ vs {ARM_NAME.get(baseline, baseline)} (per seed)",
+         "seeds better", "choice acc", "all-domains loss", "train s", "TiKMiX share"], rows,
+    )
+
+
+ARM_NAME = {"static": "static", "natural": "static", "uniform": "uniform"}
+
+
+def _final_weights_table(results: Mapping[str, Any]) -> str | None:
+    tikmix_runs = [r for r in results["runs"] if r["stages"] > 0]
+    if not tikmix_runs:
+        return None
+    arms = list(dict.fromkeys(r["arm"] for r in tikmix_runs))
+    domains = [row["domain"] for row in results["domains"]]
+    natural = np.array([row["train_blocks"] for row in results["domains"]], dtype=float)
+    natural /= natural.sum()
+    roles, oracle = results.get("roles"), results.get("oracle_weights")
+    headers = ["domain"] + (["role", "oracle hint"] if roles else []) + ["natural (start)"]
+    headers += [f"{next(r['label'] for r in tikmix_runs if r['arm'] == a)} final" for a in arms]
+    rows = []
+    for j, d in enumerate(domains):
+        row = [d] + ([roles.get(d, ""), f"{oracle.get(d, 0.0):.2f}"] if roles else []) + [f"{natural[j]:.3f}"]
+        for a in arms:
+            ws = [r["final_weights"][d] for r in tikmix_runs if r["arm"] == a]
+            row.append(f"{np.mean(ws):.3f}")
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def _setup_line(results: Mapping[str, Any]) -> str:
+    size = results["size"]
+    return (
+        f"Llama with {size['layers']} layer(s) of width {size['hidden_size']}, trained from the same initialisation "
+        f"per seed for {size['max_steps']} steps × {size['batch_size']} blocks of {size['block_size']} tokens = "
+        f"**{results['training_tokens_per_arm']:,} training tokens per arm** (AdamW, lr {size['learning_rate']}, "
+        f"cosine schedule). TiKMiX re-decides the mixture at "
+        f"{', '.join(f'{f:.0%}' for f in size['stage_fractions'])} of training from {size['probe_sequences']} probe "
+        f"blocks per domain and {size['validation_sequences']} sequences per task (Adam-preconditioned influence); "
+        f"TiKMiX-M evaluates {size['surrogate_candidates']} look-ahead candidates per stage."
+    )
+
+
+def demo_tables(results: Mapping[str, Any]) -> str:
+    """The tables ``tikmix demo`` prints: every run, then the mean over seeds."""
+    return "\n".join([
+        f"Results ({results['corpus']} corpus, size {results['size']['name']}, equal training tokens: "
+        f"{results['training_tokens_per_arm']:,} per arm; losses on held-out test text, lower is better)",
+        "",
+        _runs_table(results),
+        "",
+        "Mean over seeds",
+        "",
+        _summary_table(results),
+    ])
+
+
+def demo_report(results: Mapping[str, Any]) -> str:
+    """``report.md`` of a demo run."""
+    tasks = results["tasks"]
+    parts = [
+        "# TiKMiX demo report",
+        "",
+        f"Corpus: **{results['corpus']}** ({len(results['domains'])} domains), size preset "
+        f"**{results['size']['name']}**, seeds {results['seeds']}, arms {results['arms']}. "
+        f"Total time {results['seconds']['total'] / 60:.1f} min wall, {results['seconds']['cpu'] / 60:.1f} min CPU "
+        f"(data {results['seconds']['data']:.0f} s), {results.get('threads') or 'default'} torch thread(s).",
+        "",
+        _setup_line(results),
+        "",
+        "## Validation tasks",
+        "",
+        "TiKMiX measures influence on one half of each target's held-out documents; every number below comes "
+        "from the other half, which no arm trained on and no mixer looked at.",
+        "",
+        markdown_table(["task", "text", "test examples"],
+                       [[t, src, results["test_sizes"][t]] for t, src in tasks.items()], "llr"),
+        "",
+        f"The loss of `{results['choice_task']}` is the cross-entropy of the true continuation after the prefix; "
+        "its accuracy (chance 25%) is scored by the `choice_accuracy` evaluate module shipped in the package. "
+        "`avg loss` is the mean over the tasks' losses; `all-domains loss` is the mean held-out loss over every "
+        "training domain (the price paid outside the targets).",
+        "",
+        "## Results",
+        "",
+        _runs_table(results),
+        "",
+        "Mean over seeds (Δ < 0: lower loss than the static mixture at the same number of training tokens):",
+        "",
+        _summary_table(results),
+        "",
+        "`train s` is the wall time of training without the periodic held-out evaluation and `CPU s` the CPU time "
+        "of the whole arm (evaluation included; on a busy machine it is the steadier number); `TiKMiX s` and "
+        "`TiKMiX share` are the wall time of all stages (influence, solve) and its share of `train s`. `probe "
+        "tokens` are the tokens of the influence passes (forward and backward, not training).",
+    ]
+    weights = _final_weights_table(results)
+    if weights:
+        parts += ["", "## Final mixtures (mean over seeds)", "", weights]
+    if results.get("plots"):
+        parts += ["", "## Pictures", ""]
+        parts += [f"- [{p}]({p})" for p in results["plots"]]
+        first = next((p for p in results["plots"] if "validation" in p), None)
+        if first:
+            parts += ["", f"![validation curves]({first})"]
+    parts += ["", "## Domains", "", markdown_table(
+        ["domain", "documents", "characters", "training blocks"],
+        [[r["domain"], r["documents"], f"{r['characters']:,}", r["train_blocks"]] for r in results["domains"]],
+    )]
+    return "\n".join(parts) + "\n"
