@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 __all__ = ["plot_history", "plot_influence", "plot_validation_curves", "plot_weights", "weight_segments"]
 
@@ -131,7 +132,10 @@ def plot_influence(
     """One stage's influence matrix as a heatmap, and that stage's weights before/after as bars.
 
     Colour is the task-normalised influence ``S_ij / max_j |S_ij|`` of paper Eq. 9 (blue helps the
-    task, red hurts it); each cell is annotated with the raw ``S_ij``.
+    task, red hurts it); each cell is annotated with the raw ``S_ij`` and, where the history has them,
+    its standard error. Hatched cells lie within ``z`` standard errors of zero (``z`` = the run's
+    ``tikmix_shrink_z``, else 1): the entries shrinkage would set to zero. Row labels carry each
+    task's split-half rank agreement.
     """
     influence = stage.get("influence")
     if not influence:
@@ -148,11 +152,22 @@ def plot_influence(
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[max(n, 1) * 0.55 + 0.4, 2.2])
     image = top.imshow(A, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     fontsize = 7 if m <= 12 else 6
+    stderr = influence.get("stderr")
+    se = None if stderr is None else np.array([[np.nan if x is None else x for x in row] for row in stderr], float)
+    z = float((stage.get("mixer") or {}).get("uncertainty", {}).get("shrink_z") or 1.0)
     for i in range(n):
         for j in range(m):
-            top.text(j, i, f"{S[i, j]:.2g}", ha="center", va="center", fontsize=fontsize,
+            label = f"{S[i, j]:.2g}"
+            if se is not None:
+                label += f"\n±{se[i, j]:.1g}" if np.isfinite(se[i, j]) else "\n±?"
+                if not (abs(S[i, j]) > z * se[i, j]):  # within z standard errors of zero (or unknown)
+                    top.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                            edgecolor="0.35", linewidth=0))
+            top.text(j, i, label, ha="center", va="center", fontsize=fontsize - (1 if se is not None else 0),
                      color="white" if abs(A[i, j]) > 0.6 else "black")
-    top.set_yticks(range(n), tasks, fontsize=8)
+    split = influence.get("split_half") or {}
+    labels = [f"{t}\n(split-half {split[t]:.2f})" if isinstance(split.get(t), (int, float)) else t for t in tasks]
+    top.set_yticks(range(n), labels, fontsize=8)
     top.set_title(
         title
         or f"Group influence S at step {stage.get('step')} (stage {stage.get('stage')}, {stage.get('solver')}, "
