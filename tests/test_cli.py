@@ -391,3 +391,36 @@ def test_console_script_usage_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("tikmix plot: error: HISTORY") and "Traceback" not in proc.stderr
+
+
+def test_plots_and_report_from_a_history_document(tmp_path):
+    """The picture and table functions on a hand-written history, in a fresh interpreter: no pyplot import."""
+    history = {
+        "format": "tikmix_hf.history/1", "domains": ["a", "b", "c"], "tasks": ["t1", "t2"], "config": {},
+        "initial_weights": {"a": 0.5, "b": 0.3, "c": 0.2},
+        "stages": [{
+            "stage": 1, "step": 50, "tokens_seen": 6400, "status": "converged", "solver": "direct", "entropy": 1.0,
+            "weights_before": {"a": 0.5, "b": 0.3, "c": 0.2}, "weights_after": {"a": 0.2, "b": 0.6, "c": 0.2},
+            "seconds": {"influence": 0.5, "solve": 0.01, "total": 0.51},
+            "influence": {"scores": [[1.0, 3.0, -0.5], [0.2, 0.1, -2.0]], "task_names": ["t1", "t2"],
+                          "domain_names": ["a", "b", "c"], "stderr": [[0.1, None, 0.9], [0.3, 0.4, None]]},
+        }],
+    }
+    (tmp_path / "h.json").write_text(json.dumps(history))
+    script = f"""
+import json, sys
+from tikmix_hf.plots import plot_history, weight_segments
+from tikmix_hf.report import history_report
+h = json.load(open({str(tmp_path / 'h.json')!r}))
+steps, W = weight_segments(h)
+assert steps.tolist() == [0, 50, 100] and W.shape == (3, 3)
+paths = plot_history(h, {str(tmp_path / 'png')!r})
+assert [p.name for p in paths] == ["weights.png", "influence_stage1.png"]
+md = history_report(h)
+assert "| a | 0.500 | 0.200 |" in md and "S[t1]" in md and "| 1 | 50 | 6,400 | converged |" in md
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("weights.png", "influence_stage1.png"):
+        _check_png(tmp_path / "png" / name)

@@ -206,8 +206,8 @@ def _validate(c) -> None:
         value = getattr(c, name)
         if not isinstance(value, int) or value < 1:
             _fail(name, value, "must be a positive integer")
-    if c.tikmix_surrogate_candidates < 8:
-        _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates, "the surrogate needs at least 8 candidates")
+    if c.tikmix_surrogate_candidates < 10:  # solve_surrogate's own minimum (MIN_CANDIDATES)
+        _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates, "the surrogate needs at least 10 candidates")
     if c.tikmix_probe_batch_size is not None and c.tikmix_probe_batch_size < 1:
         _fail("tikmix_probe_batch_size", c.tikmix_probe_batch_size, "must be a positive integer (or unset)")
     if c.tikmix_damping is not None and not (

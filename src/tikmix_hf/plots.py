@@ -154,6 +154,10 @@ def plot_influence(
     fontsize = 7 if m <= 12 else 6
     stderr = influence.get("stderr")
     se = None if stderr is None else np.array([[np.nan if x is None else x for x in row] for row in stderr], float)
+    if se is not None and not np.isfinite(se).any():
+        # No entry has a standard error (one probe micro-batch per domain): hatching every cell as
+        # "unknown" would hide the matrix and say nothing that this does not.
+        se = None
     z = float((stage.get("mixer") or {}).get("uncertainty", {}).get("shrink_z") or 1.0)
     for i in range(n):
         for j in range(m):
