@@ -120,3 +120,16 @@ def named_batches(names, n_batches: int = 2, *, seed: int = 0, vocab_size: int =
 def to_device(batches, device):
     """Move a ``{name: [batch, ...]}`` mapping to ``device``."""
     return {name: [{k: v.to(device) for k, v in b.items()} for b in bs] for name, bs in batches.items()}
+
+
+def reference_summed_loss(model, batch):
+    """Brute-force reference: summed next-token cross-entropy in fp64 with an explicit shift and mask.
+
+    Returns ``(summed loss, labelled token count)``; independent of tikmix_hf's own loss code.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    mask = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return -(picked * mask).sum(), int(mask.sum())

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny import IGNORE_INDEX, named_batches, tiny_llama, token_batches
+from _tiny import reference_summed_loss as manual_summed_loss
 
 from tikmix_hf.influence import (
     InfluenceResult,
@@ -37,16 +38,6 @@ TASKS = ("arc", "wiki")
 # --------------------------------------------------------------------------------------------
 # Brute-force references (independent of the implementation: own loss, own flattening)
 # --------------------------------------------------------------------------------------------
-
-
-def manual_summed_loss(model, batch):
-    """Summed next-token cross-entropy in fp64 with an explicit shift and mask."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    mask = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return -(picked * mask).sum(), int(mask.sum())
 
 
 def dense_mean_loss(model, batches):

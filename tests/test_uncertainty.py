@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from _tiny import IGNORE_INDEX, named_batches, tiny_llama, token_batches
+from _tiny import named_batches, tiny_llama, token_batches
+from _tiny import reference_summed_loss as summed_loss
 from scipy.stats import spearmanr
 
 from tikmix_hf.config import TiKMiXConfig
@@ -32,15 +33,6 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 # Brute force: per-batch contributions from dense gradients, the SE formula written out
 # --------------------------------------------------------------------------------------------
-
-
-def summed_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    mask = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return -(picked * mask).sum(), int(mask.sum())
 
 
 def flat_grad(model, loss):
