@@ -352,6 +352,47 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
     assert stages[1]["mixer"]["uncertainty"]["smoothed_stages"] == 2
 
 
+@pytest.mark.parametrize("target, per_domain", [(1e-12, 6), (1e12, 2)])
+def test_adaptive_budget_draws_past_the_stage_draw_in_a_trainer_run(tmp_path, target, per_domain):
+    """tikmix_probe_max_sequences: an unreachable target takes every domain to the cap (24 sequences =
+    6 micro-batches, three times the stage draw of 8); a target met at once stops at min_probe_batches."""
+    from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
+    from transformers import Trainer, TrainingArguments
+
+    from tikmix_hf import DomainMixture, TiKMiXCallback
+    from tikmix_hf.callback import load_history
+
+    mixture = DomainMixture(toy_domains(), weights="uniform", seed=3)
+    config = TiKMiXConfig(tikmix_stage_steps=4, tikmix_show_progress=False, tikmix_probe_sequences=8,
+                          tikmix_probe_batch_size=4, tikmix_target_rse=target, tikmix_min_probe_batches=2,
+                          tikmix_probe_max_sequences=24)
+    collator = RecordingCollator()
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=collator)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8, learning_rate=3e-3, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    Trainer(model=tiny_model(0), args=args, train_dataset=mixture, data_collator=collator,
+            callbacks=[callback]).train()
+    (stage,) = load_history(tmp_path / "tikmix" / "history.json")["stages"]
+    assert stage["influence"]["probe_batches"] == {"pattern": per_domain, "echo": per_domain, "noise": per_domain}
+    budget = stage["mixer"]["uncertainty"]["adaptive_budget"]
+    assert {d["stopped"] for d in budget["domains"].values()} == {"max_batches" if per_domain == 6 else "target"}
+    assert budget["total_batches"] == 3 * per_domain
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"tikmix_probe_max_sequences": 8}, "only applies with tikmix_target_rse"),
+     ({"tikmix_target_rse": 0.2, "tikmix_probe_max_sequences": 4}, ">= tikmix_probe_sequences")],
+)
+def test_bad_probe_cap_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match="tikmix_probe_max_sequences") as err:
+        TiKMiXConfig(tikmix_probe_sequences=8, **kwargs)
+    assert match in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------
 # Two ranks (torchrun, gloo): the all-reduced sums give the one-process standard errors
 # --------------------------------------------------------------------------------------------

@@ -347,12 +347,28 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def _batches(self, examples: list, batch_size: int) -> list[dict]:
         return [self._collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
+    def _lazy_batches(self, examples: list, batch_size: int):
+        """``k -> batch k`` of ``examples`` (``None`` past the end), collated on demand."""
+
+        def batch(k: int):
+            lo = k * batch_size
+            return self._collate(examples[lo : lo + batch_size]) if lo < len(examples) else None
+
+        return batch
+
     def _run_stage(self, args, state, model, optimizer) -> None:
         cfg = self.config
         started = time.perf_counter()
         bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
         domains = self.mixture.domains
         before = self.mixture.weights
+        n_probe = cfg.tikmix_probe_sequences
+        cap = cfg.tikmix_probe_max_sequences if cfg.tikmix_target_rse is not None else None
+        drawn = {d: self.mixture.probe(d, max(n_probe, cap or 0), round=self.stage) for d in domains}
+        sources = None
+        if cap is not None and cap > n_probe:
+            # the adaptive budget may go past this stage's draw: batches are collated only when asked for
+            sources = {d: self._lazy_batches(drawn[d], bs) for d in domains}
         inputs = StageInputs(
             stage=self.stage,
             step=state.global_step,
@@ -360,10 +376,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             prior=np.array([before[d] for d in domains]),
             model=model,
             optimizer=optimizer,
-            domain_batches={
-                d: self._batches(self.mixture.probe(d, cfg.tikmix_probe_sequences, round=self.stage), bs)
-                for d in domains
-            },
+            domain_batches={d: self._batches(drawn[d][:n_probe], bs) for d in domains},
+            domain_sources=sources,
+            max_probe_batches=-(-cap // bs) if sources is not None else None,
             validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
             config=cfg,
             show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,

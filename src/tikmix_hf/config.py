@@ -123,8 +123,16 @@ class TiKMiXConfig:
         default=None,
         metadata=_help(
             "direct/surrogate: adaptive probe budget; stop differentiating a domain's probe micro-batches once "
-            "its relative standard error |SE_j| / |S_j| is below this target (tikmix_probe_sequences is the "
-            "cap). Unset = use every probe sequence."
+            "its relative standard error |SE_j| / |S_j| is below this target (the cap: "
+            "tikmix_probe_max_sequences). Unset = use every probe sequence."
+        ),
+    )
+    tikmix_probe_max_sequences: int | None = field(
+        default=None,
+        metadata=_help(
+            "Adaptive probe budget: the most probe sequences one domain may take at a stage, drawn beyond "
+            "tikmix_probe_sequences while its standard error is above tikmix_target_rse (default: "
+            "tikmix_probe_sequences, so the budget can only save)."
         ),
     )
     tikmix_min_probe_batches: int = field(
@@ -237,6 +245,13 @@ def _validate(c) -> None:
         isinstance(rse, bool) or not isinstance(rse, (int, float)) or not math.isfinite(rse) or rse <= 0
     ):
         _fail("tikmix_target_rse", rse, "must be a finite number > 0, e.g. 0.2 (or unset for the full budget)")
+    cap = c.tikmix_probe_max_sequences
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < c.tikmix_probe_sequences:
+            _fail("tikmix_probe_max_sequences", cap,
+                  f"must be an integer >= tikmix_probe_sequences ({c.tikmix_probe_sequences}), or unset")
+        if rse is None:
+            _fail("tikmix_probe_max_sequences", cap, "only applies with tikmix_target_rse set (the adaptive budget)")
     mb = c.tikmix_min_probe_batches
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 2:
         _fail("tikmix_min_probe_batches", mb, "must be an integer >= 2 (a standard error needs two batches)")

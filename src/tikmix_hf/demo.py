@@ -57,20 +57,38 @@ from ._io import save_json_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARMS", "SIZES", "DemoSize", "prepare_data", "run_demo"]
+__all__ = ["ARMS", "SIZES", "Arm", "DemoSize", "prepare_data", "run_demo", "train_arm"]
 
 RESULTS_FORMAT = "tikmix_hf.demo/1"
 
-# arm -> (initial mixture, TiKMiX solver or None for a static mixture)
-ARMS: dict[str, tuple[str, str | None]] = {
-    "static": ("natural", None),
-    "natural": ("natural", None),
-    "uniform": ("uniform", None),
-    "tikmix_d": ("natural", "direct"),
-    "tikmix_m": ("natural", "surrogate"),
+@dataclass(frozen=True)
+class Arm:
+    """One way of mixing, trained and scored like every other arm.
+
+    ``initial`` is the mixture at step 0: ``"natural"``, ``"uniform"`` or explicit weights per
+    domain. ``solver`` is ``None`` for a static mixture, else a ``tikmix_solver`` value that
+    :class:`~tikmix_hf.TiKMiXCallback` runs at the stage boundaries, with ``config`` holding any
+    further ``TiKMiXConfig`` fields (e.g. ``{"tikmix_shrink_z": 1.0}``).
+    """
+
+    name: str
+    label: str
+    initial: str | Mapping[str, float] = "natural"
+    solver: str | None = None
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("static", "static (natural)"),
+        Arm("natural", "static (natural)"),
+        Arm("uniform", "static (uniform)", initial="uniform"),
+        Arm("tikmix_d", "TiKMiX-D", solver="direct"),
+        Arm("tikmix_m", "TiKMiX-M", solver="surrogate"),
+    )
 }
-ARM_LABELS = {"static": "static (natural)", "natural": "static (natural)", "uniform": "static (uniform)",
-              "tikmix_d": "TiKMiX-D", "tikmix_m": "TiKMiX-M"}
+ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}
 
 # Target domains of the local corpus, by preference (the first present is used). The held-out
 # text tasks: Python prose and asyncio code; the continuation-choice task: Bible chapters (with the
@@ -358,8 +376,21 @@ def _trainer_callbacks():
 # One arm
 # ------------------------------------------------------------------------------------------------
 
-def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, *, show_progress: bool,
-               metric=None) -> dict:
+def train_arm(arm: str | Arm, seed: int, data: DemoData, size: DemoSize, base: str | os.PathLike, *,
+              show_progress: bool = False, metric=None, reference_model=None, keep_model: bool = False):
+    """Train one arm for one seed on ``data`` and score it; the row :func:`run_demo` reports.
+
+    ``arm`` is a name of :data:`ARMS` or an :class:`Arm`. ``reference_model`` is handed to the
+    DoReMi mixer (``solver="doremi"``). With ``keep_model=True`` the trained model is returned
+    too, as ``(row, model)``.
+    """
+    row, model = _train_arm(ARMS[arm] if isinstance(arm, str) else arm, seed, data, size, Path(base),
+                            show_progress=show_progress, metric=metric, reference_model=reference_model)
+    return (row, model) if keep_model else row
+
+
+def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, *, show_progress: bool,
+               metric=None, reference_model=None) -> tuple[dict, Any]:
     from transformers import Trainer, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -368,13 +399,14 @@ def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, 
     from .corpora import choice_predictions, tiny_llama
     from .mixture import DomainMixture
 
-    initial, solver = ARMS[arm]
-    run_dir = base / "runs" / f"seed{seed}" / arm
+    initial, solver = arm.initial, arm.solver
+    run_dir = base / "runs" / f"seed{seed}" / arm.name
     tok = data.tokenizer
     model = tiny_llama(len(tok), hidden_size=size.hidden_size, layers=size.layers, heads=size.heads,
                        block_size=size.block_size, seed=seed, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    mixture = DomainMixture(data.domains, weights=initial, seed=seed)
+    mixture = DomainMixture(data.domains, weights=dict(initial) if isinstance(initial, Mapping) else initial,
+                            seed=seed)
     args = TrainingArguments(
         output_dir=str(run_dir), max_steps=size.max_steps, per_device_train_batch_size=size.batch_size,
         learning_rate=size.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, size.max_steps // 20),
@@ -383,7 +415,7 @@ def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, 
         remove_unused_columns=False, dataloader_num_workers=0,
     )
     HeldOutEvaluator, ArmProgress = _trainer_callbacks()
-    progress = ArmProgress(f"seed {seed} {ARM_LABELS[arm]:<16}", disable=not show_progress)
+    progress = ArmProgress(f"seed {seed} {arm.label:<16}", disable=not show_progress)
     evaluator = HeldOutEvaluator(data, size.eval_every, progress)
     callbacks: list = [evaluator, progress]
     tikmix = None
@@ -392,9 +424,15 @@ def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, 
             tikmix_solver=solver, tikmix_stage_fractions=list(size.stage_fractions),
             tikmix_probe_sequences=size.probe_sequences, tikmix_validation_sequences=size.validation_sequences,
             tikmix_preconditioner="adam", tikmix_surrogate_candidates=size.surrogate_candidates, tikmix_seed=seed,
-            tikmix_show_progress=False, tikmix_log_matrix=False,
+            tikmix_show_progress=False, tikmix_log_matrix=False, **dict(arm.config),
         )
         tikmix = TiKMiXCallback(mixture, data.validation, config, collator=default_data_collator)
+        if reference_model is not None:
+            from .baseline_mixers import DoReMiMixer
+
+            if solver != "doremi":
+                raise ValueError(f"reference_model is for solver='doremi'; arm {arm.name!r} uses {solver!r}")
+            tikmix.mixer = DoReMiMixer(reference_model=reference_model)
         callbacks.insert(0, tikmix)
     trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=default_data_collator,
                       callbacks=callbacks)
@@ -435,8 +473,8 @@ def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, 
     messages = sorted({str(w.message) for w in caught if "TiKMiX" in str(w.message)})
     return {
         "seed": seed,
-        "arm": arm,
-        "label": ARM_LABELS[arm],
+        "arm": arm.name,
+        "label": arm.label,
         "final": {
             "losses": losses,
             "average": float(np.mean(list(losses.values()))),
@@ -458,7 +496,7 @@ def _train_arm(arm: str, seed: int, data: DemoData, size: DemoSize, base: Path, 
         "stages": len(stages),
         "history": str(history_path.relative_to(base)) if history is not None else None,
         "warnings": messages,
-    }
+    }, model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +512,7 @@ def _summary(runs: list[dict], arms: Sequence[str], baseline: str | None) -> dic
         rows = [by[(s, arm)] for s in seeds if (s, arm) in by]
         avg = np.array([r["final"]["average"] for r in rows])
         entry = {
-            "label": ARM_LABELS[arm],
+            "label": rows[0]["label"],
             "seeds": [r["seed"] for r in rows],
             "average_loss_mean": float(avg.mean()),
             "average_loss_std": float(avg.std(ddof=1)) if len(avg) > 1 else 0.0,
@@ -561,7 +599,7 @@ def run_demo(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stream = sys.stdout if stream is None else stream
-    baseline = next((a for a in arms if ARMS[a][1] is None), None)
+    baseline = next((a for a in arms if ARMS[a].solver is None), None)
 
     def say(text: str = "") -> None:
         print(text, file=stream, flush=True)
@@ -583,7 +621,7 @@ def run_demo(
         runs = []
         for seed in seeds:
             for arm in arms:
-                runs.append(_train_arm(arm, seed, data, preset, out, show_progress=show_progress, metric=metric))
+                runs.append(train_arm(arm, seed, data, preset, out, show_progress=show_progress, metric=metric))
     finally:
         torch.set_num_threads(previous_threads)
         hf_logging.set_verbosity(verbosity)

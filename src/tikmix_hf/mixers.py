@@ -39,6 +39,10 @@ class StageInputs:
     config: TiKMiXConfig
     show_progress: bool = False
     learning_rate: float | None = None
+    # The adaptive budget's draw beyond ``domain_batches`` (tikmix_probe_max_sequences): per domain a
+    # callable ``k -> batch k`` (``None`` past the end) whose first batches are ``domain_batches``.
+    domain_sources: dict[str, Any] | None = None
+    max_probe_batches: int | None = None
 
 
 @dataclasses.dataclass
@@ -84,11 +88,17 @@ def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = Fals
     cfg = inputs.config
     try:
         if cfg.tikmix_target_rse is not None and not keep_domain_gradients and cfg.tikmix_preconditioner != "diag_fisher":
-            # Adaptive budget within this stage's draw: tikmix_probe_sequences is the cap.
-            cap = max(len(b) for b in inputs.domain_batches.values())
+            # Adaptive budget: within this stage's draw, or up to tikmix_probe_max_sequences when the
+            # callback hands over sources that draw further.
+            if inputs.domain_sources is not None:
+                sources = dict(inputs.domain_sources)
+                cap = int(inputs.max_probe_batches)
+            else:
+                sources = {name: list(batches) for name, batches in inputs.domain_batches.items()}
+                cap = max(len(b) for b in inputs.domain_batches.values())
             return adaptive_group_influence(
                 inputs.model,
-                {name: list(batches) for name, batches in inputs.domain_batches.items()},
+                sources,
                 inputs.validation_batches,
                 target_rse=cfg.tikmix_target_rse,
                 max_batches=max(cap, cfg.tikmix_min_probe_batches),
