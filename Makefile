@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test   creates .venv if missing, installs the pinned requirements and the package, runs pytest
-#   make demo   the same set-up, then the main job (arrives with the demo issue)
+#   make demo   the same set-up, then the main job
+#   make bench  the same set-up, then every benchmark; regenerates benchmarks/RESULTS.md
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export HF_EVALUATE_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: install test test-fast bench clean demo
+.PHONY: install test test-fast bench bench-quick clean demo
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	sh scripts/install_corpora.sh || true
 	$(PY) -m tikmix_hf.cli demo
+
+# Every benchmark, then its tables pasted into benchmarks/RESULTS.md (about 50 minutes on 2 CPU cores).
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+# Every benchmark's --quick into /tmp/tikmix-bench-quick (a few minutes; RESULTS.md left alone).
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick --out /tmp/tikmix-bench-quick
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed" tests

@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=OUT, help=f"folder for callback_overhead.json (default {OUT})")
     cli = parser.parse_args()
     torch.set_num_threads(1)  # 2-thread kernels stall badly behind any other process on a 2-core machine
     steps, batch, probes, n_domains = (40, 8, 4, 4) if cli.quick else (200, 8, 8, 4)
@@ -110,8 +111,8 @@ def main() -> None:
         "tikmix_share": tikmix["tikmix_s"] / tikmix["wall_s"], "influence_share": tikmix["influence_s"] / tikmix["wall_s"],
         "goal_met": overhead <= predicted + 0.02, "all_runs": runs,
     }
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "callback_overhead.json"), "w") as fh:
+    os.makedirs(cli.out, exist_ok=True)
+    with open(os.path.join(cli.out, "callback_overhead.json"), "w") as fh:
         json.dump(row, fh, indent=1)
     print("\n| steps | stages | probe tokens / training tokens | wall ratio (TiKMiX / static) | overhead | "
           "excess over probe share | TiKMiX share of wall time | goal (excess <= 2 pp) |")

@@ -76,6 +76,7 @@ def swap_leak(make, workers: int, batch: int, swap_after: int, after: int, set_n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer batches (a smoke run)")
+    parser.add_argument("--out", default=OUT, help=f"folder for mixture_throughput.json (default {OUT})")
     args = parser.parse_args()
     domains, per_domain, seq, batch = 8, 2000, 128, 16
     n_batches = 60 if args.quick else 400
@@ -131,8 +132,8 @@ def main() -> None:
                     leak_ours if name.startswith("DomainMixture (Dataset") else None),
             })
 
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "mixture_throughput.json"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "mixture_throughput.json"), "w") as fh:
         json.dump({"domains": domains, "seq": seq, "batch": batch, "batches": n_batches, "rows": rows}, fh, indent=1)
     print(f"\n{domains} domains, {seq}-token examples, batch {batch}, {n_batches} batches per measurement\n")
     print("| workers | loader | examples/s | ratio vs interleave | old-weight samples in the 640 after a swap |")

@@ -57,7 +57,7 @@ from ._io import save_json_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARMS", "SIZES", "Arm", "DemoSize", "prepare_data", "run_demo", "train_arm"]
+__all__ = ["ARMS", "SIZES", "Arm", "DemoSize", "held_out_losses", "prepare_data", "run_demo", "train_arm"]
 
 RESULTS_FORMAT = "tikmix_hf.demo/1"
 

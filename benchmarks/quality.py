@@ -1,0 +1,410 @@
+"""Quality: every mixing arm at equal training tokens, on the synthetic and the local real-text corpus.
+
+Each arm trains a fresh copy of the same initial model (per seed) with the demo's engine
+(:func:`tikmix_hf.demo.train_arm`) and is scored on held-out text its mixer never saw: the
+per-task losses, their average, and the continuation-choice accuracy.
+
+Arms (all at the same training tokens unless marked "equal total tokens"):
+
+- static: ``uniform``; ``natural`` (token proportions); ``temperature`` (natural^(1/3),
+  renormalised); ``targets`` (local corpus only: half natural, half spread evenly over the
+  domains the validation text was held out from, what a user who knows the tasks would try);
+  ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
+- TiKMiX: ``tikmix_d`` and ``tikmix_m`` with the paper's plain settings (natural start, the
+  demo's stage fractions 0.2/0.4/0.6/0.8, adam preconditioner);
+- the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
+  this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
+- issue 11, at equal *total* tokens (the TiKMiX arms give up the training steps their probe
+  and validation passes cost): ``tikmix_d_eq`` (plain), ``robust_eq`` (two decisions where the
+  plain run takes four: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``, ``tikmix_smoothing=0.5``, adaptive probe budget with
+  target RSE 0.3 inside the same cap, probe micro-batches of 2 sequences so that
+  every domain has the batches a standard error needs), and the hindsight static mixtures ``hindsight_d`` /
+  ``hindsight_robust``: each run's own final weights used from step 0.
+
+The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`` of the average
+held-out loss.
+
+Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x 13 arms of a 400-step model
+take about 25 minutes on 2 CPU cores; ``--quick`` (1 seed, tiny model) about 2 minutes.
+
+    python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--corpora synthetic local] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_size, parser, table, write  # noqa: E402
+
+TEMPERATURE = 3.0
+ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
+          "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
+WARMUP_FRACTION = 0.05
+
+LABELS = {
+    "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
+    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D", "tikmix_m": "TiKMiX-M",
+    "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
+    "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
+    "hindsight_robust": "hindsight static of TiKMiX-D robust",
+}
+ORDER = list(LABELS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side: one process per core, data prepared once per corpus
+# ------------------------------------------------------------------------------------------------
+
+_DATA: dict[str, Any] = {}
+
+
+def _data(corpus: str, size):
+    if corpus not in _DATA:
+        from tikmix_hf.demo import prepare_data
+
+        _DATA[corpus] = prepare_data(corpus, size)
+    return _DATA[corpus]
+
+
+def _init_worker() -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+
+
+def static_weights(corpus: str, size, kind: str) -> dict[str, float]:
+    """The static mixtures that need the data: natural, temperature, targets, oracle."""
+    data = _data(corpus, size)
+    blocks = np.array([len(data.domains[d]) for d in data.domains], dtype=float)
+    names = list(data.domains)
+    if kind == "natural":
+        w = blocks / blocks.sum()
+    elif kind == "temperature":
+        w = blocks ** (1 / TEMPERATURE)
+        w /= w.sum()
+    elif kind == "targets":
+        from tikmix_hf.demo import LOCAL_CHOICE_TARGETS, LOCAL_TEXT_TARGETS
+
+        wanted = [next(d for d in prefs if d in names) for prefs in (*LOCAL_TEXT_TARGETS, LOCAL_CHOICE_TARGETS)]
+        w = 0.5 * blocks / blocks.sum()
+        for d in wanted:
+            w[names.index(d)] += 0.5 / len(wanted)
+    elif kind == "oracle":
+        return {d: float(data.oracle_weights.get(d, 0.0)) for d in names}
+    else:
+        raise ValueError(kind)
+    return {d: float(x) for d, x in zip(names, w)}
+
+
+def run_job(job: dict) -> dict:
+    """Train one (corpus, seed, arm) and return its demo row (plus what the dependants need)."""
+    from tikmix_hf.demo import Arm, DemoSize, train_arm
+
+    size = DemoSize(**job["size"])
+    data = _data(job["corpus"], size)
+    initial = job["initial"]
+    if isinstance(initial, str) and initial not in ("natural", "uniform"):
+        initial = static_weights(job["corpus"], size, initial)
+    arm = Arm(job["arm"], LABELS[job["arm"]], initial=initial, solver=job["solver"], config=job["config"])
+    if job.get("max_steps"):
+        size = dataclasses.replace(size, max_steps=job["max_steps"])
+    base = Path(job["base"]) / job["corpus"]
+    row, model = train_arm(arm, job["seed"], data, size, base, keep_model=True)
+    if job.get("save_model"):
+        path = base / "models" / f"seed{job['seed']}_{job['arm']}"
+        model.save_pretrained(path)
+        row["model_path"] = str(path)
+    row["corpus"] = job["corpus"]
+    row["max_steps"] = size.max_steps
+    row["total_tokens"] = row["training_tokens"] + row["probe_tokens"]
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side: the jobs and their dependencies
+# ------------------------------------------------------------------------------------------------
+
+def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
+    """Every job, with ``needs``: the (arm) results of the same seed it waits for."""
+    jobs = []
+    for seed in seeds:
+        for arm in arms:
+            if arm == "oracle" and corpus != "synthetic" or arm == "targets" and corpus != "local":
+                continue
+            job = {"corpus": corpus, "seed": seed, "arm": arm, "initial": "natural", "solver": None, "config": {},
+                   "needs": []}
+            if arm in ("uniform", "natural", "temperature", "targets", "oracle"):
+                job["initial"] = arm
+                job["save_model"] = arm == "uniform" and "doremi" in arms
+            elif arm in ("tikmix_d", "tikmix_d_eq"):
+                job["solver"] = "direct"
+                job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
+            elif arm == "tikmix_m":
+                job["solver"] = "surrogate"
+            elif arm in ("odm", "doge"):
+                job["solver"] = arm
+            elif arm == "doremi":
+                job["solver"], job["needs"] = "doremi", ["uniform"]
+            elif arm == "robust_eq":
+                job["solver"], job["config"], job["needs"] = "direct", dict(ROBUST), ["tikmix_d"]
+            elif arm == "hindsight_d":
+                job["needs"] = ["tikmix_d_eq"]
+            elif arm == "hindsight_robust":
+                job["needs"] = ["robust_eq"]
+            else:
+                raise ValueError(f"unknown arm {arm!r}; use any of {ORDER}")
+            jobs.append(job)
+    return jobs
+
+
+def resolve(job: dict, done: dict, size) -> dict:
+    """Fill in what a job takes from the results it waited for."""
+    job = dict(job)
+    key = (job["corpus"], job["seed"])
+    if job["arm"] == "doremi":
+        job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq"):
+        plain = done[key + ("tikmix_d",)]
+        stages = plain["stages"]
+        probe = plain["probe_tokens"]
+        if job["arm"] == "robust_eq":
+            # the early decision plus the robust stages; the adaptive budget can only spend less than the cap
+            warmup = max(1, round(WARMUP_FRACTION * size.max_steps))
+            job["config"] = dict(job["config"], tikmix_warmup_steps=warmup)
+            probe = probe * (1 + len(ROBUST["tikmix_stage_fractions"])) / max(stages, 1)
+        per_step = size.batch_size * size.block_size
+        job["max_steps"] = size.max_steps - math.ceil(probe / per_step)
+        job["probe_tokens_budgeted"] = probe
+    elif job["arm"] in ("hindsight_d", "hindsight_robust"):
+        source = "tikmix_d_eq" if job["arm"] == "hindsight_d" else "robust_eq"
+        job["initial"] = dict(done[key + (source,)]["final_weights"])
+    return job
+
+
+def run_all(corpora: list[str], seeds: list[int], arms: list[str], size, workers: int, base: Path,
+            show_progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    pending = [j for c in corpora for j in plan(c, seeds, arms)]
+    done: dict[tuple, dict] = {}
+    rows: list[dict] = []
+    size_dict = dataclasses.asdict(size)
+    size_dict["stage_fractions"] = tuple(size_dict["stage_fractions"])
+    bar = tqdm(total=len(pending), desc="quality arms", unit="run", disable=not show_progress, dynamic_ncols=True)
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        running = {}
+        while pending or running:
+            ready = [j for j in pending
+                     if all((j["corpus"], j["seed"], n) in done for n in j["needs"])]
+            for job in ready:
+                pending.remove(job)
+                job = resolve(job, done, size)
+                job.update(size=size_dict, base=str(base))
+                running[pool.submit(run_job, job)] = job
+            if not running:
+                raise RuntimeError(f"jobs wait for results that never come: {[j['arm'] for j in pending]}")
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                row = fut.result()
+                if "probe_tokens_budgeted" in job:
+                    row["probe_tokens_budgeted"] = job["probe_tokens_budgeted"]
+                done[(job["corpus"], job["seed"], job["arm"])] = row
+                rows.append(row)
+                bar.set_postfix_str(f"{job['corpus']} s{job['seed']} {job['arm']} {row['final']['average']:.3f}")
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary, tables, picture
+# ------------------------------------------------------------------------------------------------
+
+def _mean_std(values) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for corpus in sorted({r["corpus"] for r in rows}):
+        mine = [r for r in rows if r["corpus"] == corpus]
+        seeds = sorted({r["seed"] for r in mine})
+        by = {(r["seed"], r["arm"]): r for r in mine}
+        arms = [a for a in ORDER if any((s, a) in by for s in seeds)]
+        tasks = list(mine[0]["final"]["losses"])
+        entry: dict[str, Any] = {"seeds": seeds, "tasks": tasks, "arms": {}}
+        for arm in arms:
+            rs = [by[(s, arm)] for s in seeds if (s, arm) in by]
+            avg = _mean_std([r["final"]["average"] for r in rs])
+            e = {
+                "label": LABELS[arm],
+                "average": avg,
+                "tasks": {t: _mean_std([r["final"]["losses"][t] for r in rs]) for t in tasks},
+                "accuracy": _mean_std([r["final"]["accuracy"] for r in rs]),
+                "all_domains_loss": _mean_std([r["final"]["all_domains_loss"] for r in rs]),
+                "training_tokens": int(np.mean([r["training_tokens"] for r in rs])),
+                "total_tokens": int(np.mean([r["total_tokens"] for r in rs])),
+                "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs])) for d in rs[0]["final_weights"]},
+            }
+            for ref in ("uniform", "natural", "hindsight_d", "hindsight_robust"):
+                if all((s, ref) in by for s in seeds) and arm != ref:
+                    d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"] for s in seeds if (s, arm) in by]
+                    rel = [-(by[(s, arm)]["final"]["average"] / by[(s, ref)]["final"]["average"] - 1)
+                           for s in seeds if (s, arm) in by]
+                    e[f"vs_{ref}"] = {"delta": _mean_std(d), "gain": _mean_std(rel), "wins": int(sum(x < 0 for x in d)),
+                                      "n": len(d)}
+            entry["arms"][arm] = e
+        if all((s, "oracle") in by and (s, "uniform") in by for s in seeds):
+            for arm in arms:
+                gaps = []
+                for s in seeds:
+                    if (s, arm) not in by:
+                        continue
+                    u, o, a = (by[(s, k)]["final"]["average"] for k in ("uniform", "oracle", arm))
+                    gaps.append((u - a) / (u - o) if u != o else float("nan"))
+                entry["arms"][arm]["gap_closed"] = _mean_std(gaps)
+        out[corpus] = entry
+    return out
+
+
+def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
+    return f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}"
+
+
+def _pct(ms: tuple[float, float]) -> str:
+    return f"{100 * ms[0]:+.1f}% ± {100 * ms[1]:.1f}"
+
+
+def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[str, str]) -> str:
+    parts = [
+        f"Setup: a Llama of {size.layers} layers x {size.hidden_size} hidden units on {size.block_size}-token blocks, "
+        f"{size.max_steps} steps of {size.batch_size} blocks, stages at {list(size.stage_fractions)}, "
+        f"{size.probe_sequences} probe sequences per domain and {size.validation_sequences} validation sequences per "
+        f"task at each stage. Mean ± standard deviation over seeds {summary[next(iter(summary))]['seeds']}. "
+        f"Held-out loss: mean token cross-entropy on test text no mixer saw (lower is better). "
+        f"Wall time of the whole run: {seconds / 60:.1f} min.",
+    ]
+    for corpus, entry in summary.items():
+        arms = entry["arms"]
+        has_gap = any("gap_closed" in e for e in arms.values())
+        header = ["arm", "average held-out loss", "vs uniform (gain, wins)", "accuracy", "all-domains loss"]
+        header += [f"loss {t}" for t in entry["tasks"]]
+        if has_gap:
+            header.append("gap closed")
+        header.append("training / total tokens")
+        body = []
+        for arm, e in arms.items():
+            vs = e.get("vs_uniform")
+            row = [e["label"], _pm(e["average"]),
+                   f"{_pct(vs['gain'])} ({vs['wins']}/{vs['n']})" if vs else "—",
+                   _pm(e["accuracy"], ".2f"), _pm(e["all_domains_loss"])]
+            row += [_pm(e["tasks"][t]) for t in entry["tasks"]]
+            if has_gap:
+                row.append(_pm(e["gap_closed"], ".2f") if "gap_closed" in e else "")
+            row.append(f"{e['training_tokens']:,} / {e['total_tokens']:,}")
+            body.append(row)
+        parts.append(f"### {corpus} corpus\n\n" + table(header, body))
+        if corpus in plots:
+            parts.append(f"![quality on the {corpus} corpus]({plots[corpus]})")
+        parts.append(verdicts(corpus, entry))
+    return "\n\n".join(parts)
+
+
+def verdicts(corpus: str, entry: dict) -> str:
+    """Bullet conclusions computed from the numbers (so they cannot go stale)."""
+    arms = entry["arms"]
+    ranked = sorted(arms, key=lambda a: arms[a]["average"][0])
+    lines = [f"- **Best average held-out loss:** {arms[ranked[0]]['label']} ({arms[ranked[0]]['average'][0]:.3f}); "
+             f"order: " + ", ".join(arms[a]["label"] for a in ranked) + "."]
+    for arm in ("tikmix_d", "tikmix_m"):
+        if arm not in arms:
+            continue
+        e = arms[arm]
+        beaten = [arms[b]["label"] for b in arms if b not in ("tikmix_d", "tikmix_m", "tikmix_d_eq", "robust_eq")
+                  and arms[b]["average"][0] < e["average"][0]]
+        lines.append(f"- **{e['label']}** {_pct(e['vs_uniform']['gain']) if 'vs_uniform' in e else ''} vs uniform; "
+                     + (f"behind {', '.join(beaten)}." if beaten else "ahead of every static mixture and baseline mixer."))
+    for arm, ref in (("tikmix_d_eq", "hindsight_d"), ("robust_eq", "hindsight_robust")):
+        if arm in arms and f"vs_{ref}" in arms[arm]:
+            v = arms[arm][f"vs_{ref}"]
+            lines.append(f"- **{arms[arm]['label']} vs its own hindsight static mixture:** "
+                         f"{_pct(v['gain'])} (better in {v['wins']}/{v['n']} seeds).")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for corpus, entry in summary.items():
+        arms = entry["arms"]
+        names = list(arms)
+        mean = [arms[a]["average"][0] for a in names]
+        std = [arms[a]["average"][1] for a in names]
+        colours = ["#4c72b0" if a.startswith(("tikmix", "robust")) else "#dd8452" if a in ("odm", "doremi", "doge")
+                   else "#8c8c8c" for a in names]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2), layout="constrained")
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, mean, xerr=std, color=colours, capsize=3)
+        ax.set_yticks(y, [arms[a]["label"] for a in names], fontsize=8)
+        lo = min(m - s for m, s in zip(mean, std))
+        hi = max(m + s for m, s in zip(mean, std))
+        ax.set_xlim(lo - 0.15 * (hi - lo) - 1e-3, hi + 0.05 * (hi - lo) + 1e-3)
+        ax.set_xlabel("average held-out loss (lower is better), mean ± sd over seeds")
+        ax.set_title(f"Mixing arms on the {corpus} corpus")
+        name = f"quality_{corpus}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths[corpus] = f"out/{name}" if out.name == "out" else name
+    return paths
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds (default 0 1 2; quick: 0)")
+    p.add_argument("--corpora", nargs="+", default=["synthetic", "local"], choices=["synthetic", "local"])
+    p.add_argument("--arms", nargs="+", default=ORDER, choices=ORDER)
+    p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: give at least 1")
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    size = bench_size(args.quick)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tikmix-quality-") as base:
+        rows = run_all(args.corpora, seeds, list(args.arms), size, args.workers, Path(base))
+    seconds = time.perf_counter() - started
+    summary = summarise(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = plot(summary, args.out)
+    for r in rows:
+        r.pop("model_path", None)
+        r.pop("history", None)
+    doc = {"size": dataclasses.asdict(size), "seeds": seeds, "summary": summary, "runs": rows,
+           "workers": args.workers, "plots": plots}
+    write("quality", args.out, doc, markdown(summary, rows, size, seconds, plots), started=started)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

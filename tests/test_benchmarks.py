@@ -1,0 +1,90 @@
+"""The evidence benchmarks stay alive: every script's ``--quick`` run through ``run_all.py``, and the
+pieces of ``run_all``/``quality`` that decide what gets compared with what."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality  # noqa: E402
+import run_all  # noqa: E402
+from _common import bench_size  # noqa: E402
+
+
+def test_render_replaces_only_the_named_blocks(tmp_path):
+    (tmp_path / "a.md").write_text("| new | table |\n")
+    text = "intro\n<!-- begin: a -->\nold a\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
+    out = run_all.render(text, tmp_path, ["a", "b"])  # b has no markdown: left alone
+    assert out == "intro\n<!-- begin: a -->\n| new | table |\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
+    with pytest.raises(ValueError, match="begin: a"):
+        run_all.render("no markers here", tmp_path, ["a"])
+
+
+def test_every_script_has_a_block_in_results():
+    text = run_all.RESULTS.read_text()
+    for name in run_all.SCRIPTS:
+        assert f"<!-- begin: {name} -->" in text and f"<!-- end: {name} -->" in text, name
+        assert (ROOT / "benchmarks" / f"{name}.py").exists()
+
+
+def _done(probe_tokens, stages, weights):
+    return {"probe_tokens": probe_tokens, "stages": stages, "final_weights": weights, "model_path": "/ref"}
+
+
+def test_quality_plan_orders_dependants_and_matches_total_tokens():
+    size = bench_size(False)
+    jobs = {j["arm"]: j for j in quality.plan("local", [0], quality.ORDER)}
+    assert "oracle" not in jobs and "targets" in jobs  # the oracle exists only for the synthetic corpus
+    assert {a for a, j in jobs.items() if not j["needs"]} >= {"uniform", "natural", "tikmix_d", "tikmix_m", "odm"}
+    assert jobs["doremi"]["needs"] == ["uniform"] and jobs["uniform"]["save_model"]
+    assert jobs["hindsight_robust"]["needs"] == ["robust_eq"]
+    per_step = size.batch_size * size.block_size
+    done = {("local", 0, "tikmix_d"): _done(10 * per_step + 1, 4, {"a": 1.0}),
+            ("local", 0, "tikmix_d_eq"): _done(0, 4, {"a": 0.25, "b": 0.75}),
+            ("local", 0, "uniform"): _done(0, 0, {})}
+    eq = quality.resolve(jobs["tikmix_d_eq"], done, size)
+    assert eq["max_steps"] == size.max_steps - 11  # probe tokens cost whole training steps, rounded up
+    robust = quality.resolve(jobs["robust_eq"], done, size)
+    assert robust["config"]["tikmix_warmup_steps"] == round(quality.WARMUP_FRACTION * size.max_steps)
+    n_robust = 1 + len(quality.ROBUST["tikmix_stage_fractions"])  # the early decision and the robust stages
+    assert robust["max_steps"] == size.max_steps - math.ceil((10 * per_step + 1) * n_robust / 4 / per_step)
+    assert quality.resolve(jobs["hindsight_d"], done, size)["initial"] == {"a": 0.25, "b": 0.75}
+    assert quality.resolve(jobs["doremi"], done, size)["config"] == {"tikmix_reference_model": "/ref"}
+
+
+@pytest.mark.slow
+def test_run_all_quick(tmp_path):
+    """Every benchmark's --quick, through the command ``make bench`` uses; the copy of RESULTS.md
+    gets every table and the repository's file is left alone."""
+    before = run_all.RESULTS.read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run_all.RESULTS.read_text() == before
+    report = json.loads((tmp_path / "run_all.json").read_text())
+    assert [r["name"] for r in report["runs"]] == list(run_all.SCRIPTS)
+    rendered = (tmp_path / "RESULTS.md").read_text()
+    for name in run_all.SCRIPTS:
+        body = (tmp_path / f"{name}.md").read_text()
+        assert "|---" in body, name  # a markdown table
+        assert body.strip() in rendered, name
+    q = json.loads((tmp_path / "quality.json").read_text())
+    synthetic = q["summary"]["synthetic"]["arms"]
+    assert synthetic["oracle"]["gap_closed"][0] == pytest.approx(1.0)
+    assert synthetic["uniform"]["gap_closed"][0] == pytest.approx(0.0)
+    runs = {(r["corpus"], r["arm"]): r for r in q["runs"]}
+    for corpus in ("synthetic", "local"):
+        # equal total tokens: the TiKMiX run gave up steps for its probes; hindsight uses its final weights
+        eq, plain = runs[(corpus, "tikmix_d_eq")], runs[(corpus, "tikmix_d")]
+        assert eq["max_steps"] < plain["max_steps"]
+        assert set(runs[(corpus, "hindsight_d")]["final_weights"]) == set(eq["final_weights"])
+        assert runs[(corpus, "hindsight_d")]["final_weights"] == pytest.approx(eq["final_weights"])
+    assert (tmp_path / "quality_synthetic.png").stat().st_size > 1000
