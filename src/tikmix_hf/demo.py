@@ -420,12 +420,13 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
     callbacks: list = [evaluator, progress]
     tikmix = None
     if solver is not None:
-        config = TiKMiXConfig(
+        fields = dict(
             tikmix_solver=solver, tikmix_stage_fractions=list(size.stage_fractions),
             tikmix_probe_sequences=size.probe_sequences, tikmix_validation_sequences=size.validation_sequences,
             tikmix_preconditioner="adam", tikmix_surrogate_candidates=size.surrogate_candidates, tikmix_seed=seed,
-            tikmix_show_progress=False, tikmix_log_matrix=False, **dict(arm.config),
+            tikmix_show_progress=False, tikmix_log_matrix=False,
         )
+        config = TiKMiXConfig(**{**fields, **dict(arm.config)})  # the arm's own fields win
         tikmix = TiKMiXCallback(mixture, data.validation, config, collator=default_data_collator)
         if reference_model is not None:
             from .baseline_mixers import DoReMiMixer
