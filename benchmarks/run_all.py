@@ -52,11 +52,17 @@ def run_script(name: str, out: Path, quick: bool) -> dict:
     seconds = time.perf_counter() - started
     if proc.returncode == 0 and not md.exists():
         # the older scripts print their tables: keep what they printed
-        md.write_text(proc.stdout.strip() + "\n")
+        md.write_text(clean(proc.stdout) + "\n")
     print(f"== {name}: exit {proc.returncode} after {seconds / 60:.1f} min", file=sys.stderr, flush=True)
     return {"name": name, "command": " ".join(["python", *(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT))
                                                           else c for c in cmd[1:])]),
             "returncode": proc.returncode, "seconds": seconds}
+
+
+def clean(text: str) -> str:
+    """A script's printed output without the Trainer's log dicts and the "wrote ..." notices."""
+    keep = [line for line in text.splitlines() if not line.startswith(("{'", "wrote "))]
+    return "\n".join(keep).strip()
 
 
 def render(results: str, out: Path, names: list[str]) -> str:
@@ -68,7 +74,7 @@ def render(results: str, out: Path, names: list[str]) -> str:
         pattern = re.compile(rf"(<!-- begin: {re.escape(name)} -->\n).*?(<!-- end: {re.escape(name)} -->)", re.S)
         if not pattern.search(results):
             raise ValueError(f"the results file has no '<!-- begin: {name} -->' ... '<!-- end: {name} -->' block")
-        body = md.read_text().strip()
+        body = clean(md.read_text())
         results = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), results)
     return results
 
@@ -76,6 +82,8 @@ def render(results: str, out: Path, names: list[str]) -> str:
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=None, help="run only these")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: paste the markdown already in --out into the results file")
     p.add_argument("--results", type=Path, default=None,
                    help="results file to update (default: benchmarks/RESULTS.md; with --quick or a non-default "
                         "--out: <out>/RESULTS.md, a copy)")
@@ -84,15 +92,20 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     in_place = not args.quick and args.out.resolve() == OUT.resolve()
     target = args.results or (RESULTS if in_place else args.out / "RESULTS.md")
-    started = time.perf_counter()
-    runs = [run_script(name, args.out, args.quick) for name in names]
-    total = time.perf_counter() - started
-    (args.out / "run_all.json").write_text(json.dumps({"quick": args.quick, "runs": runs, "seconds": total}, indent=1))
-    lines = ["| script | command | minutes | exit status |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | `{r['command']}` | {r['seconds'] / 60:.1f} | {r['returncode']} |" for r in runs]
-    lines.append(f"| total | | {total / 60:.1f} | |")
-    summary = "\n".join(lines)
-    (args.out / "run_all.md").write_text(("Quick run (`--quick`).\n\n" if args.quick else "") + summary + "\n")
+    if args.render_only:
+        runs = json.loads((args.out / "run_all.json").read_text())["runs"]
+        summary = ""
+    else:
+        started = time.perf_counter()
+        runs = [run_script(name, args.out, args.quick) for name in names]
+        total = time.perf_counter() - started
+        (args.out / "run_all.json").write_text(json.dumps({"quick": args.quick, "runs": runs, "seconds": total},
+                                                          indent=1))
+        lines = ["| script | command | minutes | exit status |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | `{r['command']}` | {r['seconds'] / 60:.1f} | {r['returncode']} |" for r in runs]
+        lines.append(f"| total | | {total / 60:.1f} | |")
+        summary = "\n".join(lines)
+        (args.out / "run_all.md").write_text(("Quick run (`--quick`).\n\n" if args.quick else "") + summary + "\n")
     done = [r["name"] for r in runs if r["returncode"] == 0]
     text = render(RESULTS.read_text(), args.out, done + (["run_all"] if set(done) == set(SCRIPTS) else []))
     if not in_place:

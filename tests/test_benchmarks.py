@@ -20,7 +20,8 @@ from _common import bench_size  # noqa: E402
 
 
 def test_render_replaces_only_the_named_blocks(tmp_path):
-    (tmp_path / "a.md").write_text("| new | table |\n")
+    # the older scripts' printed output: the Trainer's log dicts and "wrote" notices are left out
+    (tmp_path / "a.md").write_text("{'train_runtime': '1.0'}\n| new | table |\nwrote /tmp/x.json\n")
     text = "intro\n<!-- begin: a -->\nold a\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
     out = run_all.render(text, tmp_path, ["a", "b"])  # b has no markdown: left alone
     assert out == "intro\n<!-- begin: a -->\n| new | table |\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
