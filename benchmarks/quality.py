@@ -25,7 +25,7 @@ The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`
 held-out loss.
 
 Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x 13 arms of a 400-step model
-take about 25 minutes on 2 CPU cores; ``--quick`` (1 seed, tiny model) about 2 minutes.
+take about 21 minutes on 2 CPU cores; ``--quick`` (1 seed, tiny model) about 2 minutes.
 
     python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--corpora synthetic local] [--workers 2]
 """
