@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation  # noqa: E402
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
+from tikmix_hf.cli import shutdown_distributed  # noqa: E402
 
 
 def main(out: str, per_device: int, dispatch: str) -> None:
@@ -41,6 +42,7 @@ def main(out: str, per_device: int, dispatch: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:
         json.dump({"seen": collator.seen, "schedule": mixture.schedule}, fh)
+    shutdown_distributed()  # a gloo group left to interpreter teardown can abort a finished rank
 
 
 if __name__ == "__main__":

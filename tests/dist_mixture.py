@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
 from tikmix_hf import DomainMixture
+from tikmix_hf.cli import shutdown_distributed
 
 BATCH = 4
 
@@ -61,3 +62,4 @@ if __name__ == "__main__":
     rank = out["dispatch=True,workers=0"]["rank"]
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as fh:
         json.dump(out, fh)
+    shutdown_distributed()  # a gloo group left to interpreter teardown can abort a finished rank

@@ -480,7 +480,22 @@ def cmd_train(argv: list[str]) -> int:
         if callbacks:
             print(f"tikmix train: history in {os.path.join(training_args.output_dir, 'tikmix', 'history.json')}; "
                   f"pictures: tikmix plot {training_args.output_dir}")
+    shutdown_distributed()
     return 0
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group, once every rank is done, before the interpreter exits.
+
+    A gloo group left to the interpreter's own teardown can abort a rank ("terminate called
+    without an active exception", SIGABRT) after all its work is written, which torchrun reports
+    as a failed run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _check_folder(value: str, flag: str, what: str) -> None:
