@@ -31,20 +31,13 @@ from tikmix_hf.solvers import (
 )
 
 # DoReMi and DoGE collapse the toy's mixture onto pattern within a few stages, as they should here.
-pytestmark = pytest.mark.filterwarnings("ignore:TiKMiX stage .* collapsing:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:TiKMiX stage .* collapsing:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 DOMAINS = ["pattern", "echo", "noise"]
 START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
 STAGE, STEPS, CKPT = 2, 8, 3  # decisions at steps 2, 4, 6; the split run stops at step 3 (between stages)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the machine's cores are shared, and oversubscribed threads cost far more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ============================================================================================

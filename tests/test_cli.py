@@ -13,21 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from _launch import torchrun
 from tikmix_hf.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine it costs many times over.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _env() -> dict:

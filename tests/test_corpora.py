@@ -16,18 +16,11 @@ import torch
 
 from tikmix_hf import corpora as C
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN_EXTRAS = Path("/usr/share/games/fortunes/computers").is_file() and shutil.which("bible") is not None
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Forward and training steps of tiny models on a shared 2-core machine are far steadier
-    (and no slower) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from tikmix_hf.influence import (
     lookahead_gain,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RTOL = 1e-10
 DOMAINS = ("code", "law", "news")
 TASKS = ("arc", "wiki")
@@ -107,14 +109,6 @@ def trained_adamw(model, steps=3, amsgrad=False, seed=7):
 def run(model, domains, tasks, **kwargs):
     return group_influence(model, domains, tasks, show_progress=False, **kwargs)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2-thread kernels stall behind other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

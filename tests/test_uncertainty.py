@@ -18,16 +18,11 @@ from tikmix_hf.mixers import StageInputs, TiKMiXDirect, _solver_kwargs
 from tikmix_hf.solvers import solve_direct
 from tikmix_hf.solvers.robust import PrecisionSmoother, shrink_influence
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DOMAINS = ("code", "law", "news")
 TASKS = ("arc", "wiki")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
