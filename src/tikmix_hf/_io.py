@@ -1,11 +1,15 @@
-"""Small file helpers shared by the layers: atomic JSON writes, JSON reads with clear errors."""
+"""Small file helpers shared by the layers: atomic JSON writes, JSON reads with clear errors, strict-JSON values."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 
 def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -52,3 +56,26 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
                 os.remove(os.path.join(directory, name))
             except OSError:
                 pass
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy types, tuples and arrays made plain JSON; non-finite floats become ``None``.
+
+    Strict JSON has no ``NaN`` or ``Infinity``, and everything tikmix_hf saves is strict JSON.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)

@@ -13,14 +13,13 @@ identical on every rank) the callback
 5. appends the stage to ``<output_dir>/tikmix/history.json`` and logs ``tikmix/*`` metrics through
    ``Trainer.log`` so every ``report_to`` integration receives them.
 
-The algorithm lives in :mod:`tikmix_hf.influence` and :mod:`tikmix_hf.solvers`; nothing here
-computes influence or solves anything.
+Steps 2 and 3 are the mixer's (:mod:`tikmix_hf.mixers`, chosen by ``tikmix_solver``), which measures
+with :mod:`tikmix_hf.influence` and decides with :mod:`tikmix_hf.solvers`; nothing here computes
+influence or solves anything.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
 import re
@@ -31,18 +30,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
-from ._io import load_json, remove_stale_temporaries, save_json_atomic
-from .config import TiKMiXConfig, config_from
+from ._distributed import agree
+from ._io import remove_stale_temporaries, save_json_atomic
+from .config import TiKMiXConfig
+from .history import HISTORY_FORMAT
+from .influence.checks import check_batch
 from .mixers import Mixer, StageInputs, build_mixer
 from .mixture import DomainMixture
+from .report import stage_line
+from .training_args import config_from
 
 logger = logging.get_logger(__name__)
 
-HISTORY_FORMAT = "tikmix_hf.history/1"
 STATE_FORMAT = "tikmix_hf.callback/1"
 STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3}
 
@@ -70,17 +74,19 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         callback = TiKMiXCallback(mixture, {"held_out_code": val_code}, TiKMiXConfig(tikmix_stage_steps=500))
         trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=collator,
                           callbacks=[callback])
+        callback.bind(trainer)
         trainer.train()
 
-    The callback finds its Trainer when the Trainer is created with it (``callbacks=[...]``); a
-    callback added later with ``trainer.add_callback`` needs ``callback.bind(trainer)``.
-    Checkpoints hold its state (JSON only) and it restores itself in ``on_train_begin``; keep
+    The callback logs through its Trainer, which it is given explicitly: ``trainer=`` here or
+    :meth:`bind` (which also registers the callback with the Trainer when it is not yet registered).
+    Binding to another Trainer (a notebook rerun, a sweep) replaces the first; a callback still bound
+    to an earlier Trainer refuses to start, with the fix. Checkpoints hold its state (JSON only) and it restores itself in ``on_train_begin``; keep
     ``restore_callback_states_from_checkpoint=False``. ``ignore_data_skip=True`` makes a resume
     jump straight to the saved stream position instead of replaying the skipped batches.
     """
 
     def __init__(self, mixture: DomainMixture, validation: Mapping[str, Any], config: TiKMiXConfig | None = None, *,
-                 collator=None):
+                 trainer: Trainer | None = None, collator=None):
         if not isinstance(mixture, DomainMixture):
             raise TypeError(
                 f"mixture must be a tikmix_hf.DomainMixture, got {type(mixture).__name__}; wrap your domains with "
@@ -104,6 +110,10 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._is_main = True
         self._initial_weights: dict[str, float] | None = None
         self._loader_collate = None
+        self._device = None
+        self._count_input_tokens = False
+        if trainer is not None:
+            self.bind(trainer)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -138,25 +148,30 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         return dict(items)
 
     def bind(self, trainer: Trainer) -> "TiKMiXCallback":
-        """Attach to ``trainer`` (needed only for a callback added after the Trainer was created)."""
+        """Log through ``trainer`` and register with it if it does not hold this callback yet; returns ``self``.
+
+        A callback bound before is rebound: the next ``train()`` starts from this Trainer's state.
+        """
         if not isinstance(trainer, Trainer):
             raise TypeError(f"bind() takes a transformers.Trainer, got {type(trainer).__name__}")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
         self._trainer = trainer
         return self
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def _check_binding(self, args, optimizer) -> None:
         if self._trainer is None:
-            # Trainer.__init__ fires on_init_end itself: its frame holds the trainer being built.
-            frame = inspect.currentframe()
-            for _ in range(12):
-                frame = frame.f_back if frame is not None else None
-                if frame is None:
-                    break
-                candidate = frame.f_locals.get("self")
-                if isinstance(candidate, Trainer):
-                    self._trainer = candidate
-                    break
-            del frame
+            raise RuntimeError(
+                "TiKMiXCallback is not bound to a Trainer: call callback.bind(trainer) after creating the Trainer "
+                "(or pass trainer= to TiKMiXCallback)"
+            )
+        if self not in self._trainer.callback_handler.callbacks or (
+            optimizer is not None and optimizer is not self._trainer.optimizer
+        ):
+            raise RuntimeError(
+                "TiKMiXCallback is bound to another Trainer than the one now training (a callback reused from an "
+                "earlier run?); call callback.bind(trainer) with the Trainer you train"
+            )
         if getattr(args, "restore_callback_states_from_checkpoint", False):
             raise ValueError(
                 "restore_callback_states_from_checkpoint=True would rebuild TiKMiXCallback without its mixture and "
@@ -165,20 +180,20 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         cfg = self.config
-        if self._trainer is None:
-            raise RuntimeError(
-                "TiKMiXCallback is not attached to a Trainer: create the Trainer with callbacks=[callback], or call "
-                "callback.bind(trainer) after trainer.add_callback(callback)"
-            )
+        self._check_binding(args, optimizer)
         if train_dataloader is None:
             raise RuntimeError("TiKMiXCallback needs the Trainer's training DataLoader (transformers >= 4.46)")
         self._bind_loader(train_dataloader, args)
+        self._device = args.device
+        self._count_input_tokens = getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None)
+        self.mixer.check_ready(cfg)
         self._is_main = bool(state.is_world_process_zero)
         self._grad_accum = args.gradient_accumulation_steps
         self._history_path = os.path.join(args.output_dir, "tikmix", "history.json")
         if self._is_main:
             remove_stale_temporaries(os.path.dirname(self._history_path))
         self._val_examples = self._select_validation()
+        self._check_first_batches(args)
         self._boundaries = self._plan_boundaries(state.max_steps)
 
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -265,8 +280,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         return bounds
 
     def _tokens_seen(self, state) -> int:
-        args = self._trainer.args
-        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+        if self._count_input_tokens:
             return int(state.num_input_tokens_seen)
         drawn = self.mixture.drawn(self._consumed(state.global_step))
         tokens = [v["tokens"] for v in drawn.values()]
@@ -316,6 +330,18 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             out[name] = examples
         return out
 
+    def _check_first_batches(self, args) -> None:
+        """Collate one validation batch per task and one probe batch per domain now, not hours later.
+
+        The checks are the influence engine's own, so a batch that passes here passes at the boundary.
+        """
+        bs = self.config.tikmix_probe_batch_size or args.per_device_train_batch_size
+        for name, examples in self._val_examples.items():
+            check_batch(self._collate(examples[:bs]), f"validation task {name!r} batch 0", self._device)
+        for domain in self.mixture.domains:
+            examples = self.mixture.probe(domain, min(bs, self.config.tikmix_probe_sequences), round=0)
+            check_batch(self._collate(examples), f"probe batch of domain {domain!r}", self._device)
+
     # ------------------------------------------------------------------ the stage
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._step = state.global_step
@@ -339,10 +365,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                 control.should_training_stop = True
 
     def _collate(self, examples: list) -> dict:
-        collate = self.collator or self._loader_collate or self._trainer.data_collator
+        collate = self.collator or self._loader_collate
         batch = collate(examples)
-        device = self._trainer.args.device
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (v.to(self._device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _batches(self, examples: list, batch_size: int) -> list[dict]:
         return [self._collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
@@ -385,7 +410,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
         )
         decision = self.mixer.decide(inputs)
-        new = self._agree(np.asarray(decision.weights, dtype=np.float64))
+        new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
         total = time.perf_counter() - started
 
         consumed = self._consumed(state.global_step)
@@ -425,15 +450,6 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._write_history()
         self._log(entry)
 
-    def _agree(self, weights: np.ndarray) -> np.ndarray:
-        """Every rank computed the same weights; broadcast rank 0's so they agree to the bit."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                box = [weights.tolist()]
-                torch.distributed.broadcast_object_list(box, src=0)
-                return np.asarray(box[0], dtype=np.float64)
-        return weights
-
     def _safe_tokens(self, state) -> int | None:
         try:
             return self._tokens_seen(state)
@@ -453,7 +469,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             for t, row in zip(influence["task_names"], influence["scores"]):
                 for d, s in zip(influence["domain_names"], row):
                     logs[f"tikmix/influence/{_log_key(t)}/{_log_key(d)}"] = float(s)
-        self._trainer.log(logs)
+        # Every report_to integration gets the whole dict; the console printers would print all of it
+        # (tasks x domains entries), so they sit this call out and the console gets one line instead.
+        handler = self._trainer.callback_handler
+        everyone = handler.callbacks
+        handler.callbacks = [cb for cb in everyone if not isinstance(cb, (ProgressCallback, PrinterCallback))]
+        try:
+            self._trainer.log(logs)
+        finally:
+            handler.callbacks = everyone
+        if self._is_main:
+            tqdm.write(stage_line(entry))
 
     # ------------------------------------------------------------------ history and checkpoints
     def _history_document(self) -> dict:
@@ -533,35 +559,4 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._write_history()  # drops stages a killed run wrote after this checkpoint
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` whose ``trainer_state.json`` is complete.
-
-    ``transformers.trainer_utils.get_last_checkpoint`` returns the highest number even when the run was
-    killed while writing it; this skips such half-written folders. ``None`` when there is none.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path):
-            try:
-                with open(os.path.join(path, "trainer_state.json")) as fh:
-                    step = json.load(fh)["global_step"]
-            except (OSError, ValueError, KeyError):
-                continue  # missing or half-written: not a checkpoint to resume from
-            if step == int(match.group(1)):
-                found.append((step, path))
-    return max(found)[1] if found else None
-
-
-def load_history(path: str) -> dict:
-    """Read a ``history.json`` written by :class:`TiKMiXCallback`."""
-    doc = load_json(path, "TiKMiX history")
-    if not isinstance(doc, dict) or doc.get("format") != HISTORY_FORMAT:
-        raise ValueError(f"{path} is not a TiKMiX history (expected format {HISTORY_FORMAT!r})")
-    return doc
-
-
-__all__ = ["TiKMiXCallback", "latest_checkpoint", "load_history"]
+__all__ = ["TiKMiXCallback"]

@@ -376,7 +376,7 @@ class DataArguments:
 def _train_parser():
     from transformers import HfArgumentParser
 
-    from .config import TiKMiXTrainingArguments
+    from .training_args import TiKMiXTrainingArguments
 
     return HfArgumentParser((ModelArguments, DataArguments, TiKMiXTrainingArguments), prog="tikmix train")
 
@@ -465,6 +465,8 @@ def cmd_train(argv: list[str]) -> int:
         eval_dataset=val_blocks if evaluate and val_blocks else None, data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=callbacks,
     )
+    for callback in callbacks:
+        callback.bind(trainer)
     if _is_main():
         rows = [(n, len(b), f"{mixture.weights[n]:.3f}") for n, b in blocks.items()]
         print(f"tikmix train: {sum(p.numel() for p in model.parameters()):,} parameters, {len(blocks)} domains "
@@ -683,7 +685,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(f"--output-dir {out}: exists and is not a folder")
 
     from . import plots as P
-    from .callback import HISTORY_FORMAT
+    from .history import HISTORY_FORMAT
     from .report import history_report
 
     if isinstance(doc, dict) and str(doc.get("format", "")).startswith("tikmix_hf.demo/"):

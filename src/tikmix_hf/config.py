@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformers import TrainingArguments
+from .influence import PRECONDITIONERS
+from .mixers import MIXERS
 
-SOLVERS = ("direct", "surrogate", "static", "odm", "doremi", "doge")
-PRECONDITIONERS = ("identity", "adam", "diag_fisher")
+#: ``--tikmix_solver`` choices: every registered mixer.
+SOLVERS = tuple(MIXERS)
 
 
 def _help(text: str) -> dict:
@@ -32,12 +32,28 @@ def _help(text: str) -> dict:
 class TiKMiXConfig:
     """How and when TiKMiX re-mixes the training domains (see docs/method.md of the project).
 
-    Stage boundaries come from exactly one of ``tikmix_stage_steps``, ``tikmix_stage_tokens`` or
-    ``tikmix_stage_fractions``; with none of them, the mixture is re-decided at 25, 50 and 75
-    percent of training.
+    The fields, by what they control (``--help`` of any script that parses them gives each one's text):
+
+    - **The mixer**: ``tikmix_solver`` (any registered mixer: TiKMiX-D, TiKMiX-M or a baseline),
+      ``tikmix_initial_weights``, ``tikmix_seed``.
+    - **When**: ``tikmix_stage_steps``, ``tikmix_stage_tokens`` or ``tikmix_stage_fractions`` (exactly
+      one; with none, the mixture is re-decided at 25, 50 and 75 percent of training), and
+      ``tikmix_warmup_steps`` for an earlier first decision.
+    - **What is measured**: ``tikmix_probe_sequences``, ``tikmix_validation_sequences``,
+      ``tikmix_probe_batch_size``, ``tikmix_preconditioner``, ``tikmix_damping``.
+    - **TiKMiX-D's objective** (Eq. 10): ``tikmix_alpha``, ``tikmix_beta``, ``tikmix_gamma``,
+      ``tikmix_pareto``, and the guards ``tikmix_floor``, ``tikmix_max_change``.
+    - **TiKMiX-M**: ``tikmix_surrogate_candidates``, ``tikmix_lookahead_lr``.
+    - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
+      adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.
+    - **Reporting**: ``tikmix_log_matrix``, ``tikmix_entropy_warning``, ``tikmix_show_progress``.
+    - **Baselines** (``docs/baselines.md``): ``tikmix_temperature``, ``tikmix_odm_*``,
+      ``tikmix_doremi_*``, ``tikmix_reference_model``, ``tikmix_doge_eta``.
+
+    Bad values raise ``ValueError`` naming the field, the value and the fix.
     """
 
-    tikmix_solver: Literal["direct", "surrogate", "static", "odm", "doremi", "doge"] = field(
+    tikmix_solver: Literal[SOLVERS] = field(
         default="direct",
         metadata=_help(
             "direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search). "
@@ -70,7 +86,7 @@ class TiKMiXConfig:
     tikmix_probe_batch_size: int | None = field(
         default=None, metadata=_help("Micro-batch size of the influence pass (default: per_device_train_batch_size).")
     )
-    tikmix_preconditioner: Literal["identity", "adam", "diag_fisher"] = field(
+    tikmix_preconditioner: Literal[PRECONDITIONERS] = field(
         default="identity",
         metadata=_help("Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher."),
     )
@@ -122,9 +138,9 @@ class TiKMiXConfig:
     tikmix_target_rse: float | None = field(
         default=None,
         metadata=_help(
-            "direct/surrogate: adaptive probe budget; stop differentiating a domain's probe micro-batches once "
-            "its relative standard error |SE_j| / |S_j| is below this target (the cap: "
-            "tikmix_probe_max_sequences). Unset = use every probe sequence."
+            "direct with the identity or adam preconditioner: adaptive probe budget; stop differentiating a "
+            "domain's probe micro-batches once its relative standard error |SE_j| / |S_j| is below this target "
+            "(the cap: tikmix_probe_max_sequences). Unset = use every probe sequence."
         ),
     )
     tikmix_probe_max_sequences: int | None = field(
@@ -140,7 +156,11 @@ class TiKMiXConfig:
         metadata=_help("Adaptive probe budget: micro-batches per domain before the target may stop it (>= 2)."),
     )
     tikmix_log_matrix: bool = field(
-        default=True, metadata=_help("Also log every influence entry as tikmix/influence/<task>/<domain>.")
+        default=True,
+        metadata=_help(
+            "Also log every influence entry as tikmix/influence/<task>/<domain> to the report_to integrations "
+            "(the console shows one short line per stage either way)."
+        ),
     )
     tikmix_entropy_warning: float = field(
         default=0.5,
@@ -179,7 +199,7 @@ class TiKMiXConfig:
     )
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate_config(self)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TiKMiXConfig)}
@@ -194,7 +214,8 @@ def _fail(name: str, value, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
 
-def _validate(c) -> None:
+def validate_config(c) -> None:
+    """Every rule a :class:`TiKMiXConfig` must satisfy; the error names the field, the value and the fix."""
     if c.tikmix_solver not in SOLVERS:
         _fail("tikmix_solver", c.tikmix_solver, f"use one of {SOLVERS}")
     if c.tikmix_preconditioner not in PRECONDITIONERS:
@@ -245,6 +266,14 @@ def _validate(c) -> None:
         isinstance(rse, bool) or not isinstance(rse, (int, float)) or not math.isfinite(rse) or rse <= 0
     ):
         _fail("tikmix_target_rse", rse, "must be a finite number > 0, e.g. 0.2 (or unset for the full budget)")
+    if rse is not None and c.tikmix_solver != "direct":
+        _fail("tikmix_target_rse", rse,
+              f"the adaptive probe budget applies to tikmix_solver='direct' only (TiKMiX-M keeps every domain's "
+              f"gradient for its look-ahead); unset it for tikmix_solver={c.tikmix_solver!r}")
+    if rse is not None and c.tikmix_preconditioner == "diag_fisher":
+        _fail("tikmix_target_rse", rse,
+              "the adaptive probe budget needs the preconditioner before the first probe batch, and diag_fisher "
+              "is built from all of them; use tikmix_preconditioner='identity' or 'adam', or unset it")
     cap = c.tikmix_probe_max_sequences
     if cap is not None:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < c.tikmix_probe_sequences:
@@ -274,11 +303,12 @@ def _validate(c) -> None:
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
         _fail("tikmix_doremi_smoothing", smoothing, "must lie in [0, 1]")
     ref = c.tikmix_reference_model
-    if ref is not None and not (isinstance(ref, str) and os.path.isdir(ref)):
+    # Whether the folder exists is checked when DoReMi loads it, so that a saved config can be rebuilt anywhere.
+    if ref is not None and not (isinstance(ref, str) and ref):
         _fail(
             "tikmix_reference_model",
             ref,
-            "must be a local folder written by save_pretrained (no such folder); or leave it unset and give the "
+            "must be the path of a local folder written by save_pretrained; or leave it unset and give the "
             "model object to DoReMiMixer(reference_model=...)",
         )
     value = c.tikmix_initial_weights
@@ -293,27 +323,3 @@ def _validate(c) -> None:
                 value,
                 'use keep, natural, uniform, or a JSON mapping such as \'{"code": 0.6, "web": 0.4}\'',
             )
-
-
-@dataclass
-class TiKMiXTrainingArguments(TrainingArguments, TiKMiXConfig):
-    """``TrainingArguments`` plus every ``--tikmix_*`` flag of :class:`TiKMiXConfig`."""
-
-    def __post_init__(self) -> None:
-        TrainingArguments.__post_init__(self)
-        _validate(self)
-
-    def tikmix_config(self) -> TiKMiXConfig:
-        """The TiKMiX options alone, for :class:`~tikmix_hf.TiKMiXCallback`."""
-        return TiKMiXConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TiKMiXConfig)})
-
-
-def config_from(args) -> TiKMiXConfig:
-    """A :class:`TiKMiXConfig` from a config, a :class:`TiKMiXTrainingArguments` or ``None`` (defaults)."""
-    if args is None:
-        return TiKMiXConfig()
-    if isinstance(args, TiKMiXConfig) and not isinstance(args, TrainingArguments):
-        return args
-    if isinstance(args, TiKMiXTrainingArguments):
-        return args.tikmix_config()
-    raise TypeError(f"config must be a TiKMiXConfig or TiKMiXTrainingArguments, got {type(args).__name__}")

@@ -394,7 +394,8 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
     from transformers import Trainer, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .callback import TiKMiXCallback, load_history
+    from .callback import TiKMiXCallback
+    from .history import load_history
     from .config import TiKMiXConfig
     from .corpora import choice_predictions, tiny_llama
     from .mixture import DomainMixture
@@ -429,7 +430,7 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         config = TiKMiXConfig(**{**fields, **dict(arm.config)})  # the arm's own fields win
         tikmix = TiKMiXCallback(mixture, data.validation, config, collator=default_data_collator)
         if reference_model is not None:
-            from .baseline_mixers import DoReMiMixer
+            from .mixers import DoReMiMixer
 
             if solver != "doremi":
                 raise ValueError(f"reference_model is for solver='doremi'; arm {arm.name!r} uses {solver!r}")
@@ -437,6 +438,8 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         callbacks.insert(0, tikmix)
     trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=default_data_collator,
                       callbacks=callbacks)
+    if tikmix is not None:
+        tikmix.bind(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -673,7 +676,7 @@ def draw_results(results: Mapping[str, Any], plot_dir: str | os.PathLike, *, bas
     """The demo's pictures from its ``results.json`` document and the run histories it names
     (paths relative to ``base``, the folder of ``results.json``)."""
     from . import plots as P
-    from .callback import load_history
+    from .history import load_history
 
     paths: list[Path] = []
     plot_dir = Path(plot_dir)

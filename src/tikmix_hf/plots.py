@@ -12,7 +12,7 @@ created or left behind, and no display is needed.
 
 Example::
 
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
     from tikmix_hf.plots import plot_history
     paths = plot_history(load_history("run/tikmix/history.json"), "run/plots")
 """

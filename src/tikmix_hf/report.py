@@ -66,6 +66,15 @@ def _moves(before: Mapping[str, float], after: Mapping[str, float], k: int = 3) 
     return ", ".join(f"{d} {before.get(d, 0.0):.2f}→{after[d]:.2f}" for d in changes)
 
 
+def stage_line(stage: Mapping[str, Any]) -> str:
+    """The console's one line for a stage: where, what happened, the largest weight moves, the time."""
+    seconds = (stage.get("seconds") or {}).get("total", 0.0)
+    return (
+        f"TiKMiX stage {stage.get('stage')} at step {stage.get('step')}: {stage.get('status')}; "
+        f"{_moves(stage['weights_before'], stage['weights_after'])} ({seconds:.1f} s)"
+    )
+
+
 def stages_table(history: Mapping[str, Any]) -> str:
     """One row per stage: step, tokens, solver status, entropy, seconds and the largest weight moves."""
     rows = []

@@ -12,15 +12,12 @@ Nothing here imports torch; lightgbm is imported on the first call of :func:`sol
 from ._common import SolverResult, normalised_performance, objective_terms
 from .baselines import (
     doge_update,
-    doremi_excess_loss,
     doremi_update,
-    natural_weights,
     odm_exploration_rate,
     odm_policy,
     odm_update_rewards,
     running_average,
     temperature_weights,
-    uniform_weights,
 )
 from .direct import solve_direct
 from .surrogate import solve_surrogate
@@ -28,6 +25,6 @@ from .surrogate import solve_surrogate
 __all__ = [
     "SolverResult", "normalised_performance", "objective_terms", "solve_direct", "solve_surrogate",
     # baselines (solvers/baselines.py)
-    "doge_update", "doremi_excess_loss", "doremi_update", "natural_weights", "odm_exploration_rate",
-    "odm_policy", "odm_update_rewards", "running_average", "temperature_weights", "uniform_weights",
+    "doge_update", "doremi_update", "odm_exploration_rate",
+    "odm_policy", "odm_update_rewards", "running_average", "temperature_weights",
 ]

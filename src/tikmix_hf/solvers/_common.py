@@ -23,13 +23,16 @@ from typing import Any
 import numpy as np
 from scipy.special import entr
 
+from .._io import jsonable
+from ..simplex import SIMPLEX_TOL
+
 NORMALISATION_EPS = 1e-8
 """The epsilon of paper Eq. 9."""
 
 LOG_FLOOR = 1e-12
 """Below this weight ``w log w`` is continued along its tangent, so ``log 0`` never occurs."""
 
-PRIOR_SUM_TOL = 1e-6
+PRIOR_SUM_TOL = SIMPLEX_TOL
 """How far from 1 the prior may sum before it is refused (it is then renormalised exactly)."""
 
 PARETO_TOL = 1e-9
@@ -70,13 +73,13 @@ class SolverResult:
     def to_dict(self) -> dict:
         """A JSON-ready copy: lists, floats, ints, strings, ``None`` (NaN and inf become ``None``)."""
         return {
-            "weights": _jsonable(self.weights),
+            "weights": jsonable(self.weights),
             "status": self.status,
             "message": self.message,
-            "terms": _jsonable(self.terms),
+            "terms": jsonable(self.terms),
             "domains": None if self.domains is None else list(self.domains),
             "tasks": None if self.tasks is None else list(self.tasks),
-            "details": _jsonable(self.details),
+            "details": jsonable(self.details),
         }
 
     def as_mapping(self) -> dict[str, float]:
@@ -87,25 +90,6 @@ class SolverResult:
                 "pass domains=[...] to the solver, or use .weights"
             )
         return {name: float(w) for name, w in zip(self.domains, self.weights)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def one_blas_thread(func):

@@ -1,13 +1,13 @@
 """Update rules of the baseline mixers TiKMiX is measured against. Pure numpy; no torch here.
 
 Each function is one equation of its paper, on plain arrays in the order of the domains; the
-mixers in :mod:`tikmix_hf.baseline_mixers` measure the inputs (losses, gradient alignments) and
+mixers in :mod:`tikmix_hf.mixers.baselines` measure the inputs (losses, gradient alignments) and
 keep the state between stages. ``docs/baselines.md`` of the project explains how each method was
 adapted to a stage-wise callback.
 
-- static: :func:`natural_weights`, :func:`uniform_weights`, :func:`temperature_weights`;
+- static: :func:`temperature_weights`;
 - ODM (Albalak et al. 2023): :func:`odm_exploration_rate`, :func:`odm_policy`, :func:`odm_update_rewards`;
-- DoReMi (Xie et al. 2023): :func:`doremi_excess_loss`, :func:`doremi_update`, :func:`running_average`;
+- DoReMi (Xie et al. 2023): :func:`doremi_update`, :func:`running_average`;
 - DoGE (Fan et al. 2023): :func:`doge_update`.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..simplex import normalise
 
 DOGE_NORM_EPS = 1e-6
 """Added to the mean domain-gradient norm before dividing by it (DoGE's code uses 1e-6)."""
@@ -42,15 +44,6 @@ def _vector(value, name: str, *, size: int | None = None, nonnegative: bool = Fa
     if nonnegative and np.any(vec < 0):
         raise ValueError(f"{name}={vec.tolist()} has a negative entry")
     return vec
-
-
-def _simplex(weights, name: str = "weights") -> np.ndarray:
-    """Non-negative weights with a positive sum, renormalised to sum to one."""
-    w = _vector(weights, name, nonnegative=True)
-    total = w.sum()
-    if total <= 0:
-        raise ValueError(f"{name}={w.tolist()} are all zero; at least one domain needs a positive weight")
-    return w / total
 
 
 def _positive(value: float, name: str) -> float:
@@ -82,18 +75,6 @@ def _log(w: np.ndarray) -> np.ndarray:
 # Static mixtures
 
 
-def natural_weights(sizes) -> np.ndarray:
-    """``w_i = n_i / sum_j n_j``: every example (or token) equally likely, the mixture of the corpus itself."""
-    return _simplex(sizes, "sizes")
-
-
-def uniform_weights(num_domains: int) -> np.ndarray:
-    """``w_i = 1 / k``: every domain equally likely, whatever its size."""
-    if not isinstance(num_domains, int) or num_domains < 1:
-        raise ValueError(f"num_domains={num_domains!r} must be a positive integer")
-    return np.full(num_domains, 1.0 / num_domains)
-
-
 def temperature_weights(sizes, temperature: float) -> np.ndarray:
     r"""Temperature sampling: ``w_i \propto n_i^{1/T}``.
 
@@ -104,8 +85,8 @@ def temperature_weights(sizes, temperature: float) -> np.ndarray:
     sizes or natural weights: the normalisation makes the answer the same.
     """
     T = _positive(temperature, "temperature")
-    n = natural_weights(sizes)
-    return _simplex(n ** (1.0 / T), "sizes ** (1/temperature)")
+    n = normalise(sizes, "sizes")
+    return normalise(n ** (1.0 / T), "sizes ** (1/temperature)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,18 +159,6 @@ def odm_update_rewards(reward_estimates, rewards, alpha: float, policy=None) -> 
 # DoReMi (Xie et al. 2023, arXiv 2305.10429)
 
 
-def doremi_excess_loss(proxy_losses, reference_losses) -> np.ndarray:
-    r"""DoReMi's per-domain excess loss ``lambda_i = max(l_proxy,i - l_ref,i, 0)`` (Algorithm 1, line 4).
-
-    The paper clips per token before averaging over the domain's tokens,
-    ``lambda_i = (1/|D_i|) sum_x sum_j max(l_theta,j(x) - l_ref,j(x), 0)``; the mixer does that on its
-    probe tokens. This function is the same rule on per-domain mean losses.
-    """
-    proxy = _vector(proxy_losses, "proxy_losses")
-    ref = _vector(reference_losses, "reference_losses", size=proxy.size)
-    return np.maximum(proxy - ref, 0.0)
-
-
 def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
     r"""DoReMi's domain-weight step (Algorithm 1, lines 5-6): exponentiated gradient ascent on the
     excess loss, renormalised and mixed with the uniform distribution ``u``:
@@ -202,7 +171,7 @@ def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-
     Defaults are the paper's ``eta = 1`` and ``c = 1e-3`` (the code's ``reweight_eta`` and
     ``reweight_eps``). A domain whose excess loss is positive gains weight relative to the others.
     """
-    w = _simplex(weights)
+    w = normalise(weights)
     lam = _vector(excess_loss, "excess_loss", size=w.size, nonnegative=True)
     eta = _positive(eta, "eta")
     c = _unit(smoothing, "smoothing", closed_right=True)
@@ -262,7 +231,7 @@ def doge_update(
     Returns:
         ``(new_weights, normalised_scores)``.
     """
-    w = _simplex(weights)
+    w = normalise(weights)
     W = _vector(alignment, "alignment", size=w.size)
     norms = _vector(grad_norms, "grad_norms", size=w.size, nonnegative=True)
     eta = _positive(eta, "eta")
@@ -279,13 +248,10 @@ def doge_update(
 
 __all__ = [
     "doge_update",
-    "doremi_excess_loss",
     "doremi_update",
-    "natural_weights",
     "odm_exploration_rate",
     "odm_policy",
     "odm_update_rewards",
     "running_average",
     "temperature_weights",
-    "uniform_weights",
 ]

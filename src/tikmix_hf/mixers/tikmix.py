@@ -1,93 +1,41 @@
-"""Mixers: what happens at a stage boundary, behind one small interface the callback drives.
-
-A mixer takes a :class:`StageInputs` (the prior weights, probe and validation batches, the model
-and optimizer) and returns a :class:`Decision` (the next weights and what happened). It measures
-with :mod:`tikmix_hf.influence` and decides with :mod:`tikmix_hf.solvers`; it knows nothing about
-the Trainer, so a custom training loop can drive one too. Mixers with memory across stages keep it
-in :meth:`Mixer.state_dict` (JSON), which the callback stores in every checkpoint.
-
-TiKMiX-D (``direct``) and TiKMiX-M (``surrogate``) are two mixers of this interface.
-"""
+"""TiKMiX-D and TiKMiX-M: Group Influence (paper Eq. 8), then a solver (Eqs. 9-11 and Algorithm 1)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 
-from .config import TiKMiXConfig
-from .influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
-from .solvers import SolverResult, solve_direct, solve_surrogate
-from .solvers.robust import PrecisionSmoother, shrink_influence
+from .._io import jsonable
+from ..influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
+from ..solvers import solve_direct, solve_surrogate
+from ..solvers.uncertainty import PrecisionSmoother, shrink_influence
+from .base import Decision, Mixer, StageInputs, register
+
+__all__ = ["TiKMiXDirect", "TiKMiXSurrogate", "measure_influence", "solver_kwargs"]
 
 
-@dataclasses.dataclass
-class StageInputs:
-    """Everything a mixer may use at one stage boundary."""
-
-    stage: int  # 0 for the first decision
-    step: int
-    domains: list[str]
-    prior: np.ndarray  # the weights in effect, in the order of ``domains``
-    model: Any
-    optimizer: Any
-    domain_batches: dict[str, list]  # probe batches per domain (this stage's draw)
-    validation_batches: dict[str, list]
-    config: TiKMiXConfig
-    show_progress: bool = False
-    learning_rate: float | None = None
-    # The adaptive budget's draw beyond ``domain_batches`` (tikmix_probe_max_sequences): per domain a
-    # callable ``k -> batch k`` (``None`` past the end) whose first batches are ``domain_batches``.
-    domain_sources: dict[str, Any] | None = None
-    max_probe_batches: int | None = None
-
-
-@dataclasses.dataclass
-class Decision:
-    """A mixer's answer: the next weights and an account of how they came about."""
-
-    weights: np.ndarray
-    status: str  # converged | restarted | fallback | skipped
-    message: str
-    influence: InfluenceResult | None = None
-    solver_result: SolverResult | None = None
-    seconds_measure: float = 0.0
-    seconds_solve: float = 0.0
-    extra: dict = dataclasses.field(default_factory=dict)  # JSON-ready, mixer-specific
-
-
-class Mixer:
-    """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods."""
-
-    name = "mixer"
-
-    def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
-        raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
-
-
-def _solver_kwargs(inputs: StageInputs, tasks: list[str]) -> dict:
+def solver_kwargs(inputs: StageInputs, tasks: list[str]) -> dict:
     cfg = inputs.config
     return dict(
         alpha=cfg.tikmix_alpha, beta=cfg.tikmix_beta, gamma=cfg.tikmix_gamma, pareto=cfg.tikmix_pareto,
-        floor=cfg.tikmix_floor or None, max_change=cfg.tikmix_max_change, domains=list(inputs.domains), tasks=tasks,
+        floor=cfg.tikmix_floor or None, max_change=cfg.tikmix_max_change, domains=list(inputs.domains),
+        tasks=tasks,
     )
 
 
-def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = False) -> tuple[InfluenceResult | None, str]:
-    """Group Influence of the probes on the validation tasks; ``(None, reason)`` on a NaN/inf loss."""
+def measure_influence(
+    inputs: StageInputs, *, keep_domain_gradients: bool = False
+) -> tuple[InfluenceResult | None, str]:
+    """Group Influence of the probes on the validation tasks; ``(None, reason)`` on a NaN/inf loss.
+
+    With ``tikmix_target_rse`` the adaptive budget draws the probes; the config allows it only where it
+    applies (TiKMiX-D with the identity or adam preconditioner), so it is never silently skipped.
+    """
     cfg = inputs.config
     try:
-        if cfg.tikmix_target_rse is not None and not keep_domain_gradients and cfg.tikmix_preconditioner != "diag_fisher":
+        if cfg.tikmix_target_rse is not None:
             # Adaptive budget: within this stage's draw, or up to tikmix_probe_max_sequences when the
             # callback hands over sources that draw further.
             if inputs.domain_sources is not None:
@@ -123,7 +71,7 @@ def measure_influence(inputs: StageInputs, *, keep_domain_gradients: bool = Fals
     return result, ""
 
 
-class _UncertaintyAware(Mixer):
+class UncertaintyAware(Mixer):
     """The uncertainty switches of ``docs/uncertainty.md`` shared by TiKMiX-D and TiKMiX-M.
 
     :meth:`decision_scores` turns the measured ``S`` into the matrix the solver sees: smoothed over
@@ -149,8 +97,8 @@ class _UncertaintyAware(Mixer):
             self._smoother.decay = decay
             scores, stderr = self._smoother.update(scores, stderr, result.task_names, result.domain_names)
             info["smoothed_stages"] = self._smoother.stages
-            info["smoothed_scores"] = _json_matrix(scores)
-            info["smoothed_stderr"] = _json_matrix(stderr)
+            info["smoothed_scores"] = jsonable(scores)
+            info["smoothed_stderr"] = jsonable(stderr)
         if z > 0:
             if result.stderr is None:
                 warnings.warn(f"tikmix_shrink_z={z}: S not shrunk, {result.uncertainty_note}", stacklevel=2)
@@ -158,7 +106,7 @@ class _UncertaintyAware(Mixer):
             else:
                 scores = shrink_influence(scores, stderr, z)
                 info["zeroed_entries"] = int((scores == 0).sum() - (result.scores == 0).sum())
-        info["scores_used"] = _json_matrix(scores)
+        info["scores_used"] = jsonable(scores)
         return scores, {"uncertainty": info}
 
     def state_dict(self) -> dict:
@@ -177,14 +125,9 @@ class _UncertaintyAware(Mixer):
             self._smoother.load_state_dict(smoother)
 
 
-def _json_matrix(a) -> list:
-    return [[float(x) if np.isfinite(x) else None for x in row] for row in np.asarray(a, dtype=np.float64)]
-
-
-class TiKMiXDirect(_UncertaintyAware):
+@register("direct")
+class TiKMiXDirect(UncertaintyAware):
     """TiKMiX-D: Group Influence (Eq. 8), then SLSQP with the Pareto constraint (Eqs. 9-11)."""
-
-    name = "direct"
 
     def decide(self, inputs: StageInputs) -> Decision:
         started = time.perf_counter()
@@ -193,16 +136,15 @@ class TiKMiXDirect(_UncertaintyAware):
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
         scores, extra = self.decision_scores(inputs, result)
-        solved = solve_direct(scores, inputs.prior, **_solver_kwargs(inputs, result.task_names))
+        solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
         return Decision(solved.weights, solved.status, solved.message, result, solved,
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
                         extra=extra)
 
 
-class TiKMiXSurrogate(_UncertaintyAware):
+@register("surrogate")
+class TiKMiXSurrogate(UncertaintyAware):
     """TiKMiX-M: a LightGBM surrogate of the look-ahead validation gain around the TiKMiX-D answer."""
-
-    name = "surrogate"
 
     def decide(self, inputs: StageInputs) -> Decision:
         cfg = inputs.config
@@ -211,15 +153,11 @@ class TiKMiXSurrogate(_UncertaintyAware):
         measured = time.perf_counter()
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
-        kwargs = _solver_kwargs(inputs, result.task_names)
+        kwargs = solver_kwargs(inputs, result.task_names)
         scores, uncertainty = self.decision_scores(inputs, result)
         direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
         lookahead_seconds = [0.0]
         step, grid = cfg.tikmix_lookahead_lr, None
-        if step is None:
-            t0 = time.perf_counter()
-            step, grid = self.calibrate_step(inputs, result, direct.weights)
-            lookahead_seconds[0] += time.perf_counter() - t0
 
         def evaluate(W: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
@@ -230,8 +168,19 @@ class TiKMiXSurrogate(_UncertaintyAware):
             return (gains / scale).sum(axis=1)
 
         try:
+            if step is None:
+                t0 = time.perf_counter()
+                step, grid = self.calibrate_step(inputs, result, direct.weights)
+                lookahead_seconds[0] += time.perf_counter() - t0
             solved = solve_surrogate(scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
                                      seed=cfg.tikmix_seed + inputs.stage, direct=direct, **kwargs)
+        except FloatingPointError as err:
+            # A look-ahead that diverges says nothing about the mixture: keep the weights, as TiKMiX-D does
+            # when the influence pass itself is not finite.
+            return Decision(inputs.prior, "skipped", f"look-ahead not finite, weights kept: {err}", result,
+                            seconds_measure=measured - started + lookahead_seconds[0],
+                            seconds_solve=time.perf_counter() - measured - lookahead_seconds[0],
+                            extra={"lookahead_step": step, "lookahead_step_grid": grid, **uncertainty})
         finally:
             result.domain_gradients = None  # free the m kept gradients
         solve = time.perf_counter() - measured
@@ -244,7 +193,9 @@ class TiKMiXSurrogate(_UncertaintyAware):
     #: multiples of the learning rate tried by :meth:`calibrate_step`
     STEP_MULTIPLES = tuple(4.0**k for k in range(9))
 
-    def calibrate_step(self, inputs: StageInputs, result: InfluenceResult, w_direct: np.ndarray) -> tuple[float, dict]:
+    def calibrate_step(
+        self, inputs: StageInputs, result: InfluenceResult, w_direct: np.ndarray
+    ) -> tuple[float, dict]:
         """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
 
         The useful step depends on the preconditioner's scale (Adam's ``1/sqrt(v)`` makes the direction
@@ -252,32 +203,23 @@ class TiKMiXSurrogate(_UncertaintyAware):
         again, too large and every candidate gets worse. So try learning-rate multiples ``4^0 .. 4^8``
         along the TiKMiX-D direction, with forward passes only, and keep the step whose summed loss drop is
         largest before it first falls (the first maximum; much larger steps reach erratic, distant parts of
-        the landscape): near it the gain curves, which is what the surrogate is there to learn.
+        the landscape): near it the gain curves, which is what the surrogate is there to learn. A step whose
+        look-ahead loss is not finite ends the grid the same way.
         """
         lr = inputs.learning_rate if inputs.learning_rate and inputs.learning_rate > 0 else 1e-3
         gains: dict[float, float] = {}
         best = lr
         for multiple in self.STEP_MULTIPLES:
             step = lr * multiple
-            drop = lookahead_gain(inputs.model, result, inputs.validation_batches, w_direct[None, :],
-                                  step_size=step, show_progress=False)
+            try:
+                drop = lookahead_gain(inputs.model, result, inputs.validation_batches, w_direct[None, :],
+                                      step_size=step, show_progress=False)
+            except FloatingPointError:
+                if step == lr:
+                    raise  # not even the learning rate itself gives a finite look-ahead
+                break
             gains[step] = float(drop.sum())
             if gains[step] <= gains.get(best, -np.inf) and step != lr:
                 break  # past the first maximum: larger steps land in an erratic, distant landscape
             best = step
         return (best if gains[best] > 0 else lr), {f"{k:.3g}": v for k, v in gains.items()}
-
-
-MIXERS: dict[str, type[Mixer]] = {"direct": TiKMiXDirect, "surrogate": TiKMiXSurrogate}
-
-# The baselines (static, odm, doremi, doge) register themselves in MIXERS; their module imports this
-# one, so the import comes after everything it needs is defined.
-from . import baseline_mixers  # noqa: E402,F401
-
-
-def build_mixer(config: TiKMiXConfig) -> Mixer:
-    """The mixer named by ``config.tikmix_solver``."""
-    try:
-        return MIXERS[config.tikmix_solver]()
-    except KeyError:
-        raise ValueError(f"tikmix_solver={config.tikmix_solver!r}: use one of {sorted(MIXERS)}") from None

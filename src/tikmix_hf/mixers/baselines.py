@@ -18,20 +18,16 @@ Example (a custom loop, without the callback)::
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import inspect
-import math
+import os
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .influence import IGNORE_INDEX, _all_reduce, _unwrap, _world, group_influence
-from .mixers import MIXERS, Decision, Mixer, StageInputs
-from .solvers.baselines import (
+from .._distributed import unwrap
+from ..influence import group_influence
+from ..solvers.baselines import (
     doge_update,
     doremi_update,
     odm_exploration_rate,
@@ -40,106 +36,10 @@ from .solvers.baselines import (
     running_average,
     temperature_weights,
 )
+from .base import Decision, Mixer, StageInputs, register
+from .probe_losses import probe_losses
 
-__all__ = ["DoGEMixer", "DoReMiMixer", "ODMMixer", "ProbeLosses", "StaticMixer", "probe_losses"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Measurement: per-domain token losses, forward passes only
-
-
-@dataclasses.dataclass
-class ProbeLosses:
-    """Mean next-token losses per domain on the stage's probe batches (all ranks together).
-
-    ``losses``: the model's; with a reference model also ``reference`` (its losses on the same
-    tokens) and ``excess``, DoReMi's per-token clipped excess ``mean_tokens max(l - l_ref, 0)``.
-    """
-
-    domains: list[str]
-    losses: np.ndarray
-    tokens: np.ndarray
-    reference: np.ndarray | None = None
-    excess: np.ndarray | None = None
-    seconds: float = 0.0
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules):
-    """Dropout off for the measurement; every module's ``training`` flag restored exactly after."""
-    flags = [(m, m.training) for module in modules if module is not None for m in module.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def _token_losses(module: torch.nn.Module, batch: Mapping) -> torch.Tensor:
-    """Next-token cross-entropy of every labelled target of ``batch`` (flat, float64)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "use_cache" in inspect.signature(module.forward).parameters:
-        inputs["use_cache"] = False
-    output = module(**inputs)
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="none",
-                             ignore_index=IGNORE_INDEX)
-    return losses[targets != IGNORE_INDEX].double()
-
-
-def probe_losses(model, domain_batches: Mapping[str, list], reference_model=None, *,
-                 show_progress: bool = False) -> ProbeLosses:
-    """Per-domain mean token loss of ``model`` (and of ``reference_model``) on probe batches.
-
-    Forward passes only, under ``torch.no_grad()`` with dropout off. Under data parallelism rank
-    ``r`` takes batches ``k % world == r`` and the sums are all-reduced, so every rank returns the
-    same numbers. Raises ``FloatingPointError`` on a non-finite loss and ``ValueError`` for a
-    domain with no labelled target token.
-    """
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    module = _unwrap(model)
-    reference = None if reference_model is None else _unwrap(reference_model)
-    rank, world = _world()
-    device = next(module.parameters()).device
-    names = list(domain_batches)
-    sums = torch.zeros(4, len(names), dtype=torch.float64, device=device)  # tokens, loss, ref loss, excess
-    local = {name: list(domain_batches[name])[rank::world] for name in names}
-    bar = tqdm(total=sum(len(b) for b in local.values()), desc="probe losses", unit="batch",
-               disable=not show_progress or rank != 0)
-    with torch.no_grad(), _eval_mode(module, reference), bar:
-        for j, name in enumerate(names):
-            for batch in local[name]:
-                losses = _token_losses(module, batch)
-                sums[0, j] += losses.numel()
-                sums[1, j] += losses.sum()
-                if reference is not None:
-                    ref = _token_losses(reference, batch)
-                    sums[2, j] += ref.sum()
-                    sums[3, j] += (losses - ref).clamp(min=0).sum()
-                bar.update(1)
-    _all_reduce(sums, world)
-    table = sums.cpu().numpy()
-    tokens = table[0]
-    empty = [name for name, n in zip(names, tokens) if n == 0]
-    if empty:
-        raise ValueError(
-            f"domains {empty} have no labelled target token in their probe batches; their loss is undefined"
-        )
-    means = table[1:] / tokens
-    if not np.all(np.isfinite(means[: 3 if reference is not None else 1])):
-        bad = [name for name, v in zip(names, means[0]) if not math.isfinite(v)]
-        raise FloatingPointError(f"non-finite probe loss for domains {bad or names}; check the model's numerics")
-    return ProbeLosses(
-        domains=names, losses=means[0], tokens=tokens.astype(np.int64),
-        reference=means[1] if reference is not None else None,
-        excess=means[2] if reference is not None else None,
-        seconds=time.perf_counter() - started,
-    )
+__all__ = ["DoGEMixer", "DoReMiMixer", "ODMMixer", "StaticMixer"]
 
 
 def _named(domains: list[str], values) -> dict[str, float]:
@@ -164,6 +64,7 @@ def _check_domains(owner: Mixer, vector: list | None, domains: list[str], what: 
 # Static
 
 
+@register("static")
 class StaticMixer(Mixer):
     r"""Fixed weights: the static arms of a comparison.
 
@@ -175,8 +76,6 @@ class StaticMixer(Mixer):
     temperature other than 1 applies from there: set ``tikmix_warmup_steps=1`` to apply it from
     step 1, or pass ``temperature_weights(sizes, T)`` as ``tikmix_initial_weights``.
     """
-
-    name = "static"
 
     def __init__(self):
         self.weights: list[float] | None = None
@@ -204,6 +103,7 @@ class StaticMixer(Mixer):
 # ODM
 
 
+@register("odm")
 class ODMMixer(Mixer):
     r"""Online Data Mixing (Albalak et al. 2023): an EXP3 bandit whose reward is the domain's loss.
 
@@ -224,8 +124,6 @@ class ODMMixer(Mixer):
     loss), which is not a validation target. Noisy or incompressible domains attract weight; the
     validation tasks are not used. State: the reward estimates ``R``, ``eps_{t-1}`` and the update count.
     """
-
-    name = "odm"
 
     def __init__(self):
         self.rewards: list[float] | None = None
@@ -291,6 +189,7 @@ class _AveragingMixer(Mixer):
         self.updates = int(state.get("updates", 0))
 
 
+@register("doremi")
 class DoReMiMixer(_AveragingMixer):
     r"""DoReMi (Xie et al. 2023): Group DRO on the excess loss over a reference model.
 
@@ -317,8 +216,6 @@ class DoReMiMixer(_AveragingMixer):
             without arguments; to give a model object, set ``callback.mixer = DoReMiMixer(reference_model=ref)``.
     """
 
-    name = "doremi"
-
     def __init__(self, reference_model: torch.nn.Module | None = None):
         if reference_model is not None and not isinstance(reference_model, torch.nn.Module):
             raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
@@ -326,15 +223,26 @@ class DoReMiMixer(_AveragingMixer):
         self.average: list[float] | None = None
         self.updates = 0
 
+    def check_ready(self, config) -> None:
+        if self.reference_model is not None:
+            return
+        path = config.tikmix_reference_model
+        if path is None:
+            raise ValueError(
+                "tikmix_solver='doremi' needs a reference model: set tikmix_reference_model to a local folder "
+                "written by save_pretrained, or set callback.mixer = DoReMiMixer(reference_model=model)"
+            )
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"tikmix_reference_model={path!r}: no such folder on this machine; give the folder that "
+                "save_pretrained wrote for the reference model"
+            )
+
     def _reference(self, inputs: StageInputs) -> torch.nn.Module:
-        device = next(_unwrap(inputs.model).parameters()).device
+        device = next(unwrap(inputs.model).parameters()).device
         if self.reference_model is None:
+            self.check_ready(inputs.config)
             path = inputs.config.tikmix_reference_model
-            if path is None:
-                raise ValueError(
-                    "tikmix_solver='doremi' needs a reference model: set tikmix_reference_model to a local folder "
-                    "written by save_pretrained, or set callback.mixer = DoReMiMixer(reference_model=model)"
-                )
             from transformers import AutoModelForCausalLM
 
             try:
@@ -372,11 +280,11 @@ class DoReMiMixer(_AveragingMixer):
                         extra=extra)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # DoGE
 
 
+@register("doge")
 class DoGEMixer(_AveragingMixer):
     r"""DoGE (Fan et al. 2023): up-weight the domains whose gradient aligns with the target's.
 
@@ -394,8 +302,6 @@ class DoGEMixer(_AveragingMixer):
     ``m`` gradient-sized buffers (for the norms ``||g_j||``), as DoGE's own per-domain gradients.
     The influence matrix is logged like TiKMiX's (``tikmix/influence/...``).
     """
-
-    name = "doge"
 
     def __init__(self):
         self.average: list[float] | None = None
@@ -433,10 +339,3 @@ class DoGEMixer(_AveragingMixer):
         return Decision(weights, "converged", "DoGE mirror-descent step on the gradient alignment", result,
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
                         extra=extra)
-
-
-
-BASELINE_MIXERS: dict[str, type[Mixer]] = {
-    "static": StaticMixer, "odm": ODMMixer, "doremi": DoReMiMixer, "doge": DoGEMixer,
-}
-MIXERS.update(BASELINE_MIXERS)

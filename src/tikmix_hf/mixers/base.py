@@ -1,0 +1,102 @@
+"""The mixer interface and its registry: what happens at a stage boundary, behind one call.
+
+A mixer takes a :class:`StageInputs` (the prior weights, probe and validation batches, the model
+and optimizer) and returns a :class:`Decision` (the next weights and what happened). It knows
+nothing about the Trainer, so a custom training loop can drive one too. Mixers with memory across
+stages keep it in :meth:`Mixer.state_dict` (JSON), which the callback stores in every checkpoint.
+
+Every mixer registers its name with :func:`register`; ``--tikmix_solver`` accepts exactly the
+registered names, and :func:`build_mixer` builds the one a config names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MIXERS", "Decision", "Mixer", "StageInputs", "build_mixer", "register"]
+
+
+@dataclasses.dataclass
+class StageInputs:
+    """Everything a mixer may use at one stage boundary."""
+
+    stage: int  # 0 for the first decision
+    step: int
+    domains: list[str]
+    prior: np.ndarray  # the weights in effect, in the order of ``domains``
+    model: Any
+    optimizer: Any
+    domain_batches: dict[str, list]  # probe batches per domain (this stage's draw)
+    validation_batches: dict[str, list]
+    config: Any  # a TiKMiXConfig (read by attribute; mixers import no config)
+    show_progress: bool = False
+    learning_rate: float | None = None
+    # The adaptive budget's draw beyond ``domain_batches`` (tikmix_probe_max_sequences): per domain a
+    # callable ``k -> batch k`` (``None`` past the end) whose first batches are ``domain_batches``.
+    domain_sources: dict[str, Any] | None = None
+    max_probe_batches: int | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    """A mixer's answer: the next weights and an account of how they came about."""
+
+    weights: np.ndarray
+    status: str  # converged | restarted | fallback | skipped
+    message: str
+    influence: Any = None  # the InfluenceResult, when the mixer measured one
+    solver_result: Any = None  # the SolverResult, when a solver ran
+    seconds_measure: float = 0.0
+    seconds_solve: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)  # JSON-ready, mixer-specific
+
+
+class Mixer:
+    """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods."""
+
+    name = "mixer"
+
+    def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
+
+    def check_ready(self, config) -> None:
+        """Raise a clear error now, before training starts, for anything :meth:`decide` would fail on."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
+
+#: name -> mixer class, in the order the names are listed to users.
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a :class:`Mixer` subclass available as ``--tikmix_solver <name>``."""
+
+    def add(cls: type[Mixer]) -> type[Mixer]:
+        if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+            raise TypeError(f"register({name!r}) decorates Mixer subclasses, got {cls!r}")
+        if name in MIXERS and MIXERS[name] is not cls:
+            raise ValueError(
+                f"a mixer named {name!r} is already registered ({MIXERS[name].__name__}); pick another name"
+            )
+        cls.name = name
+        MIXERS[name] = cls
+        return cls
+
+    return add
+
+
+def build_mixer(config) -> Mixer:
+    """The mixer named by ``config.tikmix_solver``."""
+    try:
+        return MIXERS[config.tikmix_solver]()
+    except KeyError:
+        raise ValueError(f"tikmix_solver={config.tikmix_solver!r}: use one of {list(MIXERS)}") from None
