@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -e '.[test,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,7 +29,7 @@ _EXPORTS = {
     "solve_surrogate": "tikmix_hf.solvers",
     "SolverResult": "tikmix_hf.solvers",
     "TiKMiXConfig": "tikmix_hf.config",
-    "TiKMiXTrainingArguments": "tikmix_hf.config",
+    "TiKMiXTrainingArguments": "tikmix_hf.training_args",
     "TiKMiXCallback": "tikmix_hf.callback",
 }
 

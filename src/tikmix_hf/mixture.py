@@ -780,7 +780,9 @@ class DomainMixture(IterableDataset):
         if starts_list[0] != 0 or any(b <= a for a, b in zip(starts_list, starts_list[1:])):
             raise ValueError("corrupt DomainMixture state: schedule starts must begin at 0 and strictly increase")
         if len(schedule) > self._sched_start.numel():
-            raise ValueError(f"the state has {len(schedule)} schedule entries; create the mixture with max_stages >= that")
+            raise ValueError(
+                f"the state has {len(schedule)} schedule entries; create the mixture with max_stages >= that"
+            )
         starts = np.array([s for s, _ in schedule], dtype=np.int64)
         rows = np.stack([r for _, r in schedule])  # bit-exact: no renormalisation
         expected = self._counts(position, (starts, rows))
