@@ -37,7 +37,7 @@ from transformers.utils import logging
 
 from ._distributed import agree
 from ._io import remove_stale_temporaries, save_json_atomic
-from .config import TiKMiXConfig
+from .config import DEFAULT_FRACTIONS, TiKMiXConfig
 from .history import HISTORY_FORMAT
 from .influence.checks import check_batch
 from .mixers import Mixer, StageInputs, build_mixer
@@ -80,7 +80,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     The callback logs through its Trainer, which it is given explicitly: ``trainer=`` here or
     :meth:`bind` (which also registers the callback with the Trainer when it is not yet registered).
     Binding to another Trainer (a notebook rerun, a sweep) replaces the first; a callback still bound
-    to an earlier Trainer refuses to start, with the fix. Checkpoints hold its state (JSON only) and it restores itself in ``on_train_begin``; keep
+    to an earlier Trainer refuses to start, with the fix. Checkpoints hold its state (JSON only) and it
+    restores itself in ``on_train_begin``; keep
     ``restore_callback_states_from_checkpoint=False``. ``ignore_data_skip=True`` makes a resume
     jump straight to the saved stream position instead of replaying the skipped batches.
     """
@@ -257,12 +258,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             bounds = set(range(cfg.tikmix_stage_steps, max(max_steps, 1), cfg.tikmix_stage_steps))
             if cfg.tikmix_stage_steps >= max_steps:
                 warnings.warn(
-                    f"tikmix_stage_steps={cfg.tikmix_stage_steps} is not shorter than training (max_steps={max_steps}): "
+                    f"tikmix_stage_steps={cfg.tikmix_stage_steps} is not shorter than training "
+                    f"(max_steps={max_steps}): "
                     "no stage boundary falls inside this run, the mixture will not change",
                     stacklevel=3,
                 )
         else:
-            fractions = cfg.tikmix_stage_fractions or [0.25, 0.5, 0.75]
+            fractions = cfg.tikmix_stage_fractions or list(DEFAULT_FRACTIONS[cfg.tikmix_objective])
             bounds = {s for s in (round(f * max_steps) for f in fractions) if 0 < s < max_steps}
             if not bounds:
                 warnings.warn(
@@ -349,7 +351,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if self.config.tikmix_stage_tokens:
             tokens = self._tokens_seen(state)
             period = self.config.tikmix_stage_tokens
-            boundary = boundary or (tokens // period > self._tokens_prev // period and state.global_step < state.max_steps)
+            crossed = tokens // period > self._tokens_prev // period
+            boundary = boundary or (crossed and state.global_step < state.max_steps)
             self._tokens_prev = tokens
         if boundary:
             self._run_stage(args, state, model, optimizer)
@@ -408,6 +411,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             config=cfg,
             show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
             learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
+            stage_steps=self._next_boundary(state) - state.global_step,
+            remaining_samples=self._consumed(state.max_steps) - self._consumed(state.global_step),
+            domain_sizes=self.mixture.domain_sizes(),
         )
         decision = self.mixer.decide(inputs)
         new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
@@ -450,6 +456,14 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._write_history()
         self._log(entry)
 
+    def _next_boundary(self, state) -> int:
+        """The step of the next decision, or the end of training (token-based stages: one period on)."""
+        later = [b for b in self._boundaries if b > state.global_step]
+        if self.config.tikmix_stage_tokens and state.global_step > 0:
+            tokens_per_step = max(self._tokens_prev / state.global_step, 1.0)
+            later.append(state.global_step + max(1, round(self.config.tikmix_stage_tokens / tokens_per_step)))
+        return min([*later, state.max_steps])
+
     def _safe_tokens(self, state) -> int | None:
         try:
             return self._tokens_seen(state)
@@ -464,6 +478,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         logs["tikmix/status"] = float(STATUS_CODES.get(entry["status"], -1))
         logs["tikmix/seconds"] = float(entry["seconds"]["total"])
         logs["tikmix/seconds_influence"] = float(entry["seconds"]["influence"])
+        trust = (entry.get("mixer") or {}).get("trust_region")
+        if trust:
+            logs["tikmix/trust_radius"] = float(trust["radius_used"])
+            for kind, key in (("predicted_gain", "predicted_gain_next"), ("realised_gain", "realised_gain")):
+                for task, value in (trust.get(key) or {}).items():
+                    if value is not None:
+                        logs[f"tikmix/{kind}/{_log_key(task)}"] = float(value)
         influence = entry["influence"]
         if self.config.tikmix_log_matrix and influence is not None:
             for t, row in zip(influence["task_names"], influence["scores"]):
@@ -499,7 +520,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             except OSError as err:
                 raise OSError(
                     f"TiKMiX could not write its history to {self._history_path} ({err}); the previous history file "
-                    "is left intact. Free disk space or fix the folder's permissions, then resume from the last checkpoint"
+                    "is left intact. Free disk space or fix the folder's permissions, then resume from the last "
+                    "checkpoint"
                 ) from err
 
     def state(self) -> dict:

@@ -22,6 +22,10 @@ from .mixers import MIXERS
 
 #: ``--tikmix_solver`` choices: every registered mixer.
 SOLVERS = tuple(MIXERS)
+#: ``--tikmix_objective`` choices of TiKMiX-D (and of TiKMiX-M's anchor).
+OBJECTIVES = ("trust_region", "paper")
+#: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
+DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
 
 
 def _help(text: str) -> dict:
@@ -37,12 +41,15 @@ class TiKMiXConfig:
     - **The mixer**: ``tikmix_solver`` (any registered mixer: TiKMiX-D, TiKMiX-M or a baseline),
       ``tikmix_initial_weights``, ``tikmix_seed``.
     - **When**: ``tikmix_stage_steps``, ``tikmix_stage_tokens`` or ``tikmix_stage_fractions`` (exactly
-      one; with none, the mixture is re-decided at 25, 50 and 75 percent of training), and
+      one; with none, at 5, 25, 50 and 75 percent of training, or 25, 50 and 75 with
+      ``tikmix_objective="paper"``), and
       ``tikmix_warmup_steps`` for an earlier first decision.
     - **What is measured**: ``tikmix_probe_sequences``, ``tikmix_validation_sequences``,
       ``tikmix_probe_batch_size``, ``tikmix_preconditioner``, ``tikmix_damping``.
-    - **TiKMiX-D's objective** (Eq. 10): ``tikmix_alpha``, ``tikmix_beta``, ``tikmix_gamma``,
-      ``tikmix_pareto``, and the guards ``tikmix_floor``, ``tikmix_max_change``.
+    - **TiKMiX-D's objective**: ``tikmix_objective`` (``trust_region`` or the paper's Eq. 10),
+      ``tikmix_trust_radius`` with its bounds ``tikmix_trust_radius_min``/``_max``,
+      ``tikmix_max_epochs``; Eq. 10's ``tikmix_beta``, ``tikmix_gamma``; both use ``tikmix_alpha``,
+      ``tikmix_pareto`` and the guards ``tikmix_floor``, ``tikmix_max_change`` (paper only).
     - **TiKMiX-M**: ``tikmix_surrogate_candidates``, ``tikmix_lookahead_lr``.
     - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
       adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.
@@ -88,11 +95,38 @@ class TiKMiXConfig:
     )
     tikmix_preconditioner: Literal[PRECONDITIONERS] = field(
         default="identity",
-        metadata=_help("Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher."),
+        metadata=_help(
+            "Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher."
+        ),
     )
     tikmix_damping: float | None = field(
         default=None,
         metadata=_help("diag_fisher only: lambda added to the diagonal (default 0.1 x mean of the diagonal)."),
+    )
+    tikmix_objective: Literal[OBJECTIVES] = field(
+        default="trust_region",
+        metadata=_help(
+            "direct/surrogate: trust_region (the default; the largest predicted validation-loss drop within a KL "
+            "trust region around the previous mixture, docs/method.md) or paper (Eq. 10 as published: normalised "
+            "gain, std and entropy)."
+        ),
+    )
+    tikmix_trust_radius: float = field(
+        default=0.1,
+        metadata=_help("trust_region: initial radius, the largest KL(w || w_prev) in nats one decision may move."),
+    )
+    tikmix_trust_radius_min: float = field(
+        default=0.01, metadata=_help("trust_region: the radius never shrinks below this (nats).")
+    )
+    tikmix_trust_radius_max: float = field(
+        default=1.0, metadata=_help("trust_region: the radius never grows above this (nats).")
+    )
+    tikmix_max_epochs: float | None = field(
+        default=4.0,
+        metadata=_help(
+            "trust_region: repetition cap; no domain is weighted to be read more than this many times over the "
+            "remaining training, where domain sizes are known. Unset = no cap."
+        ),
     )
     tikmix_alpha: float = field(default=1.0, metadata=_help("Weight of std(P_hat), the spread across tasks (Eq. 10)."))
     tikmix_beta: float = field(default=1.0, metadata=_help("Weight of sum(P_hat), the total normalised gain (Eq. 10)."))
@@ -218,6 +252,21 @@ def validate_config(c) -> None:
     """Every rule a :class:`TiKMiXConfig` must satisfy; the error names the field, the value and the fix."""
     if c.tikmix_solver not in SOLVERS:
         _fail("tikmix_solver", c.tikmix_solver, f"use one of {SOLVERS}")
+    if c.tikmix_objective not in OBJECTIVES:
+        _fail("tikmix_objective", c.tikmix_objective, f"use one of {OBJECTIVES}")
+    for name in ("tikmix_trust_radius", "tikmix_trust_radius_min", "tikmix_trust_radius_max"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            _fail(name, value, "must be a finite number of nats > 0, e.g. 0.1")
+    if not c.tikmix_trust_radius_min <= c.tikmix_trust_radius <= c.tikmix_trust_radius_max:
+        _fail("tikmix_trust_radius", c.tikmix_trust_radius,
+              f"must lie between tikmix_trust_radius_min={c.tikmix_trust_radius_min} and "
+              f"tikmix_trust_radius_max={c.tikmix_trust_radius_max}")
+    epochs = c.tikmix_max_epochs
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0
+    ):
+        _fail("tikmix_max_epochs", epochs, "must be a number of epochs > 0, e.g. 4 (or unset for no cap)")
     if c.tikmix_preconditioner not in PRECONDITIONERS:
         _fail("tikmix_preconditioner", c.tikmix_preconditioner, f"use one of {PRECONDITIONERS}")
     given = [n for n in ("tikmix_stage_steps", "tikmix_stage_tokens", "tikmix_stage_fractions") if getattr(c, n)]
@@ -236,7 +285,8 @@ def validate_config(c) -> None:
         if not isinstance(value, int) or value < 1:
             _fail(name, value, "must be a positive integer")
     if c.tikmix_surrogate_candidates < 10:  # solve_surrogate's own minimum (MIN_CANDIDATES)
-        _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates, "the surrogate needs at least 10 candidates")
+        _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates,
+              "the surrogate needs at least 10 candidates")
     if c.tikmix_probe_batch_size is not None and c.tikmix_probe_batch_size < 1:
         _fail("tikmix_probe_batch_size", c.tikmix_probe_batch_size, "must be a positive integer (or unset)")
     if c.tikmix_damping is not None and not (

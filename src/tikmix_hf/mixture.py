@@ -799,6 +799,10 @@ class DomainMixture(IterableDataset):
         self._ctrl[1] = epoch
         self._set_seek(position, cursors)
 
+    def domain_sizes(self) -> dict[str, int | None]:
+        """Examples per domain where known (``None`` for an iterable domain of unknown length)."""
+        return {s.name: s.num_examples for s in self._sources}
+
     def __repr__(self) -> str:
         w = ", ".join(f"{d}={x:.3f}" for d, x in self.weights.items())
         return f"DomainMixture({len(self.domains)} domains: {w}; seed={self.seed})"

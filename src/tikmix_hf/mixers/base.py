@@ -38,6 +38,11 @@ class StageInputs:
     # callable ``k -> batch k`` (``None`` past the end) whose first batches are ``domain_batches``.
     domain_sources: dict[str, Any] | None = None
     max_probe_batches: int | None = None
+    # What the scale-aware objective needs (docs/method.md): the coming stage's length in optimizer
+    # steps, the training samples still to come, and each domain's size in examples (None: unknown).
+    stage_steps: int | None = None
+    remaining_samples: int | None = None
+    domain_sizes: dict[str, int | None] | None = None
 
 
 @dataclasses.dataclass

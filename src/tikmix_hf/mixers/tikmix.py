@@ -10,6 +10,8 @@ import numpy as np
 from .._io import jsonable
 from ..influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
 from ..solvers import solve_direct, solve_surrogate
+from ..solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
+from ..solvers.trust_region import solve_trust_region
 from ..solvers.uncertainty import PrecisionSmoother, shrink_influence
 from .base import Decision, Mixer, StageInputs, register
 
@@ -82,6 +84,7 @@ class UncertaintyAware(Mixer):
 
     def __init__(self):
         self._smoother: PrecisionSmoother | None = None
+        self._radius: TrustRadius | None = None
 
     def decision_scores(self, inputs: StageInputs, result: InfluenceResult) -> tuple[np.ndarray, dict]:
         cfg = inputs.config
@@ -109,20 +112,82 @@ class UncertaintyAware(Mixer):
         info["scores_used"] = jsonable(scores)
         return scores, {"uncertainty": info}
 
+    def trust_region_answer(self, inputs: StageInputs, result: InfluenceResult, scores: np.ndarray):
+        """The scale-aware TiKMiX-D answer (``solvers/trust_region.py``) and what the radius controller saw.
+
+        The radius comes from :class:`~tikmix_hf.solvers.trust_radius.TrustRadius` (grown when the
+        last decision's predicted loss drops were realised and the evidence agrees, shrunk when not,
+        and scaled down by the standard error of ``S``); the repetition cap ``tikmix_max_epochs``
+        becomes an upper bound per domain where sizes are known.
+        """
+        cfg = inputs.config
+        if self._radius is None:
+            self._radius = TrustRadius(cfg.tikmix_trust_radius, cfg.tikmix_trust_radius_min,
+                                       cfg.tikmix_trust_radius_max)
+        losses = [result.task_losses[t] for t in result.task_names]
+        radius, controller = self._radius.update(
+            losses, gain_direction(scores, inputs.prior), matrix_rse(result.scores, result.stderr)
+        )
+        step = (inputs.learning_rate or 1.0) * max(int(inputs.stage_steps or 1), 1)
+        upper, cap_note = repetition_cap(inputs, cfg.tikmix_max_epochs)
+        kwargs = solver_kwargs(inputs, result.task_names)
+        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=cfg.tikmix_alpha,
+                                    pareto=cfg.tikmix_pareto, floor=kwargs["floor"], upper=upper,
+                                    domains=kwargs["domains"], tasks=kwargs["tasks"])
+        self._radius.record(solved.details["predicted_gain"], losses)
+        info = {**controller, "step_length": step, "repetition_cap": cap_note,
+                "predicted_gain_next": solved.details["predicted_gain"], "kl": solved.details["kl"]}
+        return solved, {"trust_region": jsonable(dict(zip_tasks(info, result.task_names)))}
+
     def state_dict(self) -> dict:
-        if self._smoother is None or self._smoother.stages == 0:
-            return {}
-        return {"smoother": self._smoother.state_dict()}
+        state = {}
+        if self._smoother is not None and self._smoother.stages > 0:
+            state["smoother"] = self._smoother.state_dict()
+        if self._radius is not None:
+            state["trust_radius"] = self._radius.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state or {})
         smoother = state.pop("smoother", None)
+        radius = state.pop("trust_radius", None)
         if state:
             raise ValueError(f"{type(self).__name__}: unknown mixer state {sorted(state)} in the checkpoint")
         self._smoother = None
         if smoother and smoother.get("stages"):
             self._smoother = PrecisionSmoother(smoother["decay"])
             self._smoother.load_state_dict(smoother)
+        self._radius = None
+        if radius:
+            self._radius = TrustRadius(radius["radius"], radius["minimum"], radius["maximum"])
+            self._radius.load_state_dict(radius)
+
+
+def zip_tasks(info: dict, tasks: list[str]):
+    """The controller's per-task lists as ``{task: value}`` mappings, the rest as they are."""
+    for key, value in info.items():
+        if key in ("predicted_gain", "realised_gain", "predicted_gain_next") and isinstance(value, list):
+            yield key, dict(zip(tasks, value))
+        else:
+            yield key, value
+
+
+def repetition_cap(inputs: StageInputs, max_epochs: float | None) -> tuple[np.ndarray | None, str | None]:
+    """``w_j <= max_epochs * n_j / remaining samples``: no domain read more than ``max_epochs`` times more.
+
+    Applied only where every domain's size and the remaining training are known, and where the caps
+    leave a mixture at all (their sum >= 1); otherwise ``None`` and a note that says why.
+    """
+    if max_epochs is None:
+        return None, None
+    sizes = [None if inputs.domain_sizes is None else inputs.domain_sizes.get(d) for d in inputs.domains]
+    if any(n is None for n in sizes) or not inputs.remaining_samples:
+        return None, "not applied: a domain's size or the remaining training is unknown"
+    caps = np.minimum(max_epochs * np.asarray(sizes, dtype=np.float64) / float(inputs.remaining_samples), 1.0)
+    if caps.sum() < 1.0:
+        return None, (f"not applied: the remaining {inputs.remaining_samples} samples exceed {max_epochs:g} epochs "
+                      "of every domain together")
+    return caps, f"applied: at most {max_epochs:g} epochs of any domain over the remaining training"
 
 
 @register("direct")
@@ -136,7 +201,11 @@ class TiKMiXDirect(UncertaintyAware):
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
         scores, extra = self.decision_scores(inputs, result)
-        solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
+        if inputs.config.tikmix_objective == "paper":
+            solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
+        else:
+            solved, more = self.trust_region_answer(inputs, result, scores)
+            extra = {**extra, **more}
         return Decision(solved.weights, solved.status, solved.message, result, solved,
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
                         extra=extra)
@@ -155,7 +224,11 @@ class TiKMiXSurrogate(UncertaintyAware):
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
         kwargs = solver_kwargs(inputs, result.task_names)
         scores, uncertainty = self.decision_scores(inputs, result)
-        direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
+        if cfg.tikmix_objective == "paper":
+            direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
+        else:
+            direct, more = self.trust_region_answer(inputs, result, scores)
+            uncertainty = {**uncertainty, **more}
         lookahead_seconds = [0.0]
         step, grid = cfg.tikmix_lookahead_lr, None
 

@@ -1,0 +1,166 @@
+"""The scale-aware TiKMiX-D objective and its trust-radius controller (docs/method.md, section 5b)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+
+from tikmix_hf.solvers import solve_direct
+from tikmix_hf.solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
+from tikmix_hf.solvers.trust_region import kl_divergence, kl_reference, solve_trust_region
+
+
+def tilt(q, c, radius):
+    """Brute force: the exponential tilt of q along c whose KL to q is the radius."""
+
+    def w(t):
+        x = q * np.exp(t * c)
+        return x / x.sum()
+
+    t = brentq(lambda t: kl_divergence(w(t), q) - radius, 0.0, 50.0 / np.abs(c).max())
+    return w(t)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_without_std_or_pareto_the_answer_is_the_exponential_tilt(seed):
+    rng = np.random.default_rng(seed)
+    S = rng.normal(size=(3, 6))
+    prior = rng.dirichlet(np.ones(6))
+    res = solve_trust_region(S, prior, radius=0.2, alpha=0.0, pareto=False)
+    assert res.status == "converged"
+    np.testing.assert_allclose(res.weights, tilt(kl_reference(prior), S.mean(axis=0), 0.2), atol=2e-6)
+
+
+def test_a_zero_information_matrix_keeps_the_prior():
+    prior = np.array([0.5, 0.3, 0.2])
+    res = solve_trust_region(np.zeros((2, 3)), prior, radius=0.5)
+    assert res.status == "fallback" and "all zeros" in res.message
+    np.testing.assert_array_equal(res.weights, prior)
+
+
+@pytest.mark.parametrize("radius", [0.01, 0.1, 0.5])
+def test_a_one_hot_helpful_domain_gains_weight_at_most_as_far_as_the_radius(radius):
+    prior = np.array([0.4, 0.3, 0.2, 0.1])
+    S = np.zeros((2, 4))
+    S[:, 2] = 1.0
+    res = solve_trust_region(S, prior, radius=radius)
+    q = kl_reference(prior)
+    assert res.weights[2] > prior[2]
+    assert kl_divergence(res.weights, q) <= radius + 1e-7
+    # the whole radius is used, and the other domains shrink in proportion (the least change)
+    np.testing.assert_allclose(kl_divergence(res.weights, q), radius, rtol=1e-4)
+    others = np.delete(res.weights, 2) / np.delete(q, 2)
+    np.testing.assert_allclose(others, others[0], rtol=1e-4)
+
+
+def test_answer_is_invariant_to_rescaling_S_and_to_the_step_length():
+    rng = np.random.default_rng(7)
+    S = rng.normal(size=(3, 5))
+    prior = np.full(5, 0.2)
+    base = solve_trust_region(S, prior, radius=0.3)
+    for factor, step in ((1e-6, 1.0), (1e4, 1.0), (1.0, 250.0)):
+        other = solve_trust_region(factor * S, prior, radius=0.3, step=step)
+        np.testing.assert_allclose(other.weights, base.weights, atol=1e-6)
+        # the step length only scales the reported predicted gains: h S w in nats
+        np.testing.assert_allclose(other.details["predicted_gain"], step * factor * S @ other.weights, rtol=1e-12)
+
+
+def test_pareto_floor_and_upper_bounds_hold():
+    rng = np.random.default_rng(3)
+    S = rng.normal(size=(3, 6))
+    prior = np.full(6, 1 / 6)
+    upper = np.array([0.25, 1, 1, 1, 1, 1])
+    res = solve_trust_region(S, prior, radius=1.0, floor=0.02, upper=upper)
+    w = res.weights
+    assert w.min() >= 0.02 - 1e-9 and w[0] <= 0.25 + 1e-9
+    assert np.all(S @ w >= S @ prior - 1e-9)  # no task predicted worse than under the previous mixture
+    assert abs(w.sum() - 1) < 1e-12
+
+
+def test_bad_radius_and_step_fail_clearly():
+    with pytest.raises(ValueError, match="radius must be a finite number > 0"):
+        solve_trust_region(np.ones((1, 2)), [0.5, 0.5], radius=0.0)
+    with pytest.raises(ValueError, match="step must be"):
+        solve_trust_region(np.ones((1, 2)), [0.5, 0.5], radius=0.1, step=float("nan"))
+
+
+def test_the_paper_objective_is_unchanged_through_the_mixer():
+    """--tikmix_objective paper takes the same solve_direct call as before, to 1e-10."""
+    from tikmix_hf.config import TiKMiXConfig
+    from tikmix_hf.mixers import StageInputs, solver_kwargs
+
+    S = np.array([[1.0, 0.2, -0.1], [0.1, 0.8, 0.3]])
+    prior = np.array([0.5, 0.3, 0.2])
+    config = TiKMiXConfig(tikmix_objective="paper", tikmix_floor=0.01)
+    inputs = StageInputs(stage=0, step=1, domains=["a", "b", "c"], prior=prior, model=None, optimizer=None,
+                         domain_batches={}, validation_batches={}, config=config)
+    via_mixer = solve_direct(S, prior, **solver_kwargs(inputs, ["t0", "t1"]))
+    direct = solve_direct(S, prior, alpha=1.0, beta=1.0, gamma=1.0, pareto=True, floor=0.01, max_change=None,
+                          domains=["a", "b", "c"], tasks=["t0", "t1"])
+    np.testing.assert_allclose(via_mixer.weights, direct.weights, atol=1e-10, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The radius controller
+
+
+def scripted(controller, rounds):
+    """Feed (losses now, direction, rse, predicted next) rounds; return the radii used."""
+    used = []
+    for losses, direction, rse, predicted in rounds:
+        radius, _ = controller.update(losses, direction, rse)
+        controller.record(predicted, losses)
+        used.append(radius)
+    return used
+
+
+def test_radius_grows_when_predictions_are_realised_and_the_evidence_agrees():
+    c = TrustRadius(0.1, 0.01, 0.5)
+    d = [1.0, -1.0, 0.0]
+    rounds = [([3.0], d, None, [0.1]), ([2.9], d, None, [0.1]), ([2.8], d, None, [0.1]), ([2.7], d, None, [0.1]),
+              ([2.6], d, None, [0.1])]
+    assert scripted(c, rounds) == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])  # doubled, then held at the bound
+
+
+def test_radius_shrinks_when_the_loss_does_not_follow_or_the_signal_flips():
+    c = TrustRadius(0.4, 0.05, 1.0)
+    d = np.array([1.0, -1.0, 0.0])
+    rounds = [([3.0], d, None, [0.1]), ([3.1], d, None, [0.1]),  # loss went up: shrink
+              ([3.0], -d, None, [0.1]),  # realised, but the direction flipped: shrink
+              ([2.9], d, None, [0.1]), ([2.8], -d, None, [0.1])]
+    assert scripted(c, rounds) == pytest.approx([0.4, 0.2, 0.1, 0.05, 0.05])
+
+
+def test_uncertainty_scales_the_radius_down():
+    c = TrustRadius(0.2, 0.01, 1.0)
+    radius, info = c.update([1.0], [1.0, 0.0], rse=1.0)
+    assert radius == pytest.approx(0.1) and info["uncertainty_factor"] == pytest.approx(0.5)
+
+
+def test_controller_state_resumes_exactly_through_json():
+    d = [0.5, -0.5]
+    a = TrustRadius(0.1, 0.01, 1.0)
+    scripted(a, [([3.0], d, 0.3, [0.2]), ([2.7], d, 0.2, [0.2])])
+    b = TrustRadius(0.1, 0.01, 1.0)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    rest = [([2.6], d, 0.1, [0.1]), ([2.9], [-0.5, 0.5], None, [0.1])]
+    assert scripted(a, rest) == scripted(b, rest)
+    assert a.state_dict() == b.state_dict()
+
+
+def test_controller_refuses_bad_bounds_and_state():
+    with pytest.raises(ValueError, match="minimum <= radius <= maximum"):
+        TrustRadius(0.5, 0.01, 0.1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrustRadius(0.1, 0.01, 1.0).load_state_dict({"radius": 0.1, "minimum": 0.01, "maximum": 1.0, "oops": 1})
+
+
+def test_direction_and_rse_helpers():
+    S = np.array([[1.0, 0.0], [1.0, 0.0]])
+    g = gain_direction(S, [0.5, 0.5])
+    np.testing.assert_allclose(g, [1 / np.sqrt(2), -1 / np.sqrt(2)])
+    assert matrix_rse(S, np.full((2, 2), 0.5)) == pytest.approx(np.sqrt(4 * 0.25) / np.sqrt(2))
+    assert matrix_rse(S, None) is None
