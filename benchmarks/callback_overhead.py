@@ -65,6 +65,8 @@ def run(arm: str, steps: int, batch: int, probes: int, n_domains: int) -> dict:
                                  report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000)
         trainer = Trainer(model=model(), args=args, train_dataset=mixture, data_collator=collate,
                           callbacks=callbacks)
+        for callback in callbacks:
+            callback.bind(trainer)
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start

@@ -70,7 +70,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from _common import bench_size, parser, table, write
 
 PAPER_RATIO = 0.195  # 7.2e17 / 3.7e18, arXiv 2508.17677 v1
@@ -90,7 +89,7 @@ CV_MIN_PROXIES = 5  # from here on the rounds are chosen by 5-fold cross-validat
 
 def model_shape(data, size) -> dict:
     """Parameters (tied embedding once), layers and width of the Llama ``train_arm`` builds for ``size``."""
-    from tikmix_hf.corpora import tiny_llama
+    from tikmix_hf.demo.corpora import tiny_llama
 
     tok = data.tokenizer
     model = tiny_llama(len(tok), hidden_size=size.hidden_size, layers=size.layers, heads=size.heads,
@@ -238,11 +237,11 @@ def main() -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)  # 2-thread kernels stall behind any other process on a shared 2-core machine
 
-    from transformers.utils import logging as hf_logging
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
-    from tikmix_hf.callback import load_history
     from tikmix_hf.demo import Arm, held_out_losses, prepare_data, train_arm
+    from tikmix_hf.history import load_history
     from tikmix_hf.mixture import DomainMixture
 
     hf_logging.set_verbosity_error()

@@ -99,10 +99,10 @@ def _corr(pred: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
 def run_one(corpus: str, seed: int, args, size) -> dict:
     import torch
 
-    from tikmix_hf.corpora import tiny_llama
     from tikmix_hf.demo import prepare_data
+    from tikmix_hf.demo.corpora import tiny_llama
     from tikmix_hf.influence import group_influence
-    from tikmix_hf.solvers.robust import shrink_influence
+    from tikmix_hf.solvers.uncertainty import shrink_influence
 
     data = _DATA.setdefault(corpus, prepare_data(corpus, size))
     names = list(data.domains)

@@ -10,8 +10,9 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
   renormalised); ``targets`` (local corpus only: half natural, half spread evenly over the
   domains the validation text was held out from, what a user who knows the tasks would try);
   ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
-- TiKMiX: ``tikmix_d`` and ``tikmix_m`` with the paper's plain settings (natural start, the
-  demo's stage fractions 0.2/0.4/0.6/0.8, adam preconditioner);
+- TiKMiX: ``tikmix_d`` (the default, scale-aware trust-region objective), ``tikmix_d_paper`` (the
+  paper's Eq. 10) and ``tikmix_m``, from the natural start at the demo's stage fractions
+  0.2/0.4/0.6/0.8 with the adam preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
 - issue 11, at equal *total* tokens (the TiKMiX arms give up the training steps their probe
@@ -51,10 +52,12 @@ TEMPERATURE = 3.0
 ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
           "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
 WARMUP_FRACTION = 0.05
+DEFAULT_SCHEDULE = (0.05, 0.25, 0.5, 0.75)  # tikmix_hf.config.DEFAULT_FRACTIONS["trust_region"]
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
-    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D", "tikmix_m": "TiKMiX-M",
+    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D", "tikmix_d_paper": "TiKMiX-D (paper objective)",
+    "tikmix_m": "TiKMiX-M",
     "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
     "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
     "hindsight_robust": "hindsight static of TiKMiX-D robust",
@@ -150,8 +153,11 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 job["initial"] = arm
                 job["save_model"] = arm == "uniform" and "doremi" in arms
             elif arm in ("tikmix_d", "tikmix_d_eq"):
-                job["solver"] = "direct"
+                # the default objective with its default schedule: an early first decision
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
                 job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
+            elif arm == "tikmix_d_paper":
+                job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
                 job["solver"] = "surrogate"
             elif arm in ("odm", "doge"):

@@ -39,13 +39,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parser, table, write  # noqa: E402  (sets the offline environment first)
-
+import callback_overhead as co  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import parser, table, write  # noqa: E402  (sets the offline environment first)
 from tqdm.auto import tqdm  # noqa: E402
-
-import callback_overhead as co  # noqa: E402
 
 BATCH = 8
 FULL = {"steps": 200, "domains": (4, 8, 16, 26), "probes": (4, 8, 16, 32),

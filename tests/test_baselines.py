@@ -4,30 +4,38 @@ run that resumes exactly and moves the toy's mixture the way its method says it 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers.data import RecordingCollator, toy_domains, toy_validation
+from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
-from tikmix_hf.baseline_mixers import DoGEMixer, DoReMiMixer, ODMMixer, StaticMixer, probe_losses
-from tikmix_hf.callback import load_history
-from tikmix_hf.mixers import MIXERS, StageInputs, build_mixer
+from tikmix_hf.history import load_history
+from tikmix_hf.mixers import (
+    MIXERS,
+    DoGEMixer,
+    DoReMiMixer,
+    ODMMixer,
+    StageInputs,
+    StaticMixer,
+    build_mixer,
+    probe_losses,
+)
 from tikmix_hf.solvers import (
     doge_update,
-    doremi_excess_loss,
     doremi_update,
-    natural_weights,
     odm_exploration_rate,
     odm_policy,
     odm_update_rewards,
     running_average,
     temperature_weights,
-    uniform_weights,
 )
 
 # DoReMi and DoGE collapse the toy's mixture onto pattern within a few stages, as they should here.
@@ -45,8 +53,9 @@ STAGE, STEPS, CKPT = 2, 8, 3  # decisions at steps 2, 4, 6; the split run stops 
 
 
 def test_static_rules():
-    np.testing.assert_allclose(natural_weights([100, 300]), [0.25, 0.75], rtol=1e-15)
-    np.testing.assert_allclose(uniform_weights(4), [0.25] * 4, rtol=1e-15)
+    # the natural mixture (T = 1) and equal sizes (any T) are the two static mixtures the config names
+    np.testing.assert_allclose(temperature_weights([100, 300], 1.0), [0.25, 0.75], rtol=1e-15)
+    np.testing.assert_allclose(temperature_weights([5, 5, 5, 5], 3.0), [0.25] * 4, rtol=1e-15)
     # w ∝ n^(1/T): T=2 on sizes 100, 400 -> sqrt -> 10, 20 -> 1/3, 2/3
     np.testing.assert_allclose(temperature_weights([100, 400], 2.0), [1 / 3, 2 / 3], rtol=1e-14)
     # T=3 on 1, 8, 27 -> cube roots 1, 2, 3 -> 1/6, 2/6, 3/6
@@ -57,7 +66,7 @@ def test_static_rules():
     with pytest.raises(ValueError, match="temperature=0"):
         temperature_weights([1, 2], 0)
     with pytest.raises(ValueError, match="negative"):
-        natural_weights([1, -2])
+        temperature_weights([1, -2], 1.0)
 
 
 def test_odm_exploration_rate_is_min_of_one_over_k_and_sqrt_schedule():
@@ -99,7 +108,7 @@ def test_odm_smoothed_reward_and_policy_by_hand():
 
 def test_doremi_step_by_hand():
     # excess loss: max(proxy - ref, 0) = max([2, 3, 1] - [1.5, 3.5, 1], 0) = [0.5, 0, 0]
-    lam = doremi_excess_loss([2.0, 3.0, 1.0], [1.5, 3.5, 1.0])
+    lam = np.maximum(np.array([2.0, 3.0, 1.0]) - np.array([1.5, 3.5, 1.0]), 0.0)  # as DoReMiMixer measures it
     np.testing.assert_array_equal(lam, [0.5, 0.0, 0.0])
     # alpha' = alpha * exp(eta * lambda) = [0.5 e^0.5, 0.25, 0.25] = [0.824361, 0.25, 0.25]
     #   normalised: / 1.324361 -> [0.622459, 0.188770, 0.188770]
@@ -156,7 +165,7 @@ def _inputs(model, batches, validation=None, prior=(0.2, 0.2, 0.6), step=10, **c
 
 
 def test_probe_losses_and_excess_match_brute_force():
-    model, reference = tiny_model(0), tiny_model(1)
+    model, reference = toy_model(0), toy_model(1)
     batches = _probe_batches()
     measured = probe_losses(model, batches, reference)
     for j, d in enumerate(DOMAINS):
@@ -180,7 +189,7 @@ def test_probe_losses_and_excess_match_brute_force():
 
 
 def test_doge_mixer_alignment_and_norms_match_brute_force():
-    model = tiny_model(0)
+    model = toy_model(0)
     batches = _probe_batches()
     val = {"held_out_pattern": [_collate(toy_validation()["held_out_pattern"][:4])]}
 
@@ -217,7 +226,7 @@ def test_registry_names_and_build():
 
 
 def test_mixer_state_is_json_and_round_trips():
-    model, batches = tiny_model(0), _probe_batches()
+    model, batches = toy_model(0), _probe_batches()
     odm = ODMMixer()
     first = odm.decide(_inputs(model, batches, step=4))
     state = json.loads(json.dumps(odm.state_dict()))
@@ -238,7 +247,7 @@ def test_mixer_state_is_json_and_round_trips():
 
 def test_odm_mixer_first_decision_by_hand():
     # step 4, K = 3: eps_4 = sqrt(ln 3 / 12) = 0.302574, eps_prev = 1/3, R = 0.1 * L (R starts at 0)
-    model, batches = tiny_model(0), _probe_batches()
+    model, batches = toy_model(0), _probe_batches()
     losses = probe_losses(model, batches).losses
     decision = ODMMixer().decide(_inputs(model, batches, step=4, tikmix_odm_alpha=0.9))
     eps = math.sqrt(math.log(3) / 12)
@@ -250,13 +259,13 @@ def test_odm_mixer_first_decision_by_hand():
 
 
 def test_doremi_mixer_needs_a_reference():
-    model, batches = tiny_model(0), _probe_batches()
+    model, batches = toy_model(0), _probe_batches()
     with pytest.raises(ValueError, match="tikmix_reference_model"):
         DoReMiMixer().decide(_inputs(model, batches))
     with pytest.raises(TypeError, match="reference_model must be a torch.nn.Module"):
         DoReMiMixer(reference_model="path")
     # a model object works, and the step is the DoReMi rule on the per-token clipped excess
-    reference = tiny_model(1)
+    reference = toy_model(1)
     decision = DoReMiMixer(reference_model=reference).decide(_inputs(model, batches, tikmix_doremi_smoothing=0.0))
     excess = probe_losses(model, batches, reference).excess
     np.testing.assert_allclose(decision.weights, doremi_update([0.2, 0.2, 0.6], excess, 1.0, 0.0), rtol=1e-12)
@@ -269,7 +278,7 @@ def test_doremi_mixer_needs_a_reference():
 def _reference_dir(tmp_path_factory):
     """A reference model trained on ``pattern`` only (DoReMi's reference), saved with save_pretrained."""
     folder = tmp_path_factory.mktemp("reference")
-    ref = tiny_model(1)
+    ref = toy_model(1)
     data = toy_domains(seed=5)["pattern"]
     opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
     for i in range(40):
@@ -302,8 +311,9 @@ def _run(out, solver, reference, *, max_steps=STEPS, resume=None):
         report_to="none", save_strategy="steps", save_steps=CKPT, logging_steps=100, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="constant", ignore_data_skip=True,
     )
-    trainer = Trainer(model=tiny_model(0), args=args, train_dataset=mixture, data_collator=collator,
+    trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator,
                       callbacks=[callback])
+    callback.bind(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return callback, collator, mixture
 
@@ -421,10 +431,24 @@ def test_baseline_flags_parse_from_the_command_line(tmp_path):
         (dict(tikmix_odm_exploration=1.5), "tikmix_odm_exploration=1.5"),
         (dict(tikmix_doremi_eta=-1.0), "tikmix_doremi_eta=-1.0"),
         (dict(tikmix_doremi_smoothing=1.5), "tikmix_doremi_smoothing=1.5"),
-        (dict(tikmix_reference_model="/no/such/folder"), "tikmix_reference_model='/no/such/folder'"),
         (dict(tikmix_doge_eta=0), "tikmix_doge_eta=0"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TiKMiXConfig(**kwargs)
+
+
+def test_a_missing_reference_folder_is_refused_when_training_starts_not_in_the_config(tmp_path):
+    # A saved config must rebuild on a machine without the folder; DoReMi checks it when it is used.
+    config = TiKMiXConfig(tikmix_solver="doremi", tikmix_reference_model="/no/such/folder", tikmix_stage_steps=STAGE,
+                          tikmix_show_progress=False)
+    assert TiKMiXConfig(**dataclasses.asdict(config)) == config
+    mixture = DomainMixture(toy_domains(), weights=START, seed=3)
+    trainer = Trainer(model=toy_model(0), args=TrainingArguments(output_dir=str(tmp_path), max_steps=4, use_cpu=True,
+                                                                 report_to="none", save_strategy="no"),
+                      train_dataset=mixture, data_collator=RecordingCollator())
+    TiKMiXCallback(mixture, toy_validation(), config, trainer=trainer)
+    with pytest.raises(ValueError, match="tikmix_reference_model='/no/such/folder': no such folder"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.data import RecordingCollator, toy_domains, toy_validation
+from helpers.launch import torchrun
+from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from _launch import torchrun
-from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
-from tikmix_hf.callback import load_history
+from tikmix_hf.history import load_history
 
 HERE = os.path.dirname(__file__)
 START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
@@ -51,9 +52,10 @@ def build(out, config=None, *, args_kw=None, model_seed=0, dtype=torch.float32):
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     catcher = LogCatcher()
     trainer = Trainer(
-        model=tiny_model(model_seed, dtype), args=make_args(out, **(args_kw or {})), train_dataset=mixture,
+        model=toy_model(model_seed, dtype), args=make_args(out, **(args_kw or {})), train_dataset=mixture,
         data_collator=collator, callbacks=[callback, catcher],
     )
+    callback.bind(trainer)
     return trainer, callback, collator, catcher, mixture
 
 
@@ -123,7 +125,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, ignore_data_skip)
 def test_resume_from_checkpoint_without_callback_state_warns(tmp_path):
     mixture = DomainMixture(toy_domains(), weights=START, seed=3)
     collator = RecordingCollator()
-    plain = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=5),
+    plain = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=5),
                     train_dataset=mixture, data_collator=collator)
     plain.train()
     trainer, callback, *_ = build(tmp_path, args_kw=dict(max_steps=25, ignore_data_skip=True))
@@ -173,8 +175,9 @@ def test_training_by_epochs_with_num_samples(tmp_path):
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_fractions=[0.5],
                                                                       tikmix_show_progress=False))
     args = make_args(tmp_path, max_steps=-1, num_train_epochs=2)
-    trainer = Trainer(model=tiny_model(), args=args, train_dataset=mixture, data_collator=RecordingCollator(),
+    trainer = Trainer(model=toy_model(), args=args, train_dataset=mixture, data_collator=RecordingCollator(),
                       callbacks=[callback])
+    callback.bind(trainer)
     trainer.train()
     assert trainer.state.global_step == 20
     assert [s["step"] for s in callback.history] == [10]
@@ -193,7 +196,7 @@ def test_surrogate_solver_in_a_run(tmp_path):
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.distributed
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
-    script = os.path.join(HERE, "dist_callback.py")
+    script = os.path.join(HERE, "distributed", "dist_callback.py")
     single = subprocess.run([sys.executable, script, str(tmp_path / "one"), "8", "default"],
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -283,14 +286,16 @@ def test_bad_callback_arguments_fail_clearly(tmp_path):
         TiKMiXCallback(mixture, {"t": []})
     other = DomainMixture(toy_domains(), weights=START)
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_show_progress=False))
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=3), train_dataset=other,
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=3), train_dataset=other,
                       data_collator=RecordingCollator(), callbacks=[callback])
+    callback.bind(trainer)
     with pytest.raises(ValueError, match="train_dataset is not the DomainMixture"):
         trainer.train()
+    restoring = Trainer(model=toy_model(), args=make_args(tmp_path, restore_callback_states_from_checkpoint=True),
+                        train_dataset=mixture, data_collator=RecordingCollator())
+    TiKMiXCallback(mixture, toy_validation(), trainer=restoring)
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint"):
-        Trainer(model=tiny_model(), args=make_args(tmp_path, restore_callback_states_from_checkpoint=True),
-                train_dataset=mixture, data_collator=RecordingCollator(),
-                callbacks=[TiKMiXCallback(mixture, toy_validation())])
+        restoring.train()
 
 
 def test_schedule_longer_than_training_warns(tmp_path):
@@ -303,7 +308,7 @@ def test_schedule_longer_than_training_warns(tmp_path):
 
 def test_callback_added_after_construction_needs_bind(tmp_path):
     mixture = DomainMixture(toy_domains(), weights=START)
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=12), train_dataset=mixture,
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=12), train_dataset=mixture,
                       data_collator=RecordingCollator())
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False))
     trainer.add_callback(callback)
@@ -312,3 +317,46 @@ def test_callback_added_after_construction_needs_bind(tmp_path):
     callback.bind(trainer)
     trainer.train()
     assert [s["step"] for s in callback.history] == [10]
+
+
+# ---------------------------------------------------------------------------- the console and early checks
+def test_console_shows_one_line_per_stage_and_integrations_the_whole_matrix(tmp_path, capfd):
+    trainer, callback, *_ = build(tmp_path, args_kw=dict(max_steps=12, logging_steps=5))  # tikmix_log_matrix=True
+    assert callback.config.tikmix_log_matrix is True
+    trainer.train()
+    out, err = capfd.readouterr()
+    console = out + err
+    assert "tikmix/influence/" not in console
+    assert "TiKMiX stage 1 at step 10:" in console
+    assert "'loss'" in console or "loss" in console  # the Trainer's own log lines still print
+    logged = [entry for entry in trainer.state.log_history if "tikmix/stage" in entry]
+    assert len(logged) == 1 and "tikmix/influence/held_out_pattern/noise" in logged[0]
+
+
+def test_validation_without_labels_fails_when_training_starts(tmp_path):
+    unlabelled = {"v": [{k: v for k, v in e.items() if k != "labels"} for e in toy_validation()["held_out_pattern"]]}
+    mixture = DomainMixture(toy_domains(), weights=START, seed=3)
+    from transformers import default_data_collator
+
+    callback = TiKMiXCallback(mixture, unlabelled, TiKMiXConfig(tikmix_stage_steps=15, tikmix_show_progress=False),
+                              collator=default_data_collator)
+    collator = RecordingCollator()
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
+                      data_collator=collator)
+    callback.bind(trainer)
+    with pytest.raises(ValueError, match="task 'v' batch 0 has no 'labels' tensor"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and collator.seen == []  # not one training step was taken
+
+
+def test_a_callback_bound_to_another_trainer_is_refused_until_rebound(tmp_path):
+    trainer, callback, *_ = build(tmp_path / "first", args_kw=dict(max_steps=12))
+    trainer.train()
+    second = Trainer(model=toy_model(), args=make_args(tmp_path / "second", max_steps=12),
+                     train_dataset=callback.mixture, data_collator=RecordingCollator(), callbacks=[callback])
+    with pytest.raises(RuntimeError, match=r"bound to another Trainer.*callback\.bind\(trainer\)"):
+        second.train()
+    assert second.state.global_step == 0
+    assert callback.bind(second) is callback
+    second.train()
+    assert second.state.global_step == 12

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.launch import torchrun
 
-from _launch import torchrun
 from tikmix_hf.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_demo_quick_console_script(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_train_single_process(trained_run):
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
 
     history = load_history(trained_run / "tikmix" / "history.json")
     assert history["domains"] == ["code", "prose"] and history["tasks"] == ["val_code", "val_prose"]
@@ -204,7 +204,7 @@ def test_train_from_yaml_mapping_and_saved_model(text_data, trained_run, tmp_pat
 def test_train_torchrun_two_ranks(text_data, tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun("dist_train_cli.py", *_train_argv(text_data, out)[1:], timeout=600)
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
 
     history = load_history(out / "tikmix" / "history.json")
     assert [s["step"] for s in history["stages"]] == [4, 8]
@@ -219,7 +219,7 @@ def test_train_torchrun_two_ranks(text_data, tmp_path):
 @pytest.mark.distributed
 def test_train_accelerate_launch_two_processes(text_data, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` starts two CPU ranks through torch's elastic launcher."""
-    from _launch import free_port
+    from helpers.launch import free_port
 
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -227,7 +227,7 @@ def test_train_accelerate_launch_two_processes(text_data, tmp_path):
            "--main_process_port", str(free_port()), "-m", "tikmix_hf.cli", *_train_argv(text_data, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
 
     history = load_history(out / "tikmix" / "history.json")
     assert [s["step"] for s in history["stages"]] == [4, 8]

@@ -1,4 +1,4 @@
-"""Tests of tikmix_hf.corpora: offline corpora, tokenizers, packing, tiny models, choice task."""
+"""Tests of tikmix_hf.demo.corpora: offline corpora, tokenizers, packing, tiny models, choice task."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tikmix_hf import corpora as C
+from tikmix_hf.demo import corpora as C
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from tikmix_hf.callback import latest_checkpoint, load_history
+from tikmix_hf.history import latest_checkpoint, load_history
 
 HERE = os.path.dirname(__file__)
-SCRIPT = os.path.join(HERE, "crash_run.py")
+SCRIPT = os.path.join(HERE, "distributed", "crash_run.py")
 BATCH = 8
 
 

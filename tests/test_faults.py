@@ -12,12 +12,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.data import RecordingCollator, toy_domains, toy_validation
+from helpers.models import toy_model
+from test_callback import START, build, make_args
 from transformers import Trainer
 
-from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
-from test_callback import START, build, make_args
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
-from tikmix_hf.callback import load_history
+from tikmix_hf.history import load_history
 
 HERE = os.path.dirname(__file__)
 SRC = pathlib.Path(HERE).parent / "src" / "tikmix_hf"
@@ -53,6 +54,7 @@ def test_nan_in_a_probe_loss_keeps_the_weights_and_says_why(tmp_path):
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=5, tikmix_show_progress=False))
     trainer = Trainer(model=poisoned_model(), args=make_args(tmp_path, max_steps=7), train_dataset=mixture,
                       data_collator=RecordingCollator(), callbacks=[callback])
+    callback.bind(trainer)
     with pytest.warns(UserWarning, match="influence not measured.*poison"):
         trainer.train()
     (stage,) = load_history(tmp_path / "tikmix" / "history.json")["stages"]
@@ -68,8 +70,9 @@ def test_exhausted_domain_with_stop_policy_ends_the_stream_cleanly(tmp_path):
     mixture = DomainMixture(small, weights="uniform", seed=3, exhausted="stop")
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=2, tikmix_show_progress=False))
     collator = RecordingCollator()
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=50), train_dataset=mixture,
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=50), train_dataset=mixture,
                       data_collator=collator, callbacks=[callback])
+    callback.bind(trainer)
     with pytest.warns(UserWarning, match=r"run out of examples.*training stops at step"):
         trainer.train()
     assert trainer.state.global_step < 50  # training stopped before the stream did
@@ -126,15 +129,17 @@ def test_resume_with_other_domains_or_tasks_names_them(tmp_path):
     domains["extra"] = domains["echo"]
     mixture = DomainMixture(domains, weights="uniform", seed=3)
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False))
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
                       data_collator=RecordingCollator(), callbacks=[callback])
+    callback.bind(trainer)
     with pytest.raises(ValueError, match=r"new: \['extra'\]"):
         trainer.train(resume_from_checkpoint=str(ckpt))
     mixture = DomainMixture(toy_domains(), weights=START, seed=3)
     other_tasks = {"another_task": toy_validation()["held_out_pattern"]}
     callback = TiKMiXCallback(mixture, other_tasks, TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False))
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
+    trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
                       data_collator=RecordingCollator(), callbacks=[callback])
+    callback.bind(trainer)
     with pytest.raises(ValueError, match=r"validation tasks \['held_out_pattern'\].*\['another_task'\]"):
         trainer.train(resume_from_checkpoint=str(ckpt))
 
@@ -190,3 +195,22 @@ def test_nothing_we_save_or_load_is_a_pickle():
         if "torch.load(" in text and "weights_only=True" not in text:
             offenders.append(f"{path.name}: torch.load without weights_only=True")
     assert offenders == []
+
+
+def test_non_finite_lookahead_in_tikmix_m_skips_the_stage_and_training_goes_on(tmp_path, monkeypatch):
+    import tikmix_hf.mixers.tikmix as tikmix_mixers
+
+    def diverging(*args, **kwargs):
+        raise FloatingPointError("look-ahead loss is nan")
+
+    monkeypatch.setattr(tikmix_mixers, "lookahead_gain", diverging)
+    config = TiKMiXConfig(tikmix_solver="surrogate", tikmix_stage_steps=5, tikmix_surrogate_candidates=16,
+                          tikmix_show_progress=False)
+    trainer, callback, *_ = build(tmp_path, config, args_kw=dict(max_steps=12))
+    with pytest.warns(UserWarning, match="look-ahead not finite"):
+        trainer.train()
+    assert trainer.state.global_step == 12  # training went on past both stages
+    stages = load_history(tmp_path / "tikmix" / "history.json")["stages"]
+    assert [s["status"] for s in stages] == ["skipped", "skipped"]
+    assert all("look-ahead not finite" in s["message"] for s in stages)
+    assert all(s["weights_after"] == s["weights_before"] for s in stages)

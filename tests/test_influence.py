@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _tiny import IGNORE_INDEX, named_batches, tiny_llama, token_batches
-from _tiny import reference_summed_loss as manual_summed_loss
+from helpers.data import IGNORE_INDEX, named_batches, token_batches
+from helpers.models import reference_summed_loss as manual_summed_loss
+from helpers.models import tiny_llama
 
 from tikmix_hf.influence import (
     InfluenceResult,
@@ -655,24 +651,12 @@ def test_lookahead_needs_kept_gradients(model, data):
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_agree_with_one_process(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    import dist_influence
+    from helpers.launch import load_script, torchrun
 
-    script = Path(__file__).parent / "dist_influence.py"
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    dist_influence = load_script("dist_influence")
+    torchrun("dist_influence.py", tmp_path, timeout=240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["world_size"] == 2 and ranks[0]["ddp_step_ok"] is True

@@ -2,15 +2,14 @@
 
 import json
 import os
-import sys
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from helpers.launch import load_script, torchrun
 from scipy import stats
 
-from _launch import torchrun
 from tikmix_hf import DomainMixture
 
 HERE = os.path.dirname(__file__)
@@ -333,8 +332,8 @@ def test_state_from_other_domains_or_tampered_is_refused_and_changes_nothing():
 def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
     torchrun("dist_mixture.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    sys.path.insert(0, HERE)
-    from dist_mixture import BATCH, sources
+    dist_mixture = load_script("dist_mixture")
+    BATCH, sources = dist_mixture.BATCH, dist_mixture.sources
 
     for mode in ranks[0]:
         r0, r1 = ranks[0][mode], ranks[1][mode]

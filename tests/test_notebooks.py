@@ -25,7 +25,7 @@ CELL_TIMEOUT_S = 600
 
 # Besides the standard library, the notebooks may import only these.
 ALLOWED_TOP_LEVEL = {"tikmix_hf", "transformers", "torch", "numpy", "matplotlib", "scipy"}
-ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.corpora"}
+ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora"}
 # Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the corpora module.
 PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!corpora\b)\w+")
 
@@ -74,7 +74,7 @@ def test_imports_only_the_public_api(path):
         code = _python(source)
         assert not PRIVATE_PATH.search(code), (
             f"{path.name} code cell {index} reaches into {PRIVATE_PATH.search(code).group()}; "
-            "use the public API (from tikmix_hf import ...) or tikmix_hf.corpora"
+            "use the public API (from tikmix_hf import ...) or tikmix_hf.demo.corpora"
         )
         for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.Import):

@@ -164,3 +164,48 @@ def test_direction_and_rse_helpers():
     np.testing.assert_allclose(g, [1 / np.sqrt(2), -1 / np.sqrt(2)])
     assert matrix_rse(S, np.full((2, 2), 0.5)) == pytest.approx(np.sqrt(4 * 0.25) / np.sqrt(2))
     assert matrix_rse(S, None) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# In a Trainer run: the metrics reach a real TensorBoard event file
+
+
+def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
+    from helpers.data import RecordingCollator, toy_domains, toy_validation
+    from helpers.models import toy_model
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
+    from tikmix_hf.history import load_history
+
+    mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
+    config = TiKMiXConfig(tikmix_stage_steps=6, tikmix_show_progress=False, tikmix_probe_sequences=16,
+                          tikmix_preconditioner="adam")
+    callback = TiKMiXCallback(mixture, toy_validation(), config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=18, per_device_train_batch_size=8, learning_rate=3e-3, use_cpu=True,
+        report_to=["tensorboard"], save_strategy="no", logging_steps=100,
+        disable_tqdm=True, seed=0, remove_unused_columns=False, lr_scheduler_type="constant",
+    )
+    trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=RecordingCollator())
+    callback.bind(trainer)
+    trainer.train()
+    stages = load_history(tmp_path / "tikmix" / "history.json")["stages"]
+    assert [s["step"] for s in stages] == [6, 12]
+    (event_file,) = tmp_path.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("tikmix/weight/pattern", "tikmix/entropy", "tikmix/status", "tikmix/trust_radius",
+                "tikmix/predicted_gain/held_out_pattern", "tikmix/realised_gain/held_out_pattern",
+                "tikmix/influence/held_out_pattern/noise"):
+        assert tag in tags, f"{tag} missing from {sorted(t for t in tags if t.startswith('tikmix'))}"
+    # the event file holds the history's numbers: the weights after each stage, the radius each used
+    weights = [e.value for e in events.Scalars("tikmix/weight/pattern")]
+    np.testing.assert_allclose(weights, [s["weights_after"]["pattern"] for s in stages], rtol=1e-6)
+    radii = [e.value for e in events.Scalars("tikmix/trust_radius")]
+    np.testing.assert_allclose(radii, [s["mixer"]["trust_region"]["radius_used"] for s in stages], rtol=1e-6)
+    # the realised gain is logged from the second decision on: the first has nothing to compare with
+    assert len(events.Scalars("tikmix/realised_gain/held_out_pattern")) == 1
+    assert stages[1]["mixer"]["trust_region"]["action"] in ("grow", "keep", "shrink")

@@ -8,15 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from _tiny import named_batches, tiny_llama, token_batches
-from _tiny import reference_summed_loss as summed_loss
+from helpers.data import named_batches, token_batches
+from helpers.models import reference_summed_loss as summed_loss
+from helpers.models import tiny_llama
 from scipy.stats import spearmanr
 
 from tikmix_hf.config import TiKMiXConfig
-from tikmix_hf.influence import InfluenceResult, _BatchStats, adaptive_group_influence, group_influence
-from tikmix_hf.mixers import StageInputs, TiKMiXDirect, _solver_kwargs
+from tikmix_hf.influence import InfluenceResult, adaptive_group_influence, group_influence
+from tikmix_hf.influence.stats import BatchStats
+from tikmix_hf.mixers import StageInputs, TiKMiXDirect, solver_kwargs
 from tikmix_hf.solvers import solve_direct
-from tikmix_hf.solvers.robust import PrecisionSmoother, shrink_influence
+from tikmix_hf.solvers.uncertainty import PrecisionSmoother, shrink_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,7 +195,7 @@ def test_switches_off_reproduce_plain_tikmix_d_bitwise():
         decision = mixer.decide(inputs)
         # the behaviour before this feature: solve_direct on group_influence's scores
         result = group_influence(model, inputs.domain_batches, inputs.validation_batches, show_progress=False)
-        plain = solve_direct(result.scores, inputs.prior, **_solver_kwargs(inputs, result.task_names))
+        plain = solve_direct(result.scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
         assert np.array_equal(decision.weights, plain.weights) and decision.status == plain.status
         assert decision.extra == {} and mixer.state_dict() == {}
         prior = decision.weights
@@ -202,14 +204,14 @@ def test_switches_off_reproduce_plain_tikmix_d_bitwise():
     inputs = stage_inputs(model, cfg)
     decision = TiKMiXDirect().decide(inputs)
     S = shrink_influence(decision.influence.scores, decision.influence.stderr, 1.0)
-    expected = solve_direct(S, inputs.prior, **_solver_kwargs(inputs, list(TASKS)))
+    expected = solve_direct(S, inputs.prior, **solver_kwargs(inputs, list(TASKS)))
     assert np.array_equal(decision.weights, expected.weights)
     assert decision.extra["uncertainty"]["scores_used"] == S.tolist()
 
 
 def noise_result(rng, n_batches=16, n=2, m=4):
     """An InfluenceResult whose S is pure noise: per-batch contributions with mean exactly zero."""
-    stats = _BatchStats(n, m, torch.device("cpu"))
+    stats = BatchStats(n, m, torch.device("cpu"))
     for j in range(m):
         for k in range(n_batches):
             tokens = int(rng.integers(20, 40))
@@ -318,11 +320,12 @@ def test_adaptive_budget_in_the_mixer():
 
 
 def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
-    from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
+    from helpers.data import RecordingCollator, toy_domains, toy_validation
+    from helpers.models import toy_model
     from transformers import Trainer, TrainingArguments
 
     from tikmix_hf import DomainMixture, TiKMiXCallback
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
 
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     collator = RecordingCollator()
@@ -335,8 +338,7 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
         report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="constant",
     )
-    Trainer(model=tiny_model(0), args=args, train_dataset=mixture, data_collator=collator,
-            callbacks=[callback]).train()
+    callback.bind(Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)).train()
     stages = load_history(tmp_path / "tikmix" / "history.json")["stages"]
     assert [s["step"] for s in stages] == [3, 10]
     for s in stages:
@@ -351,11 +353,12 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
 def test_adaptive_budget_draws_past_the_stage_draw_in_a_trainer_run(tmp_path, target, per_domain):
     """tikmix_probe_max_sequences: an unreachable target takes every domain to the cap (24 sequences =
     6 micro-batches, three times the stage draw of 8); a target met at once stops at min_probe_batches."""
-    from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
+    from helpers.data import RecordingCollator, toy_domains, toy_validation
+    from helpers.models import toy_model
     from transformers import Trainer, TrainingArguments
 
     from tikmix_hf import DomainMixture, TiKMiXCallback
-    from tikmix_hf.callback import load_history
+    from tikmix_hf.history import load_history
 
     mixture = DomainMixture(toy_domains(), weights="uniform", seed=3)
     config = TiKMiXConfig(tikmix_stage_steps=4, tikmix_show_progress=False, tikmix_probe_sequences=8,
@@ -368,8 +371,7 @@ def test_adaptive_budget_draws_past_the_stage_draw_in_a_trainer_run(tmp_path, ta
         report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
-    Trainer(model=tiny_model(0), args=args, train_dataset=mixture, data_collator=collator,
-            callbacks=[callback]).train()
+    callback.bind(Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)).train()
     (stage,) = load_history(tmp_path / "tikmix" / "history.json")["stages"]
     assert stage["influence"]["probe_batches"] == {"pattern": per_domain, "echo": per_domain, "noise": per_domain}
     budget = stage["mixer"]["uncertainty"]["adaptive_budget"]
@@ -393,13 +395,11 @@ def test_bad_probe_cap_names_the_field(kwargs, match):
 # --------------------------------------------------------------------------------------------
 
 
-def test_two_ranks_give_the_single_process_stderr(tmp_path, monkeypatch):
-    import os
+@pytest.mark.distributed
+def test_two_ranks_give_the_single_process_stderr(tmp_path):
+    from helpers.launch import load_script, torchrun
 
-    import dist_uncertainty
-    from _launch import torchrun
-
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    dist_uncertainty = load_script("dist_uncertainty")
     torchrun("dist_uncertainty.py", str(tmp_path), timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] and ranks[0]["world_size"] == 2
@@ -410,3 +410,10 @@ def test_two_ranks_give_the_single_process_stderr(tmp_path, monkeypatch):
     assert ranks[0]["adaptive_batches"] == single["adaptive_batches"]
     for task, value in single["split_half"].items():
         assert ranks[0]["split_half"][task] == pytest.approx(value, abs=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [dict(tikmix_solver="surrogate"), dict(tikmix_preconditioner="diag_fisher")])
+def test_target_rse_is_refused_where_the_adaptive_budget_does_not_apply(kwargs):
+    with pytest.raises(ValueError, match="tikmix_target_rse=0.2"):
+        TiKMiXConfig(tikmix_target_rse=0.2, **kwargs)
+    TiKMiXConfig(tikmix_target_rse=0.2)  # TiKMiX-D with the identity preconditioner takes it

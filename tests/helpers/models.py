@@ -1,14 +1,14 @@
-"""Tiny models and token data for tests: built from configs, seeded, no downloads.
+"""The tiny models of the tests: built from configs, seeded, no downloads.
 
-Import from tests as ``from _tiny import tiny_llama, token_batches, named_batches`` (pytest puts
-``tests/`` on ``sys.path``), or from a script with ``sys.path.insert(0, <tests dir>)``.
+Import from tests as ``from helpers.models import tiny_llama, toy_model`` (pytest puts ``tests/``
+on ``sys.path``), or from a script with ``sys.path.insert(0, <tests dir>)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 TINY_LLAMA = dict(
     vocab_size=64,
@@ -68,58 +68,12 @@ def _float64_rms_norm():
     return Float64RMSNorm
 
 
-def token_batches(
-    n_batches: int,
-    *,
-    batch_size: int = 2,
-    seq_len: int = 12,
-    vocab_size: int = 64,
-    seed: int = 0,
-    prompt_len: int = 2,
-    pad: bool = True,
-    low: int = 0,
-    high: int | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Random causal-LM batches: ``input_ids``, ``attention_mask`` and ``labels``.
+def toy_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The model of the toy pre-training set-up (:mod:`helpers.data`): vocabulary 64, 16 positions."""
+    from .data import SEQ, VOCAB
 
-    The first ``prompt_len`` labels of each row are ``-100`` (a prompt), and with ``pad`` each row
-    after the first gets a random amount of right padding (mask 0, label ``-100``), so the token
-    counts differ between rows and batches. Token ids are drawn from ``[low, high)`` so that
-    domains can be given different distributions.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    high = vocab_size if high is None else high
-    batches = []
-    for _ in range(n_batches):
-        input_ids = torch.randint(low, high, (batch_size, seq_len), generator=generator)
-        attention_mask = torch.ones_like(input_ids)
-        if pad:
-            for row in range(1, batch_size):
-                n_pad = int(torch.randint(0, seq_len // 2, (1,), generator=generator))
-                if n_pad:
-                    attention_mask[row, -n_pad:] = 0
-                    input_ids[row, -n_pad:] = 0
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        labels[:, :prompt_len] = IGNORE_INDEX
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
-    return batches
-
-
-def named_batches(names, n_batches: int = 2, *, seed: int = 0, vocab_size: int = 64, **kwargs):
-    """``{name: token_batches(...)}`` with a different seed and token range per name."""
-    out = {}
-    width = max(8, vocab_size // 2)
-    for index, name in enumerate(names):
-        low = (index * 7) % (vocab_size - width + 1)
-        out[name] = token_batches(
-            n_batches, seed=seed * 1000 + index, vocab_size=vocab_size, low=low, high=low + width, **kwargs
-        )
-    return out
-
-
-def to_device(batches, device):
-    """Move a ``{name: [batch, ...]}`` mapping to ``device``."""
-    return {name: [{k: v.to(device) for k, v in b.items()} for b in bs] for name, bs in batches.items()}
+    return tiny_llama(seed, dtype, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      max_position_embeddings=SEQ)
 
 
 def reference_summed_loss(model, batch):

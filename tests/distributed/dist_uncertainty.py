@@ -1,6 +1,6 @@
 """Two-rank check of the standard errors of Group Influence, launched by ``tests/test_uncertainty.py``.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_uncertainty.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/dist_uncertainty.py OUT_DIR
 
 Each rank measures ``group_influence`` (streaming and kept-gradient paths) and the adaptive budget on
 the tiny fp64 Llama wrapped in DDP and writes ``OUT_DIR/rank<r>.json``; :func:`measure` called in one
@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import named_batches, tiny_llama, token_batches  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers.data import named_batches, token_batches  # noqa: E402
+from helpers.models import tiny_llama  # noqa: E402
 
 from tikmix_hf.influence import adaptive_group_influence, group_influence  # noqa: E402
 

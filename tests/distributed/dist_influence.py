@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import named_batches, tiny_llama, token_batches  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers.data import named_batches, token_batches  # noqa: E402
+from helpers.models import tiny_llama  # noqa: E402
 
 from tikmix_hf.influence import group_influence, lookahead_gain  # noqa: E402
 

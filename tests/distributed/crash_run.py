@@ -18,13 +18,14 @@ import sys
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _toy import tiny_model, toy_domains, toy_validation  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers.data import toy_domains, toy_validation  # noqa: E402
+from helpers.models import toy_model  # noqa: E402
 
 import tikmix_hf._io  # noqa: E402
-import tikmix_hf.mixers  # noqa: E402
+import tikmix_hf.mixers.tikmix  # noqa: E402
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
-from tikmix_hf.callback import latest_checkpoint  # noqa: E402
+from tikmix_hf.history import latest_checkpoint  # noqa: E402
 
 MAX_STEPS, SAVE_EVERY, STAGE_EVERY, BATCH = 24, 4, 5, 8
 
@@ -51,7 +52,7 @@ def arm(kill: str | None):
     if what == "step":
         return [Killer(n)]
     if what == "influence":
-        real, calls = tikmix_hf.mixers.group_influence, [0]
+        real, calls = tikmix_hf.mixers.tikmix.group_influence, [0]
 
         def influence(*args, **kwargs):
             calls[0] += 1
@@ -59,7 +60,7 @@ def arm(kill: str | None):
                 die()
             return real(*args, **kwargs)
 
-        tikmix_hf.mixers.group_influence = influence
+        tikmix_hf.mixers.tikmix.group_influence = influence
     elif what == "checkpoint":
         real_rng = Trainer._save_rng_state
 
@@ -111,9 +112,10 @@ def main(out: str, kill: str | None) -> None:
         report_to="none", save_strategy="steps", save_steps=SAVE_EVERY, logging_steps=1000, disable_tqdm=True,
         seed=0, remove_unused_columns=False, lr_scheduler_type="constant", ignore_data_skip=True,
     )
-    trainer = Trainer(model=tiny_model(), args=args, train_dataset=mixture,
+    trainer = Trainer(model=toy_model(), args=args, train_dataset=mixture,
                       data_collator=Recorder(os.path.join(out, f"seen-{attempt}.jsonl"), start),
                       callbacks=callbacks + [callback])
+    callback.bind(trainer)
     trainer.train(resume_from_checkpoint=resume)
 
 

@@ -13,8 +13,9 @@ import sys
 import torch
 from transformers import Trainer, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers.data import RecordingCollator, toy_domains, toy_validation  # noqa: E402
+from helpers.models import toy_model  # noqa: E402
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
 from tikmix_hf.cli import shutdown_distributed  # noqa: E402
@@ -36,8 +37,9 @@ def main(out: str, per_device: int, dispatch: str) -> None:
     callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False),
                               collator=probe_collator)
     collator = RecordingCollator()
-    trainer = Trainer(model=tiny_model(0, torch.float64), args=args, train_dataset=mixture, data_collator=collator,
+    trainer = Trainer(model=toy_model(0, torch.float64), args=args, train_dataset=mixture, data_collator=collator,
                       callbacks=[callback])
+    callback.bind(trainer)
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:

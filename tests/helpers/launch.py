@@ -1,4 +1,4 @@
-"""Launch a test script on two CPU ranks with torchrun (gloo), retrying once on a port clash."""
+"""Launch a script of ``tests/distributed/`` on two CPU ranks with torchrun (gloo), retrying once on a port clash."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-HERE = os.path.dirname(__file__)
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distributed")
 
 
 def free_port() -> int:
@@ -17,10 +17,10 @@ def free_port() -> int:
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/<script>`` under ``torchrun --nproc_per_node nproc``; raise with its stderr on failure."""
+    """Run ``tests/distributed/<script>`` under ``torchrun --nproc_per_node nproc``; raise with its stderr on failure."""
     for attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), os.path.join(HERE, script), *map(str, args)]
+               "--master_port", str(free_port()), os.path.join(SCRIPTS, script), *map(str, args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0:
             return proc
@@ -28,3 +28,13 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> sub
         if not clash or attempt:
             raise AssertionError(f"torchrun {script} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     raise AssertionError("unreachable")
+
+
+def load_script(name: str):
+    """Import ``tests/distributed/<name>.py`` as a module (to run its measurement in one process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

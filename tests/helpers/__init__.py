@@ -1,0 +1,1 @@
+"""Test helpers: tiny models (models.py), token data (data.py), the torchrun launcher (launch.py)."""

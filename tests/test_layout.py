@@ -1,0 +1,176 @@
+"""The shape of the package: layers import downwards only, and nobody reaches into another's privates."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "tikmix_hf"
+TESTS = Path(__file__).resolve().parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def _imports(module: str) -> list[tuple[str, str | None]]:
+    """(imported module, imported name or None) for every import of ``module``, wherever it stands."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(module, node)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                out.append((full, None) if full in MODULES else (base, alias.name))
+    return out
+
+
+def _graph(top_level_only: bool = False) -> dict[str, set[str]]:
+    graph = {}
+    for module in MODULES:
+        targets = set()
+        for target, _ in _imports(module):
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != module and target.startswith("tikmix_hf"):
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def test_no_import_cycle_in_src():
+    graph = _graph()
+    # A package's __init__ re-exporting its own modules is not a cycle of layers.
+    for module, targets in graph.items():
+        graph[module] = {t for t in targets if not (MODULES[t].name == "__init__.py" and module.startswith(t + "."))}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module):
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for module in MODULES:
+        for target, name in _imports(module):
+            if not target.startswith("tikmix_hf"):
+                continue
+            if name is not None and name.startswith("_") and not name.startswith("__"):
+                offenders.append(f"{module} imports {name} from {target}")
+    assert not offenders, offenders
+
+
+def test_the_core_imports_neither_the_cli_nor_the_demo():
+    graph = _graph()
+    core = [m for m in MODULES if not m.startswith(("tikmix_hf.cli", "tikmix_hf.demo"))]
+    offenders = [(m, t) for m in core for t in graph[m] if t.startswith(("tikmix_hf.cli", "tikmix_hf.demo"))]
+    assert not offenders, offenders
+
+
+def test_only_the_cli_and_the_demo_import_plots():
+    graph = _graph()
+    users = {m for m, targets in graph.items() if "tikmix_hf.plots" in targets}
+    assert users and all(m.startswith(("tikmix_hf.cli", "tikmix_hf.demo")) for m in users), users
+
+
+def test_the_solvers_import_no_torch():
+    for module, path in MODULES.items():
+        if module.startswith("tikmix_hf.solvers") or module == "tikmix_hf.simplex":
+            heavy = [t for t, _ in _imports(module) if t.split(".")[0] in ("torch", "transformers")]
+            assert not heavy, f"{module} imports {heavy}"
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return set(proc.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["tikmix_hf.mixers", "tikmix_hf.config"])
+def test_mixers_and_config_import_no_transformers(module):
+    loaded = _loaded_after(f"import {module}")
+    assert "transformers" not in loaded, f"import {module} pulls in transformers"
+
+
+def test_the_solvers_load_no_torch():
+    loaded = _loaded_after("import tikmix_hf.solvers")
+    assert "torch" not in loaded
+
+
+def test_the_removed_names_are_gone():
+    import tikmix_hf.demo
+    import tikmix_hf.solvers
+    import tikmix_hf.solvers.baselines
+
+    for name in ("natural_weights", "uniform_weights", "doremi_excess_loss"):
+        assert not hasattr(tikmix_hf.solvers, name) and not hasattr(tikmix_hf.solvers.baselines, name), name
+    assert not hasattr(tikmix_hf.demo, "ARM_LABELS")
+    assert not hasattr(tikmix_hf.demo, "load_results")
+    for gone in ("corpora.py", "demo.py", "cli.py", "influence.py", "mixers.py", "baseline_mixers.py",
+                 "solvers/robust.py", "metrics"):
+        assert not (SRC / gone).exists(), gone
+
+
+def _marked_distributed(node: ast.FunctionDef, module_marks: set[str]) -> bool:
+    marks = set(module_marks)
+    for decorator in node.decorator_list:
+        text = ast.unparse(decorator)
+        if text.startswith("pytest.mark."):
+            marks.add(text.split(".")[2].split("(")[0])
+    return "distributed" in marks
+
+
+def test_every_torchrun_test_is_marked_distributed():
+    """``make test-fast`` (``-m "not distributed"``) must not launch torchrun."""
+    unmarked = []
+    for path in sorted(p for p in TESTS.glob("test_*.py") if p.name != "test_layout.py"):
+        tree = ast.parse(path.read_text())
+        module_marks = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+                module_marks |= {m.split(".")[-1] for m in ast.unparse(node.value).replace("[", " ").split()
+                                 if m.startswith("pytest.mark.")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                body = ast.unparse(node)
+                launches = "torchrun(" in body or "torch.distributed.run" in body or "accelerate" in body and \
+                    "launch" in body
+                if launches and not _marked_distributed(node, module_marks):
+                    unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, unmarked
