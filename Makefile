@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make test   creates .venv if missing, installs the pinned requirements and the package, runs pytest
+#   make test   creates .venv if missing, installs the pinned requirements and the package, runs ruff and pytest
 #   make demo   the same set-up, then the main job
 #   make bench  the same set-up, then every benchmark; regenerates benchmarks/RESULTS.md
 PYTHON ?= python3
@@ -25,6 +25,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -110,7 +110,8 @@ def main() -> None:
         "static_wall_s": static["wall_s"], "tikmix_wall_s": tikmix["wall_s"],
         "wall_ratio": tikmix["wall_s"] / static["wall_s"], "overhead": overhead,
         "predicted_overhead": predicted, "excess_pp": 100 * (overhead - predicted),
-        "tikmix_share": tikmix["tikmix_s"] / tikmix["wall_s"], "influence_share": tikmix["influence_s"] / tikmix["wall_s"],
+        "tikmix_share": tikmix["tikmix_s"] / tikmix["wall_s"],
+        "influence_share": tikmix["influence_s"] / tikmix["wall_s"],
         "goal_met": overhead <= predicted + 0.02, "all_runs": runs,
     }
     os.makedirs(cli.out, exist_ok=True)

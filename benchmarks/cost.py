@@ -348,7 +348,8 @@ def main() -> None:
         f"(hidden {size.hidden_size}, {_n(size.layers, 'layer')}), {size.max_steps} steps x {size.batch_size} x "
         f"{size.block_size} tokens = {max(tokens):,} training tokens per target run"
         f"{'' if len(tokens) == 1 else ' (UNEQUAL: ' + str(sorted(tokens)) + ')'}; "
-        f"proxies {proxy_shape['params']:,} params (hidden {proxy_size.hidden_size}, {_n(proxy_size.layers, 'layer')}), "
+        f"proxies {proxy_shape['params']:,} params (hidden {proxy_size.hidden_size}, "
+        f"{_n(proxy_size.layers, 'layer')}), "
         f"{proxy_size.max_steps} steps = {proxies[0]['training_tokens']:,} tokens each; "
         f"{len(candidates):,} candidates, top-{top_k}; TiKMiX-D: {_n(decisions, 'decision')}, "
         f"{tikmix_rows[0]['cost']['processed_tokens']:,} influence tokens; seeds {seeds}; held-out loss = mean "
@@ -398,7 +399,8 @@ def main() -> None:
         verdict.append(f"- {len(seeds)} seeds: TiKMiX-D's seed standard deviation is {spread:.4f}.")
 
     # no heading: RESULTS.md has the section's title
-    markdown = "\n\n".join([("Quick run (`--quick`). " if quick else "") + setup, table(header, rows), "\n".join(verdict)])
+    markdown = "\n\n".join([("Quick run (`--quick`). " if quick else "") + setup, table(header, rows),
+                            "\n".join(verdict)])
     doc: dict[str, Any] = {
         "quick": quick, "corpus": cli.corpus, "seeds": seeds, "domains": domains, "natural": natural,
         "size": dataclasses.asdict(size), "proxy_size": dataclasses.asdict(proxy_size),

@@ -9,7 +9,7 @@ For each corpus and seed:
    callback's default budget (the first ``--small-probe`` of them), all on the callback's
    validation budget (the bench size's ``validation_sequences`` per task); and with adam on all
    ``--outcome-sequences`` validation sequences per task. Each ``S`` is also shrunk by one standard
-   error (``tikmix_shrink_z=1``, issue 11).
+   error (``tikmix_shrink_z=1``).
 3. ``--mixtures`` perturbed mixtures ``w_k`` (half natural, half a Dirichlet(1) draw) are each
    trained for ``--horizon`` more steps from copies of the same model and optimizer, all on the
    same sample stream seed (common random numbers: domain choices and example orders are shared
@@ -50,7 +50,8 @@ def _batches(examples: list[dict], size: int, device="cpu") -> list[dict]:
     out = []
     for lo in range(0, len(examples), size):
         chunk = examples[lo : lo + size]
-        out.append({k: torch.tensor([e[k] for e in chunk], device=device) for k in ("input_ids", "attention_mask", "labels")})
+        out.append({k: torch.tensor([e[k] for e in chunk], device=device) for k in ("input_ids", "attention_mask",
+                                                                                    "labels")})
     return out
 
 
@@ -173,8 +174,8 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
         for shrink in (0.0, 1.0):
             used = S if shrink == 0 else shrink_influence(S, SE, shrink)
             pred = W @ used.mean(axis=0)  # predicted drop of the mean validation loss, up to a positive factor
-            row = {"variant": name, "shrink_z": shrink, "mean_rse": rse,
-                   "split_half": float(np.nanmean(list(result.split_half.values()))) if result.split_half else float("nan")}
+            split_half = float(np.nanmean(list(result.split_half.values()))) if result.split_half else float("nan")
+            row = {"variant": name, "shrink_z": shrink, "mean_rse": rse, "split_half": split_half}
             for h in checkpoints:
                 for target in ("val", "test"):
                     p_, s_ = _corr(pred, np.array(actual[h][target]))

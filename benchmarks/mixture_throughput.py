@@ -140,7 +140,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         leak = "" if r["old_weight_samples_after_swap"] is None else r["old_weight_samples_after_swap"]
-        print(f"| {r['workers']} | {r['loader']} | {r['examples_per_s']:.0f} | {r['ratio_vs_interleave']:.2f} | {leak} |")
+        print(f"| {r['workers']} | {r['loader']} | {r['examples_per_s']:.0f} | "
+              f"{r['ratio_vs_interleave']:.2f} | {leak} |")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
   0.2/0.4/0.6/0.8 with the adam preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
-- issue 11, at equal *total* tokens (the TiKMiX arms give up the training steps their probe
+- at equal *total* tokens (the TiKMiX arms give up the training steps their probe
   and validation passes cost): ``tikmix_d_eq`` (plain), ``robust_eq`` (two decisions where the
-  plain run takes four: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``, ``tikmix_smoothing=0.5``, adaptive probe budget with
-  target RSE 0.3 inside the same cap, probe micro-batches of 2 sequences so that
-  every domain has the batches a standard error needs), and the hindsight static mixtures ``hindsight_d`` /
-  ``hindsight_robust``: each run's own final weights used from step 0.
+  plain run takes four: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``,
+  ``tikmix_smoothing=0.5``, adaptive probe budget with target RSE 0.3 inside the same cap, probe
+  micro-batches of 2 sequences so that every domain has the batches a standard error needs), and
+  the hindsight static mixtures ``hindsight_d`` / ``hindsight_robust``: each run's own final weights used from step 0.
 
 The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`` of the average
 held-out loss.
@@ -56,7 +56,8 @@ DEFAULT_SCHEDULE = (0.05, 0.25, 0.5, 0.75)  # tikmix_hf.config.DEFAULT_FRACTIONS
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
-    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D", "tikmix_d_paper": "TiKMiX-D (paper objective)",
+    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D",
+    "tikmix_d_paper": "TiKMiX-D (paper objective)",
     "tikmix_m": "TiKMiX-M",
     "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
     "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
@@ -266,11 +267,13 @@ def summarise(rows: list[dict]) -> dict:
                 "all_domains_loss": _mean_std([r["final"]["all_domains_loss"] for r in rs]),
                 "training_tokens": int(np.mean([r["training_tokens"] for r in rs])),
                 "total_tokens": int(np.mean([r["total_tokens"] for r in rs])),
-                "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs])) for d in rs[0]["final_weights"]},
+                "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs]))
+                                  for d in rs[0]["final_weights"]},
             }
             for ref in ("uniform", "natural", "hindsight_d", "hindsight_robust"):
                 if all((s, ref) in by for s in seeds) and arm != ref:
-                    d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"] for s in seeds if (s, arm) in by]
+                    d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"]
+                         for s in seeds if (s, arm) in by]
                     rel = [-(by[(s, arm)]["final"]["average"] / by[(s, ref)]["final"]["average"] - 1)
                            for s in seeds if (s, arm) in by]
                     e[f"vs_{ref}"] = {"delta": _mean_std(d), "gain": _mean_std(rel), "wins": int(sum(x < 0 for x in d)),
@@ -345,7 +348,8 @@ def verdicts(corpus: str, entry: dict) -> str:
         beaten = [arms[b]["label"] for b in arms if b not in ("tikmix_d", "tikmix_m", "tikmix_d_eq", "robust_eq")
                   and arms[b]["average"][0] < e["average"][0]]
         lines.append(f"- **{e['label']}** {_pct(e['vs_uniform']['gain']) if 'vs_uniform' in e else ''} vs uniform; "
-                     + (f"behind {', '.join(beaten)}." if beaten else "ahead of every static mixture and baseline mixer."))
+                     + (f"behind {', '.join(beaten)}." if beaten
+                        else "ahead of every static mixture and baseline mixer."))
     for arm, ref in (("tikmix_d_eq", "hindsight_d"), ("robust_eq", "hindsight_robust")):
         if arm in arms and f"vs_{ref}" in arms[arm]:
             v = arms[arm][f"vs_{ref}"]

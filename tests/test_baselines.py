@@ -5,7 +5,6 @@ run that resumes exactly and moves the toy's mixture the way its method says it 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 

@@ -24,7 +24,8 @@ def test_render_replaces_only_the_named_blocks(tmp_path):
     (tmp_path / "a.md").write_text("{'train_runtime': '1.0'}\n| new | table |\nwrote /tmp/x.json\n")
     text = "intro\n<!-- begin: a -->\nold a\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
     out = run_all.render(text, tmp_path, ["a", "b"])  # b has no markdown: left alone
-    assert out == "intro\n<!-- begin: a -->\n| new | table |\n<!-- end: a -->\nmiddle\n<!-- begin: b -->\nold b\n<!-- end: b -->\n"
+    assert out == ("intro\n<!-- begin: a -->\n| new | table |\n<!-- end: a -->\nmiddle\n"
+                   "<!-- begin: b -->\nold b\n<!-- end: b -->\n")
     with pytest.raises(ValueError, match="begin: a"):
         run_all.render("no markers here", tmp_path, ["a"])
 

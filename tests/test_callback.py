@@ -281,7 +281,8 @@ def test_bad_callback_arguments_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="validation is empty"):
         TiKMiXCallback(mixture, {})
     with pytest.raises(ValueError, match="clash"):
-        TiKMiXCallback(mixture, {"a/b": toy_validation()["held_out_pattern"], "a_b": toy_validation()["held_out_pattern"]})
+        TiKMiXCallback(mixture, {"a/b": toy_validation()["held_out_pattern"],
+                                 "a_b": toy_validation()["held_out_pattern"]})
     with pytest.raises(ValueError, match="has no examples"):
         TiKMiXCallback(mixture, {"t": []})
     other = DomainMixture(toy_domains(), weights=START)
@@ -310,7 +311,8 @@ def test_callback_added_after_construction_needs_bind(tmp_path):
     mixture = DomainMixture(toy_domains(), weights=START)
     trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=12), train_dataset=mixture,
                       data_collator=RecordingCollator())
-    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False))
+    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10,
+                                                                      tikmix_show_progress=False))
     trainer.add_callback(callback)
     with pytest.raises(RuntimeError, match="bind"):
         trainer.train()

@@ -49,10 +49,12 @@ def text_data(tmp_path_factory) -> Path:
 
 def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--output_dir", str(out), "--domain", f"code={data / 'code'}", "--domain", f"prose={data / 'prose.jsonl'}",
+        "train", "--output_dir", str(out), "--domain", f"code={data / 'code'}",
+        "--domain", f"prose={data / 'prose.jsonl'}",
         "--validation", f"val_code={data / 'val_code.txt'}", f"val_prose={data / 'val_prose.txt'}",
         "--vocab_size", "300", "--block_size", "32", "--max_steps", "12", "--per_device_train_batch_size", "4",
-        "--learning_rate", "3e-3", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--learning_rate", "3e-3", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "true",
         "--logging_steps", "4", "--tikmix_stage_steps", "4", "--tikmix_probe_sequences", "4",
         "--tikmix_validation_sequences", "4", "--tikmix_show_progress", "false", *extra,
     ]
@@ -194,7 +196,8 @@ def test_train_from_yaml_mapping_and_saved_model(text_data, trained_run, tmp_pat
     argv = ["train", "--output_dir", str(out), "--domains", str(tmp_path / "domains.yaml"),
             "--model_name_or_path", str(trained_run), "--block_size", "32", "--max_steps", "3",
             "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-            "--disable_tqdm", "true", "--static_mixture", "--mixture_weights", '{"code": 0.5, "prose": 0.3, "saved": 0.2}']
+            "--disable_tqdm", "true", "--static_mixture",
+            "--mixture_weights", '{"code": 0.5, "prose": 0.3, "saved": 0.2}']
     assert main(argv) == 0
     assert (out / "model.safetensors").is_file() and not (out / "tikmix").exists()
 
@@ -336,7 +339,8 @@ def test_train_errors(capsys, bad_files, monkeypatch, extra, expected):
 
 def test_train_needs_max_steps(capsys, bad_files, monkeypatch):
     monkeypatch.chdir(bad_files)
-    err = _error(capsys, ["train", "--output_dir", "out", "--use_cpu", "--domain", "a=ok.txt", "--validation", "v=ok.txt"])
+    err = _error(capsys, ["train", "--output_dir", "out", "--use_cpu", "--domain", "a=ok.txt", "--validation",
+                          "v=ok.txt"])
     assert "--max_steps" in err and "endless" in err
 
 

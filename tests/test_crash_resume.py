@@ -19,7 +19,8 @@ def run(out, kill=None):
     cmd = [sys.executable, SCRIPT, str(out)] + ([kill] if kill else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if kill:
-        assert proc.returncode == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == -signal.SIGKILL, \
+            f"{kill}: expected a SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
 

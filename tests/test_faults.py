@@ -128,7 +128,8 @@ def test_resume_with_other_domains_or_tasks_names_them(tmp_path):
     domains = toy_domains()
     domains["extra"] = domains["echo"]
     mixture = DomainMixture(domains, weights="uniform", seed=3)
-    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False))
+    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10,
+                                                                      tikmix_show_progress=False))
     trainer = Trainer(model=toy_model(), args=make_args(tmp_path, max_steps=20), train_dataset=mixture,
                       data_collator=RecordingCollator(), callbacks=[callback])
     callback.bind(trainer)
@@ -168,7 +169,8 @@ def test_tampered_checkpoint_state_is_refused_before_anything_changes(tmp_path, 
 
 
 def test_collapse_guards_and_entropy_warning(tmp_path):
-    loose = TiKMiXConfig(tikmix_stage_steps=5, tikmix_show_progress=False, tikmix_gamma=0.0, tikmix_entropy_warning=0.99)
+    loose = TiKMiXConfig(tikmix_stage_steps=5, tikmix_show_progress=False, tikmix_gamma=0.0,
+                         tikmix_entropy_warning=0.99)
     trainer, callback, *_ = build(tmp_path / "loose", loose, args_kw=dict(max_steps=7))
     with pytest.warns(UserWarning, match="collapsing"):
         trainer.train()

@@ -222,7 +222,8 @@ def test_every_source_type(tmp_path):
     kinds = {
         "list": base,
         "dataset": {d: datasets.Dataset.from_list(ex) for d, ex in base.items()},
-        "iterable_dataset": {d: datasets.IterableDataset.from_generator(_gen, gen_kwargs={"ex": ex}) for d, ex in base.items()},
+        "iterable_dataset": {d: datasets.IterableDataset.from_generator(_gen, gen_kwargs={"ex": ex}) for d,
+                             ex in base.items()},
         "streaming_json": streaming_json,
         "reiterable": {d: ReIterable(ex) for d, ex in base.items()},
         "torch_map": {d: TorchMap(ex) for d, ex in base.items()},

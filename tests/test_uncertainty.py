@@ -156,9 +156,11 @@ def test_adaptive_budget_stops_where_the_target_says():
     short = adaptive_group_influence(model, {"n": noisy[:4]}, tasks, target_rse=1e-9, max_batches=10)
     assert short.adaptive["domains"]["n"]["stopped"] == "exhausted" and short.adaptive["domains"]["n"]["batches"] == 4
     capped = adaptive_group_influence(model, {"n": noisy}, tasks, target_rse=1e-9, max_batches=10, max_tokens=40)
-    assert capped.adaptive["domains"]["n"]["stopped"] == "max_tokens" and capped.adaptive["domains"]["n"]["tokens"] >= 40
+    capped_n = capped.adaptive["domains"]["n"]
+    assert capped_n["stopped"] == "max_tokens" and capped_n["tokens"] >= 40
     with pytest.raises(ValueError, match="diag_fisher"):
-        adaptive_group_influence(model, {"n": noisy}, tasks, target_rse=0.1, max_batches=4, preconditioner="diag_fisher")
+        adaptive_group_influence(model, {"n": noisy}, tasks, target_rse=0.1, max_batches=4,
+                                 preconditioner="diag_fisher")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ def free_port() -> int:
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/distributed/<script>`` under ``torchrun --nproc_per_node nproc``; raise with its stderr on failure."""
+    """Run ``tests/distributed/<script>`` under ``torchrun --nproc_per_node nproc``.
+
+    Raises with its stderr on failure."""
     for attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), os.path.join(SCRIPTS, script), *map(str, args)]
