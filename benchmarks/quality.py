@@ -247,6 +247,17 @@ def _mean_std(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def _interval(values) -> list[float]:
+    """The 95% t interval of the mean of paired per-seed differences (nan with one seed)."""
+    from scipy.stats import t
+
+    a = np.asarray(values, dtype=float)
+    if a.size < 2:
+        return [float("nan"), float("nan")]
+    half = float(t.ppf(0.975, a.size - 1) * a.std(ddof=1) / np.sqrt(a.size))
+    return [float(a.mean() - half), float(a.mean() + half)]
+
+
 def summarise(rows: list[dict]) -> dict:
     out: dict[str, Any] = {}
     for corpus in sorted({r["corpus"] for r in rows}):
@@ -270,14 +281,14 @@ def summarise(rows: list[dict]) -> dict:
                 "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs]))
                                   for d in rs[0]["final_weights"]},
             }
-            for ref in ("uniform", "natural", "hindsight_d", "hindsight_robust"):
+            for ref in ("uniform", "natural", "targets", "hindsight_d", "hindsight_robust"):
                 if all((s, ref) in by for s in seeds) and arm != ref:
                     d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"]
                          for s in seeds if (s, arm) in by]
                     rel = [-(by[(s, arm)]["final"]["average"] / by[(s, ref)]["final"]["average"] - 1)
                            for s in seeds if (s, arm) in by]
                     e[f"vs_{ref}"] = {"delta": _mean_std(d), "gain": _mean_std(rel), "wins": int(sum(x < 0 for x in d)),
-                                      "n": len(d)}
+                                      "n": len(d), "per_seed": rel, "ci95": _interval(rel)}
             entry["arms"][arm] = e
         if all((s, "oracle") in by and (s, "uniform") in by for s in seeds):
             for arm in arms:
@@ -329,10 +340,33 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
             row.append(f"{e['training_tokens']:,} / {e['total_tokens']:,}")
             body.append(row)
         parts.append(f"### {corpus} corpus\n\n" + table(header, body))
+        parts.append(paired_table(entry))
         if corpus in plots:
             parts.append(f"![quality on the {corpus} corpus]({plots[corpus]})")
         parts.append(verdicts(corpus, entry))
     return "\n\n".join(parts)
+
+
+def paired_table(entry: dict) -> str:
+    """Paired per-seed gains (same initialisation, same data order) with their 95% t interval."""
+    arms = entry["arms"]
+    refs = [r for r in ("uniform", "natural", "targets", "hindsight_d") if r in arms]
+    body = []
+    for arm, e in arms.items():
+        cells = []
+        for ref in refs:
+            v = e.get(f"vs_{ref}")
+            if v is None:
+                cells.append("—")
+                continue
+            lo, hi = v["ci95"]
+            seeds = ", ".join(f"{100 * x:+.1f}" for x in v["per_seed"])
+            cells.append(f"{100 * v['gain'][0]:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] ({seeds})")
+        body.append([e["label"], *cells])
+    spread = arms.get("uniform", {}).get("average", (float("nan"), float("nan")))[1]
+    note = (f"Paired gain in average held-out loss, mean [95% t interval] (per seed), over {len(entry['seeds'])} "
+            f"seeds; positive means the arm is better. Uniform's own seed-to-seed sd: {spread:.3f} in loss.")
+    return note + "\n\n" + table(["arm", *(f"vs {LABELS[r]}" for r in refs)], body)
 
 
 def verdicts(corpus: str, entry: dict) -> str:

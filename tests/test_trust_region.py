@@ -197,15 +197,16 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     events = EventAccumulator(str(event_file.parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
+    tags = {t.removeprefix("train/") for t in tags}  # the Trainer files its logs under train/
     for tag in ("tikmix/weight/pattern", "tikmix/entropy", "tikmix/status", "tikmix/trust_radius",
                 "tikmix/predicted_gain/held_out_pattern", "tikmix/realised_gain/held_out_pattern",
                 "tikmix/influence/held_out_pattern/noise"):
         assert tag in tags, f"{tag} missing from {sorted(t for t in tags if t.startswith('tikmix'))}"
     # the event file holds the history's numbers: the weights after each stage, the radius each used
-    weights = [e.value for e in events.Scalars("tikmix/weight/pattern")]
+    weights = [e.value for e in events.Scalars("train/tikmix/weight/pattern")]
     np.testing.assert_allclose(weights, [s["weights_after"]["pattern"] for s in stages], rtol=1e-6)
-    radii = [e.value for e in events.Scalars("tikmix/trust_radius")]
+    radii = [e.value for e in events.Scalars("train/tikmix/trust_radius")]
     np.testing.assert_allclose(radii, [s["mixer"]["trust_region"]["radius_used"] for s in stages], rtol=1e-6)
     # the realised gain is logged from the second decision on: the first has nothing to compare with
-    assert len(events.Scalars("tikmix/realised_gain/held_out_pattern")) == 1
+    assert len(events.Scalars("train/tikmix/realised_gain/held_out_pattern")) == 1
     assert stages[1]["mixer"]["trust_region"]["action"] in ("grow", "keep", "shrink")

@@ -499,7 +499,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             self._trainer.log(logs)
         finally:
             handler.callbacks = everyone
-        if self._is_main:
+        printers = [cb for cb in everyone if isinstance(cb, (ProgressCallback, PrinterCallback))]
+        if self._is_main and printers:  # the console gets a line where the Trainer prints its logs at all
             tqdm.write(stage_line(entry))
 
     # ------------------------------------------------------------------ history and checkpoints

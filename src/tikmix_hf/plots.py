@@ -272,6 +272,61 @@ def _zoom_to_tail(ax, series: Mapping[str, Curve]) -> None:
     ax.set_ylim(lo - 0.1 * span, hi + 0.6 * span)
 
 
+def gain_series(history: Mapping[str, Any]) -> dict[str, list[tuple[int, float | None, float | None]]]:
+    """Per task: ``(step, predicted, realised)`` for every stage interval closed by a later decision.
+
+    ``predicted`` is what a decision predicted for the stage it opened (``h S w``, nats of validation
+    loss); ``realised`` is the drop the next decision measured. Only the trust-region objective logs them.
+    """
+    out: dict[str, list] = {}
+    stages = history.get("stages") or []
+    for before, after in zip(stages, stages[1:]):
+        predicted = ((before.get("mixer") or {}).get("trust_region") or {}).get("predicted_gain_next") or {}
+        realised = ((after.get("mixer") or {}).get("trust_region") or {}).get("realised_gain") or {}
+        for task in predicted:
+            out.setdefault(task, []).append((int(after["step"]), predicted.get(task), realised.get(task)))
+    return out
+
+
+def plot_gains(history: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None) -> Path | None:
+    """Predicted against realised validation-loss drop per task and stage, and the trust radius used.
+
+    Points on the diagonal mean the influence signal predicted what training then did; ``None`` when
+    the history has fewer than two trust-region decisions (nothing to compare yet).
+    """
+    series = gain_series(history)
+    radii = [(int(s["step"]), ((s.get("mixer") or {}).get("trust_region") or {}).get("radius_used"))
+             for s in history.get("stages") or []]
+    radii = [(step, r) for step, r in radii if r is not None]
+    if not series:
+        return None
+    fig = _figure(10.0, 4.0)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colours = _colours(len(series))
+    values = []
+    for colour, (task, points) in zip(colours, series.items()):
+        pairs = [(p, r) for _, p, r in points if p is not None and r is not None]
+        if pairs:
+            ax.scatter(*zip(*pairs), color=colour, label=task, s=24)
+            values += [v for pair in pairs for v in pair]
+    if values:
+        lo, hi = min(values + [0.0]), max(values + [0.0])
+        ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--")
+    ax.set_xlabel("predicted drop of validation loss over the stage (nats)")
+    ax.set_ylabel("realised drop (nats)")
+    ax.set_title("Did the decisions' predictions come true?")
+    ax.legend(fontsize=7)
+    if radii:
+        bx.step([s for s, _ in radii], [r for _, r in radii], where="post", color="#4c72b0")
+        bx.scatter([s for s, _ in radii], [r for _, r in radii], color="#4c72b0", s=16)
+    bx.set_xlabel("step")
+    bx.set_ylabel("trust radius used (KL, nats)")
+    bx.set_title("How far each decision could move")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_history(
     history: Mapping[str, Any],
     output_dir: str | os.PathLike,
@@ -280,12 +335,16 @@ def plot_history(
     total_steps: int | None = None,
     title: str | None = None,
 ) -> list[Path]:
-    """All pictures of one history: ``<prefix>weights.png`` and ``<prefix>influence_stage<k>.png``.
+    """All pictures of one history: ``<prefix>weights.png``, ``<prefix>influence_stage<k>.png`` and, for the
+    trust-region objective, ``<prefix>gains.png`` (predicted against realised loss drops).
 
     Stages without an influence matrix (status ``skipped``) get no heatmap.
     """
     output_dir = Path(output_dir)
     paths = [plot_weights(history, output_dir / f"{prefix}weights.png", total_steps=total_steps, title=title)]
+    gains = plot_gains(history, output_dir / f"{prefix}gains.png", title=title)
+    if gains is not None:
+        paths.append(gains)
     for stage in history.get("stages") or []:
         if stage.get("influence"):
             paths.append(plot_influence(stage, output_dir / f"{prefix}influence_stage{stage['stage']}.png"))
