@@ -496,10 +496,11 @@ class DomainMixture(IterableDataset):
             global_batch: stream samples consumed per micro-step over all ranks (default
                 ``samples_per_batch``); accelerate's look-ahead fetches one such batch early.
             ranks, rank: how many processes each keep an equal slice of every DataLoader batch, and
-                which slice is this one's (accelerate with ``dispatch_batches=False``). By default they
-                are read from ``torch.distributed`` when ``samples_per_batch == global_batch`` on several
-                processes, and 1 otherwise; with ``dispatch_batches=True`` and ``split_batches=True``
-                pass ``ranks=1``.
+                which slice is this one's: accelerate with ``dispatch_batches=False`` wraps the mixture
+                in an ``IterableDatasetShard``; pass its ``num_processes`` and ``process_index``. Then each
+                process reads only the rows of its own slice. The default (1, 0) is right for one process
+                and for ``dispatch_batches=True``; with ``dispatch_batches=False`` it stays exact but every
+                process reads the rows of the whole batch.
         """
         if not isinstance(samples_per_batch, int) or samples_per_batch < 1:
             raise ValueError(f"samples_per_batch must be a positive int, got {samples_per_batch!r}")
@@ -507,13 +508,7 @@ class DomainMixture(IterableDataset):
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         if global_batch is not None and (not isinstance(global_batch, int) or global_batch < 1):
             raise ValueError(f"global_batch must be a positive int or None, got {global_batch!r}")
-        if ranks is None:
-            ranks, rank = 1, 0
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                world = dist.get_world_size()
-                if (global_batch or samples_per_batch) == samples_per_batch and samples_per_batch % world == 0:
-                    ranks, rank = world, dist.get_rank()
+        ranks, rank = (1, 0) if ranks is None else (ranks, 0 if rank is None else rank)
         if not isinstance(ranks, int) or ranks < 1 or samples_per_batch % ranks:
             raise ValueError(
                 f"ranks={ranks!r} must be a positive int that divides samples_per_batch={samples_per_batch}"
@@ -527,6 +522,16 @@ class DomainMixture(IterableDataset):
         self._ctrl[_RANKS], self._ctrl[_RANK] = ranks, rank
         if self._sharded and num_workers > self._ring_meta.shape[0]:
             self._alloc_ring(num_workers)
+        readers = max(num_workers, 1) * ranks
+        for d in self._sharded:  # warned here, in the main process, where users see it
+            if self._sources[d].n_shards < readers:
+                warnings.warn(
+                    f"domain {self.domains[d]!r} has {self._sources[d].n_shards} shards for {readers} readers "
+                    f"({max(num_workers, 1)} DataLoader workers x {ranks} processes): each reader reads all of it "
+                    f"and keeps its own samples, {readers}x the rows training uses. Give it at least {readers} "
+                    "shards (more files, or Dataset.to_iterable_dataset(num_shards=...)) to read it by shard",
+                    stacklevel=2,
+                )
 
     def seek(self, index: int) -> None:
         """Make the next iterator start at sample ``index`` (cursors computed, nothing replayed)."""
@@ -621,16 +626,6 @@ class DomainMixture(IterableDataset):
         ranks = layout[1]
         readers = layout[0] * ranks
         by_shard = {d for d in self._sharded if self._sources[d].n_shards >= readers}
-        narrow = [d for d in self._sharded if d not in by_shard]
-        if narrow and worker == 0 and rank == 0:
-            for d in narrow:
-                warnings.warn(
-                    f"domain {self.domains[d]!r} has {self._sources[d].n_shards} shards for {readers} readers "
-                    f"({layout[0]} DataLoader workers x {ranks} processes): each reader reads all of it and keeps "
-                    f"its own samples, {readers}x the rows training uses. Give it at least {readers} shards "
-                    "(more files, or Dataset.to_iterable_dataset(num_shards=...)) to read it by shard",
-                    stacklevel=3,
-                )
         sequential = {d: (src.sequential() if src.sharded else src).reader(int(cursors[d]), cycle)
                       for d, src in enumerate(self._sources) if not src.random_access and d not in by_shard}
         sharded = self._sharded_readers(start, layout, logical * ranks + rank, logical, cycle, by_shard)
