@@ -11,4 +11,4 @@ change while training runs, and :func:`interleave_datasets`, its ``datasets``-st
 from .interleave import interleave_datasets
 from .mixture import EXHAUSTED_POLICIES, STATE_FORMAT, DomainMixture
 
-__all__ = ["DomainMixture", "EXHAUSTED_POLICIES", "STATE_FORMAT", "interleave_datasets"]
+__all__ = ["EXHAUSTED_POLICIES", "STATE_FORMAT", "DomainMixture", "interleave_datasets"]

@@ -39,7 +39,7 @@ class KeyedBijection:
         True
     """
 
-    __slots__ = ("n", "_half", "_mask", "_keys")
+    __slots__ = ("_half", "_keys", "_mask", "n")
 
     def __init__(self, n: int, key: np.ndarray):
         if n < 1:

@@ -24,6 +24,7 @@ The schedule lives in shared-memory tensors, so DataLoader workers (persistent o
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -36,7 +37,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .sharded import ShardedSource
-from .sources import TAG_CHOICE, ForOtherRank, MapSource, SequentialSource, is_map_style, materialise, shard_count
+from .sources import (
+    TAG_CHOICE,
+    ForOtherRank,
+    MapSource,
+    SequentialSource,
+    is_map_style,
+    materialise,
+    shard_count,
+)
 
 STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
@@ -602,7 +611,7 @@ class DomainMixture(IterableDataset):
         yield from self._generate(start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank)
 
     def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
-        workers, ranks, chunk = layout
+        chunk = layout[2]
         names = [self.domains[d] for d in self._sharded]
         if chunk and start % chunk:
             raise ValueError(
@@ -748,7 +757,7 @@ class DomainMixture(IterableDataset):
         return out
 
     # ------------------------------------------------------------------ probes
-    def probe(self, domain: str, n: int, *, round: int = 0) -> list:  # noqa: A002 - paper's "round"
+    def probe(self, domain: str, n: int, *, round: int = 0) -> list:
         """Draw ``n`` examples of ``domain`` for influence measurement.
 
         They come from a stream keyed by ``(seed, domain, round)`` that is separate from training:
@@ -857,7 +866,7 @@ class DomainMixture(IterableDataset):
         if any(not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-6 for _, r in schedule):
             raise ValueError("corrupt DomainMixture state: a scheduled weight vector is not on the simplex")
         starts_list = [s for s, _ in schedule]
-        if starts_list[0] != 0 or any(b <= a for a, b in zip(starts_list, starts_list[1:])):
+        if starts_list[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts_list)):
             raise ValueError("corrupt DomainMixture state: schedule starts must begin at 0 and strictly increase")
         if len(schedule) > self._sched_start.numel():
             raise ValueError(f"the state has {len(schedule)} schedule entries; create the mixture with max_stages >= that")

@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from .bijection import KeyedBijection, derive_key, row_hash
-from .sources import TAG_BLOCK, TAG_HOLDOUT, TAG_PROBE, TAG_SHARD_ORDER, Row, SequentialSource, holdout_fraction
+from .sources import (
+    TAG_BLOCK,
+    TAG_HOLDOUT,
+    TAG_PROBE,
+    TAG_SHARD_ORDER,
+    Row,
+    SequentialSource,
+    holdout_fraction,
+)
 
 # record(draw number at block start, pass, position in the pass's shard order, block, shard state JSON)
 Recorder = Callable[[int, int, int, int, str | None], None]

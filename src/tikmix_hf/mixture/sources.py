@@ -144,7 +144,7 @@ class MapSource:
             return None
         if self._lengths is None:
             self._lengths = _example_lengths(self.data)
-        full, rest = divmod(int(count), self.n)
+        full = int(count) // self.n
         per_pass = self._total_tokens - (int(self._lengths[self._rows_of(np.arange(self.held))].sum()) if self.held else 0)
         done, tokens = self._tokens_cache
         lo = full * self.n
