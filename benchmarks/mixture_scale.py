@@ -29,7 +29,7 @@ from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, parser, table, write  # noqa: E402
+from _common import ROOT, parser, table, write
 
 BASELINE_REV = "410803a"  # the last commit with the single-file mixture.py
 
@@ -89,7 +89,7 @@ def run_map(sizes: list[int], rev: str) -> list[dict]:
     rows = []
     for impl in ("previous", "new"):
         for n in sizes:
-            out = subprocess.run([sys.executable, __file__, "--map-child", impl, str(n), rev],
+            out = subprocess.run([sys.executable, __file__, "--map-child", impl, str(n), rev], check=False,
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
             if out.returncode:
                 raise RuntimeError(out.stderr[-2000:])
@@ -210,13 +210,13 @@ def main() -> None:
         streaming = run_streaming(Path(tmp) / "s", files, per_file, batches)
         resume = run_resume(Path(tmp) / "r", resume_rows, args.baseline_rev)
 
-    md = [f"Map-style: one domain of N generated rows (+1,000), 64 samples then one stage's probes, "
-          f"fresh process each; previous = mixture.py at {args.baseline_rev}.\n",
+    md = [(f"Map-style: one domain of N generated rows (+1,000), 64 samples then one stage's probes, "
+           f"fresh process each; previous = mixture.py at {args.baseline_rev}.\n"),
           table(["version", "rows", "peak MB above imports", "s to first 64 samples", "s one stage's probes"],
                 [[r["impl"], f"{r['rows']:.0e}", f"{r['peak_mb_above_imports']:.0f}", f"{r['seconds_to_first_64']:.2f}",
                   f"{r['seconds_one_stage_probes']:.2f}"] for r in map_rows]),
-          f"\nStreaming JSON domain in {files} files x {per_file} rows, 4 DataLoader workers, batch 64, "
-          f"{batches} batches.\n",
+          (f"\nStreaming JSON domain in {files} files x {per_file} rows, 4 DataLoader workers, batch 64, "
+           f"{batches} batches.\n"),
           table(["loader", "examples/s", "rows read per worker", "ideal per worker", "max / ideal", "read / consumed"],
                 [[r["loader"], f"{r['examples_per_s']:.0f}", " ".join(map(str, r["rows_read_per_worker"])),
                   f"{r['ideal_per_worker']:.0f}", f"{r['max_over_ideal']:.3f}", f"{r['total_over_consumed']:.3f}"]
