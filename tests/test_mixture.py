@@ -330,6 +330,7 @@ def test_state_from_other_domains_or_tampered_is_refused_and_changes_nothing():
 
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
     torchrun("dist_mixture.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DomainMixture": "tikmix_hf.mixture",
+    "interleave_datasets": "tikmix_hf.mixture",
     "group_influence": "tikmix_hf.influence",
     "InfluenceResult": "tikmix_hf.influence",
     "lookahead_gain": "tikmix_hf.influence",

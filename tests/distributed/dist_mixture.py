@@ -37,7 +37,9 @@ def run(dispatch: bool, workers: int) -> dict:
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=dispatch))
     mixture = DomainMixture(sources(), weights="uniform", seed=11)
     per_batch = BATCH if dispatch else BATCH * acc.num_processes
-    mixture.bind_loader(per_batch, num_workers=workers, prefetch_factor=2 if workers else None)
+    # Without dispatch each rank keeps its slice of every batch and reads only the rows of that slice.
+    slices = {} if dispatch else {"ranks": acc.num_processes, "rank": acc.process_index}
+    mixture.bind_loader(per_batch, num_workers=workers, prefetch_factor=2 if workers else None, **slices)
     loader = torch.utils.data.DataLoader(
         mixture, batch_size=BATCH, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0
     )

@@ -1,18 +1,22 @@
 """The data plane: a training stream over named domains whose weights can change mid-run.
 
 :class:`DomainMixture` is a ``torch.utils.data.IterableDataset``. Sample ``k`` of the stream is a
-pure function of ``(seed, k, weight schedule)``:
+pure function of ``(seed, k, weight schedule)`` and, for streamed domains read by shard, of the
+reader layout:
 
 1. a uniform number ``u_k`` comes from a counter-based generator keyed by ``(seed, k // 8192)``;
 2. the domain is the one whose cumulative weight interval holds ``u_k``, under the weights of the
    last schedule entry whose start is ``<= k``;
 3. the example is the ``c``-th draw of that domain, where ``c`` counts the earlier samples that
-   chose it; map-style sources read ``permutation_{pass}[c % n]`` directly (one permutation per
-   pass through the domain), iterable sources are read sequentially with a seeded shuffle buffer.
+   chose it. Map-style domains read row ``perm_e(c mod n)``, a keyed bijection of pass ``e`` that is
+   computed, not stored. Streamed domains with enough shards are read by shard: sample ``k`` belongs
+   to one (rank, DataLoader worker) reader, which reads only its own shards, so ``c`` counts that
+   reader's earlier samples of the domain (see :mod:`.sharded`). Other iterables are read in order
+   by every copy, which keeps its own samples.
 
-Because nothing depends on which process draws a sample, every rank and every DataLoader worker
-sees the same stream, a weight change applies from one declared sample index on every copy, and
-a saved position (index plus per-domain cursors) resumes the stream without replaying it.
+Every copy walks every index, so all copies agree on domains, cursors and the schedule; a weight
+change applies from one declared sample index on every copy, and a saved position resumes the stream
+without replaying it.
 
 The schedule lives in shared-memory tensors, so DataLoader workers (persistent ones too) see a
 :meth:`DomainMixture.set_weights` made in the main process after they started.
@@ -20,211 +24,45 @@ The schedule lives in shared-memory tensors, so DataLoader workers (persistent o
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-STATE_FORMAT = "tikmix_hf.DomainMixture/1"
+from .sharded import ShardedSource
+from .sources import (
+    TAG_CHOICE,
+    ForOtherRank,
+    MapSource,
+    SequentialSource,
+    is_map_style,
+    materialise,
+    shard_count,
+)
+
+STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
 _U_BLOCK = 8192  # uniforms are generated in blocks of this many sample indices
 _HW_SLOTS = 257  # slot 0: the main process; slot 1 + i: DataLoader worker i
-# Tags that keep the independent random streams of one seed apart.
-_TAG_CHOICE, _TAG_PERM, _TAG_BUFFER, _TAG_PROBE = 0x7D1, 0x7D2, 0x7D3, 0x7D4
+_RING = 32  # block checkpoints kept per (reader, sharded domain): the consumer lags a few blocks at most
+_RING_BYTES = 4096  # room for one shard's datasets state_dict as JSON
+# _ctrl slots
+_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _VERSION, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK = range(12)
+# A lock taken and released at once is a full memory fence: it orders a worker's "reserve" store before
+# its "swap pending?" load, and the main process's "swap pending" store before its "reserved?" load.
+_FENCE = threading.Lock()
 
 
-class _MapSource:
-    """A sized, indexable domain (``datasets.Dataset``, list, torch map-style dataset)."""
-
-    random_access = True
-
-    def __init__(self, name: str, data: Any, seed: int, domain_id: int, shuffle: bool):
-        self.name, self.data, self.seed, self.domain_id, self.shuffle = name, data, seed, domain_id, shuffle
-        self.n = len(data)
-        if self.n == 0:
-            raise ValueError(f"domain {name!r} is empty (0 examples); remove it or give it data")
-        self.lengths = _example_lengths(data)
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    @property
-    def num_examples(self) -> int:
-        return self.n
-
-    @property
-    def num_tokens(self) -> int | None:
-        return None if self.lengths is None else int(self.lengths.sum())
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perm_cache.get(epoch)
-        if perm is None:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, _TAG_PERM, self.domain_id, epoch])
-                perm = rng.permutation(self.n)
-            else:
-                perm = np.arange(self.n)
-            if len(self._perm_cache) > 2:
-                self._perm_cache.clear()
-            self._perm_cache[epoch] = perm
-        return perm
-
-    def index_of(self, cursor: int) -> int:
-        epoch, pos = divmod(int(cursor), self.n)
-        return int(self._perm(epoch)[pos])
-
-    def get_many(self, cursors: np.ndarray) -> list:
-        indices = [self.index_of(c) for c in cursors]
-        getitems = getattr(self.data, "__getitems__", None)
-        if getitems is not None:
-            return list(getitems(indices))
-        return [self.data[i] for i in indices]
-
-    def tokens_drawn(self, count: int) -> int | None:
-        if self.lengths is None:
-            return None
-        full, rest = divmod(int(count), self.n)
-        total = full * int(self.lengths.sum())
-        if rest:
-            total += int(self.lengths[self._perm(full)[:rest]].sum())
-        return total
-
-    def probe(self, n: int, round_: int) -> list:
-        rng = np.random.default_rng([self.seed, _TAG_PROBE, self.domain_id, round_])
-        order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(n / self.n))])[:n]
-        return [self.data[int(i)] for i in order]
-
-
-class _Row:
-    """Row ``i`` of a column batch, turned into a dict only if somebody keeps it.
-
-    Every DataLoader worker reads the whole of an iterable domain but keeps only its own samples,
-    so the rows the other workers keep are skipped without being built.
-    """
-
-    __slots__ = ("batch", "i")
-
-    def __init__(self, batch: dict, i: int):
-        self.batch, self.i = batch, i
-
-    def get(self) -> dict:
-        return {key: column[self.i] for key, column in self.batch.items()}
-
-
-def _materialise(example: Any) -> Any:
-    return example.get() if isinstance(example, _Row) else example
-
-
-class _IterSource:
-    """A domain that can only be read in order (``datasets.IterableDataset`` or a re-iterable)."""
-
-    random_access = False
-    num_tokens = None
-
-    def __init__(self, name: str, data: Any, seed: int, domain_id: int, buffer: int, size: int | None):
-        if iter(data) is data:
-            raise TypeError(
-                f"domain {name!r} is a one-shot iterator ({type(data).__name__}); the mixture reads each "
-                "domain several times, so pass a re-iterable (a list, a datasets.Dataset or IterableDataset, "
-                "or an object whose __iter__ returns a fresh iterator)"
-            )
-        self.name, self.data, self.seed, self.domain_id, self.buffer = name, data, seed, domain_id, buffer
-        self.num_examples = size
-
-    def _raw(self) -> Iterator:
-        # datasets.IterableDataset splits its shards between DataLoader workers when iterated inside
-        # one; every worker here must see the whole domain, so read it through .iter(), which does not.
-        if hasattr(self.data, "iter") and hasattr(self.data, "_ex_iterable"):
-            for batch in self.data.iter(batch_size=256):
-                for i in range(len(next(iter(batch.values())))):
-                    yield _Row(batch, i)
-        else:
-            yield from self.data
-
-    def _one_pass(self, pass_: int) -> Iterator:
-        if self.buffer <= 1:
-            yield from self._raw()
-            return
-        rng = np.random.default_rng([self.seed, _TAG_BUFFER, self.domain_id, pass_])
-        buf: list = []
-        for example in self._raw():
-            if len(buf) < self.buffer:
-                buf.append(example)
-                continue
-            j = int(rng.integers(self.buffer))
-            yield buf[j]
-            buf[j] = example
-        rng.shuffle(buf)
-        yield from buf
-
-    def reader(self, start_cursor: int, cycle: bool) -> Iterator:
-        """Yield the domain's draws from ``start_cursor`` on; ``None`` marks exhaustion (policy stop)."""
-        cursor, pass_ = 0, 0
-        while True:
-            empty = True
-            for example in self._one_pass(pass_):
-                empty = False
-                if cursor >= start_cursor:
-                    yield example
-                cursor += 1
-            if empty:
-                raise ValueError(f"domain {self.name!r} yielded no examples; remove it or give it data")
-            if not cycle:
-                while True:
-                    yield None
-            pass_ += 1
-
-    def probe(self, n: int, round_: int) -> list:
-        out: list = []
-        pass_ = 1_000_003 + round_  # shuffle passes that training (passes 0, 1, ...) does not use early
-        while len(out) < n:
-            before = len(out)
-            for example in self._one_pass(pass_):
-                out.append(_materialise(example))
-                if len(out) == n:
-                    break
-            if len(out) == before:
-                raise ValueError(f"domain {self.name!r} yielded no examples; remove it or give it data")
-            pass_ += 1
-        return out
-
-
-def _example_lengths(data: Any) -> np.ndarray | None:
-    """Token count per example when the examples carry ``input_ids``; ``None`` otherwise."""
-    try:
-        import datasets
-
-        if isinstance(data, datasets.Dataset):
-            if "input_ids" not in data.column_names:
-                return None
-            if data._indices is None:
-                import pyarrow.compute as pc
-
-                col = data.data.table.column("input_ids")
-                return np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False), dtype=np.int64)
-            return np.fromiter((len(x) for x in data["input_ids"]), dtype=np.int64, count=len(data))
-    except ImportError:  # pragma: no cover - datasets is a dependency
+def _fence() -> None:
+    with _FENCE:
         pass
-    if isinstance(data, Sequence) and len(data) and isinstance(data[0], Mapping) and "input_ids" in data[0]:
-        return np.fromiter((len(x["input_ids"]) for x in data), dtype=np.int64, count=len(data))
-    return None
-
-
-def _is_map_style(data: Any) -> bool:
-    try:
-        import datasets
-
-        if isinstance(data, datasets.IterableDataset):
-            return False
-        if isinstance(data, datasets.Dataset):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(data, torch.utils.data.IterableDataset):
-        return False
-    return hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (str, bytes, Mapping))
 
 
 class DomainMixture(IterableDataset):
@@ -237,15 +75,23 @@ class DomainMixture(IterableDataset):
         weights: ``"natural"`` (proportional to each domain's size: tokens when every domain's examples
             carry ``input_ids``, else examples), ``"uniform"``, or a mapping domain -> non-negative weight
             covering every domain (normalised to sum to one).
-        seed: the stream is a pure function of ``(seed, sample index, weight schedule)``.
+        seed: the stream is a pure function of ``(seed, sample index, weight schedule)`` (and of the
+            reader layout for streamed domains read by shard).
         exhausted: what happens when a domain runs out: ``"cycle"`` (start a new pass with a new shuffle)
-            or ``"stop"`` (the stream ends at the first sample that would need a new pass).
-        shuffle: shuffle map-style domains (a new permutation per pass); iterable domains are shuffled
-            through a seeded buffer of ``shuffle_buffer`` examples (0 or 1 keeps source order).
+            or ``"stop"`` (the stream ends at the first sample that would need a new pass; for a domain
+            read by shard, the reader whose share runs out ends its part of the stream).
+        shuffle: shuffle map-style domains (a new keyed permutation per pass); streamed domains are
+            shuffled in blocks of ``shuffle_buffer`` rows (0 or 1 keeps source order).
         num_samples: optional length of one epoch, which lets the Trainer train by epochs; without it the
             stream is endless and the Trainer needs ``max_steps``.
         sizes: optional domain -> size, for ``weights="natural"`` with iterable domains of unknown size.
         max_stages: capacity of the weight schedule (one entry per ``set_weights``).
+        probe_holdout: share of each domain's rows kept for :meth:`probe` and never trained on.
+            ``"auto"`` holds out 0.1% of a domain known to have at least 10^6 rows and nothing of
+            smaller ones (their probes are drawn from the training rows); a float applies to every
+            domain (streamed ones choose their rows by a hash of the row's shard and offset).
+        shard: read ``datasets.IterableDataset`` domains by shard, each (rank, worker) reader its own
+            share (``True``, the default); ``False`` reads them in full on every copy.
 
     Example:
         >>> mixture = DomainMixture({"code": ds_code, "law": ds_law}, weights="natural", seed=0)
@@ -270,6 +116,8 @@ class DomainMixture(IterableDataset):
         num_samples: int | None = None,
         sizes: Mapping[str, float] | None = None,
         max_stages: int = 1024,
+        probe_holdout: str | float = "auto",
+        shard: bool = True,
     ):
         super().__init__()
         if not isinstance(sources, Mapping) or not sources:
@@ -289,34 +137,56 @@ class DomainMixture(IterableDataset):
             raise ValueError(f"max_stages must be a positive int, got {max_stages!r}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer!r}")
+        if probe_holdout != "auto" and not (isinstance(probe_holdout, (int, float)) and 0 <= probe_holdout < 0.5):
+            raise ValueError(
+                f"probe_holdout={probe_holdout!r}: use 'auto' or a fraction in [0, 0.5) of each domain's rows"
+            )
 
         self.domains: list[str] = list(sources)
         self.seed, self.exhausted, self.shuffle, self.shuffle_buffer = seed, exhausted, shuffle, shuffle_buffer
         self.num_samples = num_samples
+        self.probe_holdout = probe_holdout
         self._sizes = sizes
-        self._sources = []
+        self._sources: list = []
         for i, (name, data) in enumerate(sources.items()):
-            if _is_map_style(data):
-                self._sources.append(_MapSource(name, data, seed, i, shuffle))
+            size = None if sizes is None else sizes.get(name)
+            if is_map_style(data):
+                self._sources.append(MapSource(name, data, seed, i, shuffle, probe_holdout))
+            elif shard and shard_count(data) is not None:
+                block = shuffle_buffer if shuffle and shuffle_buffer > 1 else 256
+                self._sources.append(ShardedSource(name, data, seed, i, block=block, shuffle=shuffle and shuffle_buffer > 1,
+                                                   size=None if size is None else int(size), holdout=probe_holdout))
             else:
-                size = None if sizes is None else sizes.get(name)
-                self._sources.append(_IterSource(name, data, seed, i, shuffle_buffer if shuffle else 0, size))
+                self._sources.append(SequentialSource(name, data, seed, i, shuffle_buffer if shuffle else 0, size))
+        self._sharded = [d for d, s in enumerate(self._sources) if s.sharded]
 
         m = len(self.domains)
         # Shared memory: visible to DataLoader workers (also persistent ones) after they started.
         self._sched_start = torch.zeros(max_stages, dtype=torch.int64).share_memory_()
         self._sched_weights = torch.zeros(max_stages, m, dtype=torch.float64).share_memory_()
         self._sched_len = torch.zeros(1, dtype=torch.int64).share_memory_()
-        # [seek index, epoch, samples per worker batch, num_workers, prefetch_factor, schedule version,
-        #  samples per micro-step over all ranks]
-        self._ctrl = torch.tensor([0, 0, 0, 0, 2, 0, 0], dtype=torch.int64).share_memory_()
+        self._ctrl = torch.zeros(12, dtype=torch.int64).share_memory_()
+        self._ctrl[_PREFETCH], self._ctrl[_RANKS] = 2, 1
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
+        # Per slot: the end of the samples that copy has drawn (main process) or reserved (workers).
         self._high_water = torch.zeros(_HW_SLOTS, dtype=torch.int64).share_memory_()
+        self._alloc_ring(1)
         self._position = 0  # samples yielded by the last in-process iterator (exact with num_workers=0)
         self._count_cache: tuple[int, np.ndarray] = (0, np.zeros(m, dtype=np.int64))
+        self._reader_cache: tuple[tuple, int, np.ndarray | None] = ((), 0, None)
         self._u_cache: tuple[int, np.ndarray | None] = (-1, None)
+        self._resume: dict | None = None  # reader checkpoints of a loaded state
 
         self._publish(0, self._resolve_initial(weights, sizes))
+
+    def _alloc_ring(self, workers: int) -> None:
+        """Shared block checkpoints of the sharded readers: ``[logical worker, sharded domain, entry]``.
+        Meta columns: sequence (odd while written), draws, pass, shard position, block, JSON length
+        (-1: too long to keep), readers per domain when it was written."""
+        e = max(len(self._sharded), 1) if self._sharded else 0
+        self._ring_meta = torch.zeros(workers, e, _RING, 7, dtype=torch.int64).share_memory_()
+        self._ring_json = torch.zeros(workers, e, _RING, _RING_BYTES if e else 0, dtype=torch.uint8).share_memory_()
+        self._ring_head = torch.zeros(workers, e, dtype=torch.int64).share_memory_()
 
     # ------------------------------------------------------------------ weights
     def _resolve_initial(self, weights: Any, sizes: Mapping[str, float] | None) -> np.ndarray:
@@ -390,7 +260,7 @@ class DomainMixture(IterableDataset):
         self._sched_start[n] = start
         self._sched_weights[n] = torch.from_numpy(vec)
         self._sched_len[0] = n + 1  # published last: readers never see a half-written entry
-        self._ctrl[5] += 1
+        self._ctrl[_VERSION] += 1
         if start < self._count_cache[0]:
             self._count_cache = (0, np.zeros(len(self.domains), dtype=np.int64))
 
@@ -429,8 +299,8 @@ class DomainMixture(IterableDataset):
         accelerate's one-batch look-ahead plus one batch of margin; ``samples per batch`` is the value
         given to :meth:`bind_loader` (1 when unbound).
         """
-        per_batch = max(int(self._ctrl[2]), int(self._ctrl[6]), 1)
-        workers, prefetch = int(self._ctrl[3]), int(self._ctrl[4])
+        per_batch = max(int(self._ctrl[_BATCH]), int(self._ctrl[_GLOBAL]), 1)
+        workers, prefetch = int(self._ctrl[_WORKERS]), int(self._ctrl[_PREFETCH])
         return per_batch * (workers * prefetch + 2)
 
     def set_weights(self, weights: Mapping[str, float], *, at: int | None = None) -> int:
@@ -439,27 +309,35 @@ class DomainMixture(IterableDataset):
         Args:
             weights: domain -> non-negative weight for every domain (normalised to sum to one).
             at: the first sample index to use them. ``None`` takes the earliest safe index: the next
-                sample no copy of the stream has drawn yet. Pass an explicit index, identical on every
-                rank, for runs that must be reproducible (the callback does: consumed samples plus
-                :meth:`lag_samples`).
+                sample that no copy of the stream has drawn or reserved yet (a DataLoader worker
+                reserves its whole batch before it reads the schedule). Pass an explicit index,
+                identical on every rank, for runs that must be reproducible (the callback does:
+                consumed samples plus :meth:`lag_samples`).
 
         Raises:
             ValueError: ``at`` lies before samples that were already drawn with the old weights, or
                 before an earlier scheduled change.
         """
         vec = self._validate(weights, "weights")
-        drawn = int(self._high_water.max())
-        if at is None:
-            at = max(drawn, self._position, self.weights_from)
-        elif not isinstance(at, (int, np.integer)) or at < 0:
+        if at is not None and (not isinstance(at, (int, np.integer)) or at < 0):
             raise ValueError(f"at must be a non-negative int sample index, got {at!r}")
-        elif at < drawn:
-            raise ValueError(
-                f"at={at} lies before sample {drawn}, which the data pipeline has already drawn with the old "
-                f"weights; use at >= {drawn} (the lag bound {self.lag_samples()} may be too small: check "
-                "bind_loader's num_workers and prefetch_factor)"
-            )
-        self._publish(int(at), vec)
+        # Announce the swap before reading the reservations: a worker that reserves after this point
+        # waits for the new schedule, one that reserved before is counted in `drawn`.
+        self._ctrl[_SWAP] = 1
+        try:
+            _fence()
+            drawn = int(self._high_water.max())
+            if at is None:
+                at = max(drawn, self._position, self.weights_from)
+            elif at < drawn:
+                raise ValueError(
+                    f"at={at} lies before sample {drawn}, which the data pipeline has already drawn with the old "
+                    f"weights; use at >= {drawn} (the lag bound {self.lag_samples()} may be too small: check "
+                    "bind_loader's num_workers and prefetch_factor)"
+                )
+            self._publish(int(at), vec)
+        finally:
+            self._ctrl[_SWAP] = 0
         return int(at)
 
     # ------------------------------------------------------------------ the pure stream
@@ -470,7 +348,7 @@ class DomainMixture(IterableDataset):
             block, offset = divmod(k, _U_BLOCK)
             take = min(_U_BLOCK - offset, stop - k)
             if self._u_cache[0] != block:
-                self._u_cache = (block, np.random.default_rng([self.seed, _TAG_CHOICE, block]).random(_U_BLOCK))
+                self._u_cache = (block, np.random.default_rng([self.seed, TAG_CHOICE, block]).random(_U_BLOCK))
             u = self._u_cache[1]
             out[k - start : k - start + take] = u[offset : offset + take]
             k += take
@@ -514,7 +392,7 @@ class DomainMixture(IterableDataset):
         Iterable domains are not listed: their length is only known once they were read to the end.
         """
         counts = self._counts(upto)
-        return [s.name for s, c in zip(self._sources, counts) if isinstance(s, _MapSource) and c > s.n]
+        return [s.name for s, c in zip(self._sources, counts) if s.random_access and c > s.n]
 
     def drawn(self, upto: int) -> dict[str, dict[str, int | None]]:
         """Examples and tokens drawn from each domain by samples ``[0, upto)``.
@@ -524,10 +402,7 @@ class DomainMixture(IterableDataset):
         """
         counts = self._counts(upto)
         return {
-            s.name: {
-                "examples": int(c),
-                "tokens": s.tokens_drawn(int(c)) if isinstance(s, _MapSource) else None,
-            }
+            s.name: {"examples": int(c), "tokens": s.tokens_drawn(int(c)) if s.random_access else None}
             for s, c in zip(self._sources, counts)
         }
 
@@ -535,14 +410,79 @@ class DomainMixture(IterableDataset):
         """``(domain, draw number)`` of each sample in ``[start, stop)``; for map-style domains the
         draw number is mapped to the source index. A cheap identity for tests and audits."""
         ids = self.domain_ids(start, stop)
-        cursors = self._counts(start).copy()
-        out = []
-        for d in ids:
+        draw = self._draw_numbers(ids, self._counts(start).copy())
+        out: list[Any] = [None] * len(ids)
+        for d in np.unique(ids):
+            where = np.flatnonzero(ids == d)
             src = self._sources[d]
-            c = int(cursors[d])
-            out.append((src.name, src.index_of(c) if isinstance(src, _MapSource) else c))
-            cursors[d] += 1
+            values = src.indices(draw[where]) if src.random_access else draw[where]
+            for i, v in zip(where.tolist(), values.tolist()):
+                out[i] = (src.name, int(v))
         return out
+
+    # ------------------------------------------------------------------ readers of sharded domains
+    @staticmethod
+    def _reader_of(index: np.ndarray, layout: tuple[int, int, int]) -> np.ndarray:
+        """Logical reader of each sample: chunk ``k // chunk`` goes to worker ``(k // chunk) % W``, and
+        within it rank ``p`` keeps the ``p``-th of ``P`` equal slices (accelerate's IterableDatasetShard)."""
+        workers, ranks, chunk = layout
+        if workers * ranks == 1:
+            return np.zeros(len(index), dtype=np.int64)
+        return ((index // chunk) % workers) * ranks + (index % chunk) // (chunk // ranks)
+
+    def _reader_counts(self, upto: int, layout: tuple[int, int, int]) -> np.ndarray:
+        """Draws of each (reader, domain) by samples ``[0, upto)``: a pure function of the layout."""
+        readers, m = layout[0] * layout[1], len(self.domains)
+        cached_layout, cached_at, cached = self._reader_cache
+        if cached_layout != layout or cached is None or upto < cached_at:
+            cached_at, cached = 0, np.zeros(readers * m, dtype=np.int64)
+        counts = cached.copy()
+        step = 1 << 20
+        for a in range(cached_at, upto, step):
+            b = min(a + step, upto)
+            key = self._reader_of(np.arange(a, b), layout) * m + self.domain_ids(a, b)
+            counts += np.bincount(key, minlength=readers * m)
+        self._reader_cache = (layout, upto, counts.copy())
+        return counts.reshape(readers, m)
+
+    def _recorder(self, row: int, e: int, readers: int):
+        meta, data = self._ring_meta[row, e].numpy(), self._ring_json[row, e].numpy()
+        head = self._ring_head[row].numpy()
+
+        def record(draws: int, pass_: int, pos: int, block: int, snapshot: str | None) -> None:
+            entry = meta[int(head[e]) % _RING]
+            raw = b"" if snapshot is None else snapshot.encode()
+            entry[0] += 1  # odd: being written
+            if len(raw) > _RING_BYTES:
+                entry[5] = -1
+            else:
+                data[int(head[e]) % _RING, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+                entry[5] = len(raw)
+            entry[1:5] = draws, pass_, pos, block
+            entry[6] = readers
+            entry[0] += 1
+            head[e] += 1
+
+        return record
+
+    def _checkpoint(self, row: int, e: int, readers: int, draws: int) -> dict | None:
+        """The latest recorded block start of a reader at or before draw ``draws``, or ``None``."""
+        if row >= self._ring_meta.shape[0]:
+            return None
+        meta, data = self._ring_meta[row, e].numpy(), self._ring_json[row, e].numpy()
+        best = None
+        for slot in range(_RING):
+            seq = int(meta[slot, 0])
+            entry = meta[slot].copy()
+            raw = bytes(data[slot, : max(int(entry[5]), 0)])
+            if seq == 0 or seq % 2 or int(meta[slot, 0]) != seq:  # empty, or being written: skip it
+                continue
+            if entry[6] != readers or entry[5] < 0 or entry[1] > draws:
+                continue
+            if best is None or entry[1] >= best["draws"]:
+                best = {"draws": int(entry[1]), "pass": int(entry[2]), "shard_pos": int(entry[3]),
+                        "block": int(entry[4]), "state": raw.decode() if entry[5] else None}
+        return best
 
     # ------------------------------------------------------------------ position, epochs, loaders
     def bind_loader(
@@ -551,6 +491,9 @@ class DomainMixture(IterableDataset):
         num_workers: int = 0,
         prefetch_factor: int | None = 2,
         global_batch: int | None = None,
+        *,
+        ranks: int | None = None,
+        rank: int | None = None,
     ) -> None:
         """Tell the mixture how the DataLoader reads it.
 
@@ -561,6 +504,12 @@ class DomainMixture(IterableDataset):
             num_workers, prefetch_factor: the DataLoader's, for the lag bound of :meth:`lag_samples`.
             global_batch: stream samples consumed per micro-step over all ranks (default
                 ``samples_per_batch``); accelerate's look-ahead fetches one such batch early.
+            ranks, rank: how many processes each keep an equal slice of every DataLoader batch, and
+                which slice is this one's: accelerate with ``dispatch_batches=False`` wraps the mixture
+                in an ``IterableDatasetShard``; pass its ``num_processes`` and ``process_index``. Then each
+                process reads only the rows of its own slice. The default (1, 0) is right for one process
+                and for ``dispatch_batches=True``; with ``dispatch_batches=False`` it stays exact but every
+                process reads the rows of the whole batch.
         """
         if not isinstance(samples_per_batch, int) or samples_per_batch < 1:
             raise ValueError(f"samples_per_batch must be a positive int, got {samples_per_batch!r}")
@@ -568,10 +517,30 @@ class DomainMixture(IterableDataset):
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         if global_batch is not None and (not isinstance(global_batch, int) or global_batch < 1):
             raise ValueError(f"global_batch must be a positive int or None, got {global_batch!r}")
-        self._ctrl[2] = samples_per_batch
-        self._ctrl[3] = num_workers
-        self._ctrl[4] = 2 if prefetch_factor is None else int(prefetch_factor)
-        self._ctrl[6] = samples_per_batch if global_batch is None else global_batch
+        ranks, rank = (1, 0) if ranks is None else (ranks, 0 if rank is None else rank)
+        if not isinstance(ranks, int) or ranks < 1 or samples_per_batch % ranks:
+            raise ValueError(
+                f"ranks={ranks!r} must be a positive int that divides samples_per_batch={samples_per_batch}"
+            )
+        if not isinstance(rank, int) or not 0 <= rank < ranks:
+            raise ValueError(f"rank={rank!r} must be an int in [0, ranks={ranks})")
+        self._ctrl[_BATCH] = samples_per_batch
+        self._ctrl[_WORKERS] = num_workers
+        self._ctrl[_PREFETCH] = 2 if prefetch_factor is None else int(prefetch_factor)
+        self._ctrl[_GLOBAL] = samples_per_batch if global_batch is None else global_batch
+        self._ctrl[_RANKS], self._ctrl[_RANK] = ranks, rank
+        if self._sharded and num_workers > self._ring_meta.shape[0]:
+            self._alloc_ring(num_workers)
+        readers = max(num_workers, 1) * ranks
+        for d in self._sharded:  # warned here, in the main process, where users see it
+            if self._sources[d].n_shards < readers:
+                warnings.warn(
+                    f"domain {self.domains[d]!r} has {self._sources[d].n_shards} shards for {readers} readers "
+                    f"({max(num_workers, 1)} DataLoader workers x {ranks} processes): each reader reads all of it "
+                    f"and keeps its own samples, {readers}x the rows training uses. Give it at least {readers} "
+                    "shards (more files, or Dataset.to_iterable_dataset(num_shards=...)) to read it by shard",
+                    stacklevel=2,
+                )
 
     def seek(self, index: int) -> None:
         """Make the next iterator start at sample ``index`` (cursors computed, nothing replayed)."""
@@ -581,14 +550,14 @@ class DomainMixture(IterableDataset):
 
     def _set_seek(self, index: int, cursors: np.ndarray) -> None:
         self._seek_cursors.copy_(torch.as_tensor(cursors, dtype=torch.int64))
-        self._ctrl[0] = index
+        self._ctrl[_SEEK] = index
         self._position = index
         self._high_water.zero_()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer through accelerate; with ``num_samples`` epoch ``e`` covers
         samples ``[e * num_samples, (e + 1) * num_samples)``."""
-        self._ctrl[1] = int(epoch)
+        self._ctrl[_EPOCH] = int(epoch)
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -599,93 +568,171 @@ class DomainMixture(IterableDataset):
         return self.num_samples
 
     def _bounds(self) -> tuple[int, int | None]:
-        seek = int(self._ctrl[0])
+        seek = int(self._ctrl[_SEEK])
         if self.num_samples is None:
-            if self.exhausted == "stop" and int(self._ctrl[1]) > 0:
+            if self.exhausted == "stop" and int(self._ctrl[_EPOCH]) > 0:
                 return seek, seek  # the finite stream ended in epoch 0: a new epoch has nothing left
             return seek, None
-        epoch = int(self._ctrl[1])
+        epoch = int(self._ctrl[_EPOCH])
         lo, hi = epoch * self.num_samples, (epoch + 1) * self.num_samples
         return (seek if lo <= seek < hi else lo), hi
+
+    def _layout(self) -> tuple[int, int, int]:
+        """(workers, ranks, samples per worker batch) of the last iterator, else as bound."""
+        workers = int(self._ctrl[_SEEN_WORKERS]) or max(int(self._ctrl[_WORKERS]), 1)
+        ranks = int(self._ctrl[_RANKS])
+        chunk = int(self._ctrl[_SEEN_CHUNK]) or (int(self._ctrl[_BATCH]) if workers * ranks > 1 else 0)
+        return workers, ranks, chunk if workers * ranks > 1 else 0
 
     def __iter__(self) -> Iterator[Any]:
         start, stop = self._bounds()
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        chunk = int(self._ctrl[2])
-        if workers > 1 and chunk < 1:
+        ranks, rank = int(self._ctrl[_RANKS]), int(self._ctrl[_RANK])
+        chunk = int(self._ctrl[_BATCH])
+        if workers * ranks > 1 and chunk < 1:
             raise RuntimeError(
-                f"DomainMixture is read by {workers} DataLoader workers but does not know the batch size: "
-                "add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) first"
+                f"DomainMixture is read by {workers} DataLoader workers on {ranks} processes but does not know the "
+                "batch size: add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) first"
             )
-        chunk = chunk if workers > 1 else 256
+        layout = (workers, ranks, chunk if workers * ranks > 1 else 0)
+        chunk = chunk if workers * ranks > 1 else 256
+        if self._sharded:
+            self._check_layout(start, layout)
+        if worker == 0:
+            self._ctrl[_SEEN_WORKERS], self._ctrl[_SEEN_CHUNK] = workers, layout[2]
         slot = 0 if info is None else 1 + worker
-        if int(self._ctrl[0]) == start:
+        if int(self._ctrl[_SEEK]) == start:
             cursors = self._seek_cursors.numpy().copy()
         else:
             cursors = self._counts(start)
-        yield from self._generate(start, stop, cursors, chunk, workers, worker, slot)
+        # This copy is logical worker w of every chunk grid it serves, and reader q = w * ranks + rank.
+        logical = (start // chunk + worker) % workers
+        yield from self._generate(start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank)
 
-    def _generate(self, start, stop, cursors, chunk, workers, worker, slot) -> Iterator[Any]:
+    def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
+        chunk = layout[2]
+        names = [self.domains[d] for d in self._sharded]
+        if chunk and start % chunk:
+            raise ValueError(
+                f"the stream starts at sample {start}, inside a batch of {chunk}: domains {names} are read by "
+                f"shard per (rank, worker) batch, so seek to a multiple of {chunk}"
+            )
+        saved = None if self._resume is None else tuple(self._resume["layout"])
+        if start > 0 and saved is not None and saved != layout:
+            raise RuntimeError(
+                f"this state was saved with a reader layout of (workers, ranks, batch) = {saved} and the stream now "
+                f"runs with {layout}: domains {names} are read by shard, so each layout is a different stream. "
+                f"Resume with the saved num_workers, number of processes and batch size, or start the stream "
+                "afresh with mixture.seek(0)"
+            )
+
+    def _generate(self, start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank) -> Iterator[Any]:
         """Yield this copy's samples from index ``start``: chunk ``j`` (of ``chunk`` samples, counted
-        from ``start``) belongs to worker ``j % workers``. Every copy walks every index, so all copies
-        agree on the per-domain cursors, on exhaustion and on the schedule."""
+        from ``start``) belongs to worker ``j % workers``, and within it slice ``rank`` of ``ranks``.
+        Every copy walks every index, so all copies agree on cursors, exhaustion and the schedule."""
         cycle = self.exhausted == "cycle"
-        readers: dict[int, Iterator] = {}
-        for d, src in enumerate(self._sources):
-            if not src.random_access:
-                readers[d] = src.reader(int(cursors[d]), cycle)
-        sizes = np.array([src.n if src.random_access else -1 for src in self._sources])
+        ranks = layout[1]
+        readers = layout[0] * ranks
+        by_shard = {d for d in self._sharded if self._sources[d].n_shards >= readers}
+        sequential = {d: (src.sequential() if src.sharded else src).reader(int(cursors[d]), cycle)
+                      for d, src in enumerate(self._sources) if not src.random_access and d not in by_shard}
+        sharded = self._sharded_readers(start, layout, logical * ranks + rank, logical, cycle, by_shard)
+        never = np.iinfo(np.int64).max
+        sizes = np.array([src.n if src.random_access else never for src in self._sources])
         high_water = self._high_water.numpy()  # shared memory; a numpy view is cheap to write
-        version = self._ctrl.numpy()[5:6]
+        ctrl = self._ctrl.numpy()
         span = chunk * max(1, 2048 // chunk)
         k = start
         while stop is None or k < stop:
             span_end = k + span - (k - start) % chunk
             if stop is not None:
                 span_end = min(span_end, stop)
-            seen = int(version[0])
+            seen = int(ctrl[_VERSION])
             ids = self.domain_ids(k, span_end)
             draw = self._draw_numbers(ids, cursors)
             pos, redraw = k, False
             while pos < span_end and not redraw:
                 j = (pos - start) // chunk
-                a, b = pos - k, min(start + (j + 1) * chunk, span_end) - k
+                chunk_end = start + (j + 1) * chunk if stop is None else min(start + (j + 1) * chunk, stop)
+                a, b = pos - k, min(chunk_end, span_end) - k
                 mine = j % workers == worker
-                if int(version[0]) != seen:
+                if mine and slot:
+                    # A worker reserves its batch before it reads the schedule, so set_weights(at=None)
+                    # either counts the reservation or is announced to the worker, which then waits.
+                    high_water[slot] = max(int(high_water[slot]), chunk_end)
+                    _fence()
+                    while ctrl[_SWAP]:
+                        time.sleep(0)
+                if int(ctrl[_VERSION]) != seen:
                     break  # new weights were published: redraw from here under them
-                if not mine and not readers:  # nothing to read: advance the cursors in one go
+                if not mine and not sequential:  # nothing to read: advance the cursors in one go
                     seg_ids, seg_draw = ids[a:b], draw[a:b]
                     if not cycle and np.any(seg_draw >= sizes[seg_ids]):
                         return
                     np.maximum.at(cursors, seg_ids, seg_draw + 1)
                     pos = k + b
                     continue
-                # This worker's map-style rows are fetched together: one Arrow read, not one per row.
-                fetched = self._fetch(ids[a:b], draw[a:b]) if mine else {}
+                keep = np.zeros(b - a, dtype=bool)
+                if mine:
+                    idx = np.arange(k + a, k + b)
+                    keep[:] = True if ranks == 1 else (idx % chunk) // (chunk // ranks) == rank
+                # This copy's map-style rows are fetched together: one Arrow read, not one per row.
+                fetched = self._fetch(ids[a:b], draw[a:b], keep)
                 for i in range(a, b):
-                    if int(version[0]) != seen:
+                    if slot == 0 and int(ctrl[_VERSION]) != seen:
                         redraw = True  # new weights were published mid-chunk: redraw the rest under them
                         break
                     d, c = int(ids[i]), int(draw[i])
                     cursors[d] = c + 1
-                    if readers.get(d) is None:
-                        if not cycle and c >= sizes[d]:
+                    src, kept = self._sources[d], keep[i - a]
+                    example = None
+                    if src.random_access:
+                        if not cycle and c >= src.n:
                             return
                         example = fetched.get(i - a)
+                    elif d in by_shard:
+                        if kept:  # only this reader's own samples: the others are other readers' rows
+                            example = next(sharded[d])
+                            if example is None:
+                                return
                     else:
-                        example = next(readers[d])
+                        example = next(sequential[d])
                         if example is None:
                             return
-                        if mine:
-                            example = _materialise(example)
                     pos = k + i + 1
                     if mine:
-                        high_water[slot] = pos
                         if slot == 0:
+                            high_water[0] = pos
                             self._position = pos
-                        yield example
+                        yield materialise(example) if kept else ForOtherRank(pos - 1)
             k = pos
+
+    def _sharded_readers(self, start, layout, reader, row, cycle, by_shard) -> dict[int, Iterator]:
+        if not by_shard:
+            return {}
+        readers = layout[0] * layout[1]
+        draws = self._reader_counts(start, layout)[reader]
+        saved = self._resume if self._resume is not None and tuple(self._resume["layout"]) == layout else None
+        out = {}
+        for e, d in enumerate(self._sharded):
+            if d not in by_shard:
+                continue
+            src = self._sources[d]
+            want = int(draws[d])
+            ckpt = self._checkpoint(row, e, readers, want)
+            stored = None if saved is None else saved["checkpoints"].get(f"{self.domains[d]}/{reader}")
+            if stored is not None and stored["draws"] <= want and (ckpt is None or stored["draws"] > ckpt["draws"]):
+                ckpt = stored
+            if want and (ckpt is None or want - ckpt["draws"] > 4 * src.block):
+                warnings.warn(
+                    f"domain {src.name!r}: reader {reader} of {readers} has no saved position near draw {want} and "
+                    f"re-reads {want - (ckpt['draws'] if ckpt else 0)} rows of its share to get there",
+                    stacklevel=3,
+                )
+            record = self._recorder(row, e, readers) if row < self._ring_meta.shape[0] else None
+            out[d] = src.reader(reader, readers, want, ckpt, cycle, record)
+        return out
 
     @staticmethod
     def _draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:
@@ -696,13 +743,13 @@ class DomainMixture(IterableDataset):
             draw[where] = cursors[d] + np.arange(len(where))
         return draw
 
-    def _fetch(self, ids: np.ndarray, draw: np.ndarray) -> dict[int, Any]:
+    def _fetch(self, ids: np.ndarray, draw: np.ndarray, keep: np.ndarray) -> dict[int, Any]:
         out: dict[int, Any] = {}
-        for d in np.unique(ids):
+        for d in np.unique(ids[keep]):
             src = self._sources[d]
             if not src.random_access:
                 continue
-            where = np.flatnonzero(ids == d)
+            where = np.flatnonzero((ids == d) & keep)
             if self.exhausted == "stop":
                 where = where[draw[where] < src.n]
             if len(where):
@@ -710,11 +757,14 @@ class DomainMixture(IterableDataset):
         return out
 
     # ------------------------------------------------------------------ probes
-    def probe(self, domain: str, n: int, *, round: int = 0) -> list:  # noqa: A002 - paper's "round"
+    def probe(self, domain: str, n: int, *, round: int = 0) -> list:
         """Draw ``n`` examples of ``domain`` for influence measurement.
 
         They come from a stream keyed by ``(seed, domain, round)`` that is separate from training:
         calling this never changes what training sees. Use a new ``round`` per stage for fresh probes.
+        Map-style domains draw them from a keyed permutation of all rows (of the probe holdout when
+        there is one); streamed domains read by shard take them from across the shards (see
+        :meth:`.sharded.ShardedSource.probe`).
         """
         if domain not in self.domains:
             raise ValueError(f"unknown domain {domain!r}; the domains are {self.domains}")
@@ -726,6 +776,10 @@ class DomainMixture(IterableDataset):
     def state_dict(self, position: int | None = None) -> dict:
         """JSON-serialisable state: seed, schedule and the stream position with per-domain cursors.
 
+        For domains read by shard it also holds the reader layout, every reader's draw count and,
+        for the readers of this process, the block each one was reading at ``position`` (the shard's
+        ``datasets`` state at that block's start), so a resume reads nothing before it.
+
         Args:
             position: the number of samples consumed so far. ``None`` uses the samples this process's
                 last iterator yielded, which is exact without DataLoader workers; the callback passes
@@ -733,7 +787,7 @@ class DomainMixture(IterableDataset):
         """
         position = self._position if position is None else int(position)
         starts, w = self._schedule_arrays()
-        return {
+        state = {
             "format": STATE_FORMAT,
             "domains": list(self.domains),
             "seed": self.seed,
@@ -742,16 +796,36 @@ class DomainMixture(IterableDataset):
             "schedule": [[int(s), [float(x) for x in row]] for s, row in zip(starts, w)],
             "position": position,
             "cursors": [int(c) for c in self._counts(position)],
-            "epoch": int(self._ctrl[1]),
+            "epoch": int(self._ctrl[_EPOCH]),
         }
+        if self._sharded:
+            layout = self._layout()
+            readers, ranks, rank = layout[0] * layout[1], layout[1], int(self._ctrl[_RANK])
+            draws = self._reader_counts(position, layout)
+            checkpoints = {}
+            for e, d in enumerate(self._sharded):
+                for w in range(layout[0]):
+                    q = w * ranks + rank
+                    ckpt = self._checkpoint(w, e, readers, int(draws[q, d]))
+                    if ckpt is None and self._resume is not None and tuple(self._resume["layout"]) == layout:
+                        ckpt = self._resume["checkpoints"].get(f"{self.domains[d]}/{q}")
+                        ckpt = ckpt if ckpt is not None and ckpt["draws"] <= draws[q, d] else None
+                    if ckpt is not None:
+                        checkpoints[f"{self.domains[d]}/{q}"] = ckpt
+            state["readers"] = {
+                "layout": list(layout),
+                "draws": {self.domains[d]: [int(x) for x in draws[:, d]] for d in self._sharded},
+                "checkpoints": checkpoints,
+            }
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict`; the next iterator continues exactly where that state was taken."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"not a DomainMixture state (expected format {STATE_FORMAT!r}, got "
-                f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
-            )
+            got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            hint = (" (a state of an older version: its streamed domains cannot be resumed by shard; "
+                    "start the stream afresh)") if str(got).startswith("tikmix_hf.DomainMixture/") else ""
+            raise ValueError(f"not a DomainMixture state (expected format {STATE_FORMAT!r}, got {got!r}){hint}")
         if list(state.get("domains", [])) != self.domains:
             saved, now = list(state.get("domains", [])), self.domains
             raise ValueError(
@@ -769,7 +843,22 @@ class DomainMixture(IterableDataset):
             schedule = [(int(s), np.asarray(row, dtype=np.float64)) for s, row in state["schedule"]]
             position, cursors = int(state["position"]), np.asarray(state["cursors"], dtype=np.int64)
             epoch = int(state.get("epoch", 0))
-        except (KeyError, TypeError, ValueError) as err:
+            readers = state.get("readers")
+            resume = None
+            if self._sharded:
+                if not isinstance(readers, Mapping):
+                    raise KeyError("readers")
+                layout = tuple(int(x) for x in readers["layout"])
+                checkpoints = {
+                    str(key): {"draws": int(c["draws"]), "pass": int(c["pass"]), "shard_pos": int(c["shard_pos"]),
+                               "block": int(c["block"]), "state": None if c.get("state") is None else str(c["state"])}
+                    for key, c in dict(readers["checkpoints"]).items()
+                }
+                draws = {str(k): [int(x) for x in v] for k, v in dict(readers["draws"]).items()}
+                if len(layout) != 3 or min(layout[:2]) < 1 or layout[2] < 0:
+                    raise ValueError(f"reader layout {list(layout)}")
+                resume = {"layout": layout, "checkpoints": checkpoints, "draws": draws}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"corrupt DomainMixture state: {err}") from None
         m = len(self.domains)
         if not schedule or cursors.shape != (m,) or position < 0 or any(r.shape != (m,) for _, r in schedule):
@@ -777,7 +866,7 @@ class DomainMixture(IterableDataset):
         if any(not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-6 for _, r in schedule):
             raise ValueError("corrupt DomainMixture state: a scheduled weight vector is not on the simplex")
         starts_list = [s for s, _ in schedule]
-        if starts_list[0] != 0 or any(b <= a for a, b in zip(starts_list, starts_list[1:])):
+        if starts_list[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts_list)):
             raise ValueError("corrupt DomainMixture state: schedule starts must begin at 0 and strictly increase")
         if len(schedule) > self._sched_start.numel():
             raise ValueError(
@@ -791,12 +880,20 @@ class DomainMixture(IterableDataset):
                 f"corrupt DomainMixture state: the cursors {cursors.tolist()} do not match the schedule at "
                 f"position {position} ({expected.tolist()})"
             )
+        if resume is not None:
+            sums = {d: sum(v) for d, v in resume["draws"].items()}
+            want = {self.domains[d]: int(cursors[d]) for d in self._sharded}
+            if sums != want:
+                raise ValueError(
+                    f"corrupt DomainMixture state: the readers' draws {sums} do not add up to the cursors {want}"
+                )
         # Everything is validated: only now change the mixture, so a bad state leaves it untouched.
         self._sched_len[0] = 0
         for s, row in zip(starts, rows):
             self._publish(int(s), row)
         self._count_cache = (position, expected)
-        self._ctrl[1] = epoch
+        self._ctrl[_EPOCH] = epoch
+        self._resume = resume
         self._set_seek(position, cursors)
 
     def domain_sizes(self) -> dict[str, int | None]:
@@ -806,4 +903,3 @@ class DomainMixture(IterableDataset):
     def __repr__(self) -> str:
         w = ", ".join(f"{d}={x:.3f}" for d, x in self.weights.items())
         return f"DomainMixture({len(self.domains)} domains: {w}; seed={self.seed})"
-
