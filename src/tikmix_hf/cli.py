@@ -823,7 +823,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tikmix", description="TiKMiX dynamic data mixing for Hugging Face Trainer (arXiv 2508.17677).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence,schedule}")
 
     demo = sub.add_parser("demo", help="TiKMiX against a static mixture on an embedded corpus (the main job).",
                           description="Train static, TiKMiX-D and TiKMiX-M arms side by side at equal training "
@@ -879,7 +879,26 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--output", default="influence.json", help="the JSON written (default: influence.json)")
     inf.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true")
     inf.set_defaults(func=cmd_influence)
+
+    sched = sub.add_parser("schedule", help="the mixture schedule of a run, as a file to edit and replay")
+    export = sched.add_subparsers(dest="action", required=True).add_parser(
+        "export", help="history.json -> schedule.yaml (replay it with --tikmix_solver replay --tikmix_schedule)")
+    export.add_argument("history", metavar="HISTORY", help="<output_dir>/tikmix/history.json or its output_dir")
+    export.add_argument("-o", "--output", default=None, help="*.yaml or *.json (default: schedule.yaml beside it)")
+    export.add_argument("--total-steps", "--total_steps", dest="total_steps", type=int, default=None,
+                        help="the run's max_steps, for histories that do not record it")
+    export.set_defaults(func=cmd_schedule_export)
     return parser
+
+
+def cmd_schedule_export(args: argparse.Namespace) -> int:
+    from .schedule import export_schedule
+
+    try:
+        print(export_schedule(args.history, args.output, total_steps=args.total_steps))
+    except (ValueError, ImportError, OSError) as err:
+        raise UsageError(str(err)) from None
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
