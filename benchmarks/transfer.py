@@ -2,9 +2,9 @@
 
 Per seed, on the synthetic corpus (domains with known roles):
 
-1. ``proxy``: TiKMiX-D (the default mixer, plain settings, the demo's stage fractions) on the
-   bench-size model (2 layers x 64 hidden units);
-2. on the large model (3 layers x 128 hidden units, about 4.4x the parameters), all at the same
+1. ``proxy``: TiKMiX-D (the default mixer, plain settings, the quick demo's stage fractions 1/3
+   and 2/3) on a Llama of 1 layer x 32 hidden units;
+2. on the large model (2 layers x 64 hidden units, about 4x the parameters), all at the same
    training tokens and from the same initial model:
    - ``uniform``: equal weights, never changed;
    - ``replay``: the proxy's ``history.json`` replayed (``--tikmix_solver replay``), no influence pass;
@@ -17,7 +17,8 @@ run against the direct TiKMiX run (training time, evaluation excluded, paired pe
 
     python benchmarks/transfer.py [--quick] [--seeds 0 1 2] [--workers 2]
 
-Full: 3 seeds x (1 proxy + 4 large runs) of 240 steps, about 12 minutes on 2 CPU cores;
+Full: 3 seeds x (1 proxy + 4 large runs) of 150 steps of 16 x 64 tokens on the demo's quick corpus,
+about 15 minutes on 2 busy CPU cores;
 ``--quick``: 1 seed of the tiny preset, under a minute.
 """
 
@@ -55,8 +56,12 @@ def sizes(quick: bool):
     if quick:
         proxy = bench_size(True)
         return proxy, dataclasses.replace(proxy, name="transfer-quick-large", hidden_size=64, layers=2)
-    proxy = bench_size(False, name="transfer-proxy", max_steps=240, eval_every=80)
-    return proxy, dataclasses.replace(proxy, name="transfer-large", hidden_size=128, layers=3)
+    # The demo's quick corpus and block size, so that 15 runs fit in about 15 minutes on 2 busy cores.
+    from tikmix_hf.demo import SIZES
+
+    proxy = dataclasses.replace(SIZES["quick"], name="transfer-proxy", hidden_size=32, layers=1, heads=2,
+                                max_steps=150, eval_every=50)
+    return proxy, dataclasses.replace(proxy, name="transfer-large", hidden_size=64, layers=2, heads=4)
 
 
 def _init_worker() -> None:

@@ -261,3 +261,17 @@ def test_export_and_plot_a_replayed_run(tmp_path, source):
     assert [s["step"] for s in cb.history] == [2, 4, 6]
     assert tikmix(["plot", str(tmp_path / "run"), "--output-dir", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "weights.png").stat().st_size > 0
+
+
+def test_replay_flags_parse_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    from tikmix_hf import TiKMiXTrainingArguments
+
+    (args,) = HfArgumentParser(TiKMiXTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--tikmix_solver", "replay", "--tikmix_schedule", "s.yaml",
+        "--tikmix_schedule_domains", '{"cc": "common_crawl"}',
+    ])
+    config = args.tikmix_config()
+    assert (config.tikmix_solver, config.tikmix_schedule) == ("replay", "s.yaml")
+    assert config.tikmix_schedule_domains == '{"cc": "common_crawl"}'
