@@ -3,8 +3,8 @@
 Per seed, on the synthetic corpus (domains with known roles):
 
 1. ``proxy``: TiKMiX-D (the default mixer, plain settings, the quick demo's stage fractions 1/3
-   and 2/3) on a Llama of 1 layer x 32 hidden units;
-2. on the large model (2 layers x 64 hidden units, about 4x the parameters), all at the same
+   and 2/3) on a Llama of 1 layer x 24 hidden units;
+2. on the large model (2 layers x 64 hidden units, about 6x the parameters), all at the same
    training tokens and from the same initial model:
    - ``uniform``: equal weights, never changed;
    - ``replay``: the proxy's ``history.json`` replayed (``--tikmix_solver replay``), no influence pass;
@@ -59,7 +59,7 @@ def sizes(quick: bool):
     # The demo's quick corpus and block size, so that 15 runs fit in about 15 minutes on 2 busy cores.
     from tikmix_hf.demo import SIZES
 
-    proxy = dataclasses.replace(SIZES["quick"], name="transfer-proxy", hidden_size=32, layers=1, heads=2,
+    proxy = dataclasses.replace(SIZES["quick"], name="transfer-proxy", hidden_size=24, layers=1, heads=2,
                                 max_steps=150, eval_every=50)
     return proxy, dataclasses.replace(proxy, name="transfer-large", hidden_size=64, layers=2, heads=4)
 

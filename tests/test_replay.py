@@ -266,7 +266,7 @@ def test_export_and_plot_a_replayed_run(tmp_path, source):
 def test_replay_flags_parse_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
-    from tikmix_hf import TiKMiXTrainingArguments
+    from tikmix_hf.training_args import TiKMiXTrainingArguments
 
     (args,) = HfArgumentParser(TiKMiXTrainingArguments).parse_args_into_dataclasses([
         "--output_dir", str(tmp_path), "--tikmix_solver", "replay", "--tikmix_schedule", "s.yaml",
