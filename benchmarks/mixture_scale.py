@@ -185,7 +185,8 @@ def run_resume(folder: Path, rows: int, rev: str, batch: int = 64) -> list[dict]
         got = list(islice(iter(mixture), batch))
         results.append({"run": label, "seconds_to_first_batch": time.perf_counter() - t0, "samples": len(got)})
         print(results[-1], file=sys.stderr)
-    results.append({"run": f"(reading to 90% once, to take the state: {at} samples)", "seconds_to_first_batch": t_reach})
+    results.append({"run": f"(reading to 90% once, to take the state: {at} samples)",
+                    "seconds_to_first_batch": t_reach})
     return results
 
 

@@ -38,6 +38,7 @@ SCRIPTS: dict[str, str] = {
     "quality": "dir",
     "fidelity": "dir",
     "cost": "dir",
+    "transfer": "dir",
 }
 
 

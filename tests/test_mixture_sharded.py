@@ -89,8 +89,8 @@ def test_fewer_shards_than_readers_warns_and_stays_exact(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_layout_gives_the_same_stream_every_run_and_swaps_exactly(files32, workers):
     def run():
-        mixture = DomainMixture({"web": datasets.load_dataset("json", data_files=files32, split="train", streaming=True),
-                                 "small": small()}, weights="uniform", seed=5, shuffle_buffer=8)
+        web = datasets.load_dataset("json", data_files=files32, split="train", streaming=True)
+        mixture = DomainMixture({"web": web, "small": small()}, weights="uniform", seed=5, shuffle_buffer=8)
         mixture.bind_loader(4, num_workers=workers)
         loader = DataLoader(mixture, batch_size=4, num_workers=workers, collate_fn=collate)
         it = iter(loader)

@@ -40,7 +40,7 @@ from ._io import remove_stale_temporaries, save_json_atomic
 from .config import DEFAULT_FRACTIONS, TiKMiXConfig
 from .history import HISTORY_FORMAT
 from .influence.checks import check_batch
-from .mixers import Mixer, StageInputs, build_mixer
+from .mixers import Mixer, StageInputs, StagePlan, build_mixer
 from .mixture import DomainMixture
 from .report import stage_line
 from .training_args import config_from
@@ -48,7 +48,7 @@ from .training_args import config_from
 logger = logging.get_logger(__name__)
 
 STATE_FORMAT = "tikmix_hf.callback/1"
-STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3}
+STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3, "replayed": 4}
 
 
 def _log_key(name: str) -> str:
@@ -102,6 +102,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self.stage = 0
         self._trainer: Trainer | None = None
         self._boundaries: set[int] = set()
+        self._plan: StagePlan | None = None  # boundaries the mixer fixes itself (a replayed schedule)
+        self._max_steps: int | None = None
         self._tokens_prev = 0
         self._step = 0
         self._micro_global = 1  # stream samples per micro-step, all ranks together
@@ -195,7 +197,10 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             remove_stale_temporaries(os.path.dirname(self._history_path))
         self._val_examples = self._select_validation()
         self._check_first_batches(args)
+        self._max_steps = int(state.max_steps)
         self._boundaries = self._plan_boundaries(state.max_steps)
+        if self.config.tikmix_stage_tokens or (self._plan is not None and self._plan.tokens):
+            self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
 
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved.get("attributes", {}).get("tikmix") if isinstance(saved, Mapping) else None
@@ -213,6 +218,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         else:
             self.mixture.seek(0)
             initial = cfg.initial_weights()
+            if self._plan is not None and self._plan.initial is not None:
+                initial = self._plan.initial
             if initial != "keep":
                 self.mixture.set_weights(self.mixture.resolve_weights(initial), at=0)
             self._initial_weights = self.mixture.weights
@@ -252,6 +259,10 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
 
     def _plan_boundaries(self, max_steps: int) -> set[int]:
         cfg = self.config
+        # A mixer may fix its own boundaries (a replayed schedule does); then the config sets none.
+        self._plan = self.mixer.plan(cfg, max_steps, list(self.mixture.domains))
+        if self._plan is not None:
+            return set(self._plan.steps)
         if cfg.tikmix_stage_tokens:
             bounds: set[int] = set()  # decided as tokens are seen
         elif cfg.tikmix_stage_steps:
@@ -348,10 +359,12 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._step = state.global_step
         boundary = state.global_step in self._boundaries
-        if self.config.tikmix_stage_tokens:
+        marks = self._plan.tokens if self._plan is not None else []
+        if self.config.tikmix_stage_tokens or marks:
             tokens = self._tokens_seen(state)
             period = self.config.tikmix_stage_tokens
-            crossed = tokens // period > self._tokens_prev // period
+            crossed = (tokens // period > self._tokens_prev // period) if period else any(
+                self._tokens_prev < m <= tokens for m in marks)
             boundary = boundary or (crossed and state.global_step < state.max_steps)
             self._tokens_prev = tokens
         if boundary:
@@ -387,14 +400,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def _run_stage(self, args, state, model, optimizer) -> None:
         cfg = self.config
         started = time.perf_counter()
+        tokens_seen = self._safe_tokens(state)
         bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
         domains = self.mixture.domains
         before = self.mixture.weights
         n_probe = cfg.tikmix_probe_sequences
         cap = cfg.tikmix_probe_max_sequences if cfg.tikmix_target_rse is not None else None
-        drawn = {d: self.mixture.probe(d, max(n_probe, cap or 0), round=self.stage) for d in domains}
+        measures = self.mixer.measures
+        drawn = {d: self.mixture.probe(d, max(n_probe, cap or 0), round=self.stage) if measures else []
+                 for d in domains}
         sources = None
-        if cap is not None and cap > n_probe:
+        if measures and cap is not None and cap > n_probe:
             # the adaptive budget may go past this stage's draw: batches are collated only when asked for
             sources = {d: self._lazy_batches(drawn[d], bs) for d in domains}
         inputs = StageInputs(
@@ -407,13 +423,15 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             domain_batches={d: self._batches(drawn[d][:n_probe], bs) for d in domains},
             domain_sources=sources,
             max_probe_batches=-(-cap // bs) if sources is not None else None,
-            validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
+            validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()} if measures
+            else {},
             config=cfg,
             show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
             learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
             stage_steps=self._next_boundary(state) - state.global_step,
             remaining_samples=self._consumed(state.max_steps) - self._consumed(state.global_step),
             domain_sizes=self.mixture.domain_sizes(),
+            tokens_seen=tokens_seen,
         )
         decision = self.mixer.decide(inputs)
         new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
@@ -437,7 +455,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             "stage": self.stage + 1,
             "step": state.global_step,
             "samples_consumed": consumed,
-            "tokens_seen": self._safe_tokens(state),
+            "tokens_seen": tokens_seen,
             "effective_index": at,
             "weights_before": before,
             "weights_after": after,
@@ -511,6 +529,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             "tasks": list(self.validation),
             "config": self.config.to_dict(),
             "initial_weights": self._initial_weights,
+            "max_steps": self._max_steps,  # so that a schedule read from this history can speak in fractions
             "stages": self.history,
         }
 

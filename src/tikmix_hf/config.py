@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .influence import PRECONDITIONERS
 from .mixers import MIXERS
+from .schedule import parse_domain_map
 
 #: ``--tikmix_solver`` choices: every registered mixer.
 SOLVERS = tuple(MIXERS)
@@ -54,6 +56,7 @@ class TiKMiXConfig:
     - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
       adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.
     - **Reporting**: ``tikmix_log_matrix``, ``tikmix_entropy_warning``, ``tikmix_show_progress``.
+    - **Replay** (``docs/schedules.md``): ``tikmix_schedule``, ``tikmix_schedule_domains``.
     - **Baselines** (``docs/baselines.md``): ``tikmix_temperature``, ``tikmix_odm_*``,
       ``tikmix_doremi_*``, ``tikmix_reference_model``, ``tikmix_doge_eta``.
 
@@ -66,7 +69,8 @@ class TiKMiXConfig:
             "direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search). "
             "Baselines (docs/baselines.md): static (fixed weights, see tikmix_initial_weights and "
             "tikmix_temperature); odm (Online Data Mixing, EXP3 bandit on per-domain loss); doremi "
-            "(excess loss over tikmix_reference_model); doge (gradient alignment with the validation tasks)."
+            "(excess loss over tikmix_reference_model); doge (gradient alignment with the validation tasks). "
+            "replay: follow tikmix_schedule (docs/schedules.md), no influence pass."
         ),
     )
     tikmix_stage_steps: int | None = field(
@@ -201,6 +205,18 @@ class TiKMiXConfig:
         metadata=_help("Warn when the weights' entropy falls below this fraction of log(number of domains)."),
     )
     tikmix_show_progress: bool = field(default=True, metadata=_help("Show a progress bar during the influence pass."))
+    # Replay (docs/schedules.md)
+    tikmix_schedule: str | None = field(
+        default=None,
+        metadata=_help(
+            "replay: a history.json of an earlier run, or a YAML/JSON list of {at: <fraction | {steps: N} | "
+            "{tokens: N}>, weights: {domain: w}}; its positions are this run's stage boundaries."
+        ),
+    )
+    tikmix_schedule_domains: str | None = field(
+        default=None,
+        metadata=_help("replay: JSON mapping of the schedule's domain names to this run's, e.g. '{\"web\": \"cc\"}'."),
+    )
     # Baseline mixers (docs/baselines.md)
     tikmix_temperature: float = field(
         default=1.0,
@@ -248,6 +264,24 @@ def _fail(name: str, value, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
 
+def _validate_replay(c) -> None:
+    """The replay fields; whether the file is a good schedule is checked when training starts."""
+    schedule = c.tikmix_schedule
+    if c.tikmix_solver == "replay":
+        if not (isinstance(schedule, (str, os.PathLike)) and str(schedule)):
+            _fail("tikmix_schedule", schedule,
+                  "tikmix_solver='replay' needs the path of a history.json or a schedule file (docs/schedules.md)")
+        for name in ("tikmix_stage_steps", "tikmix_stage_tokens", "tikmix_stage_fractions", "tikmix_warmup_steps"):
+            if getattr(c, name):
+                _fail(name, getattr(c, name), "the schedule's positions are the stage boundaries of a replay; unset it")
+    else:
+        for name in ("tikmix_schedule", "tikmix_schedule_domains"):
+            if getattr(c, name) is not None:
+                _fail(name, getattr(c, name), f"only used with tikmix_solver='replay' (this run uses "
+                                              f"{c.tikmix_solver!r}); unset it or switch the solver")
+    parse_domain_map(c.tikmix_schedule_domains)
+
+
 def validate_config(c) -> None:
     """Every rule a :class:`TiKMiXConfig` must satisfy; the error names the field, the value and the fix."""
     if c.tikmix_solver not in SOLVERS:
@@ -269,6 +303,7 @@ def validate_config(c) -> None:
         _fail("tikmix_max_epochs", epochs, "must be a number of epochs > 0, e.g. 4 (or unset for no cap)")
     if c.tikmix_preconditioner not in PRECONDITIONERS:
         _fail("tikmix_preconditioner", c.tikmix_preconditioner, f"use one of {PRECONDITIONERS}")
+    _validate_replay(c)
     given = [n for n in ("tikmix_stage_steps", "tikmix_stage_tokens", "tikmix_stage_fractions") if getattr(c, n)]
     if len(given) > 1:
         _fail(given[1], getattr(c, given[1]), f"give only one of {given} to set the stage boundaries")

@@ -13,6 +13,9 @@
 ``tikmix influence``
     One-shot Group Influence of some domains on some validation sets for a saved model, and the
     TiKMiX-D mixture it recommends.
+``tikmix schedule export``
+    The schedule a run followed (its ``history.json``) as a YAML/JSON file to edit and replay with
+    ``--tikmix_solver replay --tikmix_schedule``.
 
 Domains and validation sets are given as ``NAME=PATH`` (a text file, a ``.jsonl``/``.json`` file of
 rows with a text column, or a folder of such files), as a YAML/JSON mapping file, or inline JSON::
@@ -38,6 +41,7 @@ from .errors import USAGE_EXIT, UsageError
 from .influence import cmd_influence
 from .models import ModelArguments
 from .plot import cmd_plot
+from .schedule import add_schedule_parser
 from .train import DataArguments, cmd_train, shutdown_distributed
 
 __all__ = ["DataArguments", "ModelArguments", "UsageError", "build_parser", "main", "shutdown_distributed"]
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tikmix", description="TiKMiX dynamic data mixing for Hugging Face Trainer (arXiv 2508.17677).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence,schedule}")
 
     demo = sub.add_parser("demo", help="TiKMiX against a static mixture on an embedded corpus (the main job).",
                           description="Train static, TiKMiX-D and TiKMiX-M arms side by side at equal training "
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--output", default="influence.json", help="the JSON written (default: influence.json)")
     inf.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true")
     inf.set_defaults(func=cmd_influence)
+
+    add_schedule_parser(sub)
     return parser
 
 

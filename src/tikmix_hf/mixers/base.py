@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIXERS", "Decision", "Mixer", "StageInputs", "build_mixer", "register"]
+__all__ = ["MIXERS", "Decision", "Mixer", "StageInputs", "StagePlan", "build_mixer", "register"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,22 @@ class StageInputs:
     stage_steps: int | None = None
     remaining_samples: int | None = None
     domain_sizes: dict[str, int | None] | None = None
+    tokens_seen: int | None = None  # training tokens so far, all ranks together, when they are counted
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """When a mixer that fixes its own stage boundaries decides, and the weights it starts from.
+
+    A mixer returns one from :meth:`Mixer.plan`; the callback then takes its boundaries from here
+    instead of ``tikmix_stage_*``. Every value is computed from the run's length and the mixer's
+    own inputs, so it is the same on every rank and on resume.
+    """
+
+    steps: list[int] = dataclasses.field(default_factory=list)  # decide at the end of these optimizer steps
+    # decide at the end of the first step by which this many training tokens (all ranks) have been seen
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    initial: dict[str, float] | None = None  # the weights from sample 0 (None: tikmix_initial_weights)
 
 
 @dataclasses.dataclass
@@ -50,7 +66,7 @@ class Decision:
     """A mixer's answer: the next weights and an account of how they came about."""
 
     weights: np.ndarray
-    status: str  # converged | restarted | fallback | skipped
+    status: str  # converged | restarted | fallback | skipped | replayed
     message: str
     influence: Any = None  # the InfluenceResult, when the mixer measured one
     solver_result: Any = None  # the SolverResult, when a solver ran
@@ -63,12 +79,21 @@ class Mixer:
     """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods."""
 
     name = "mixer"
+    #: False for mixers that decide without the model or data: the callback draws no probe or
+    #: validation batches for them at a stage boundary.
+    measures = True
 
     def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
 
     def check_ready(self, config) -> None:
         """Raise a clear error now, before training starts, for anything :meth:`decide` would fail on."""
+
+    def plan(self, config, max_steps: int, domains: list[str]) -> StagePlan | None:
+        """The stage boundaries this mixer fixes itself for a run of ``max_steps``, or ``None`` to follow
+        the config's ``tikmix_stage_*`` schedule. Called before training starts (after :meth:`check_ready`),
+        so that anything wrong with the plan fails then."""
+        return None
 
     def state_dict(self) -> dict:
         return {}

@@ -54,7 +54,8 @@ _HW_SLOTS = 257  # slot 0: the main process; slot 1 + i: DataLoader worker i
 _RING = 32  # block checkpoints kept per (reader, sharded domain): the consumer lags a few blocks at most
 _RING_BYTES = 4096  # room for one shard's datasets state_dict as JSON
 # _ctrl slots
-_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _VERSION, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK = range(12)
+(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _VERSION, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS,
+ _SEEN_CHUNK) = range(12)
 # A lock taken and released at once is a full memory fence: it orders a worker's "reserve" store before
 # its "swap pending?" load, and the main process's "swap pending" store before its "reserved?" load.
 _FENCE = threading.Lock()
@@ -154,8 +155,10 @@ class DomainMixture(IterableDataset):
                 self._sources.append(MapSource(name, data, seed, i, shuffle, probe_holdout))
             elif shard and shard_count(data) is not None:
                 block = shuffle_buffer if shuffle and shuffle_buffer > 1 else 256
-                self._sources.append(ShardedSource(name, data, seed, i, block=block, shuffle=shuffle and shuffle_buffer > 1,
-                                                   size=None if size is None else int(size), holdout=probe_holdout))
+                self._sources.append(ShardedSource(
+                    name, data, seed, i, block=block, shuffle=shuffle and shuffle_buffer > 1,
+                    size=None if size is None else int(size), holdout=probe_holdout,
+                ))
             else:
                 self._sources.append(SequentialSource(name, data, seed, i, shuffle_buffer if shuffle else 0, size))
         self._sharded = [d for d, s in enumerate(self._sources) if s.sharded]
@@ -593,7 +596,8 @@ class DomainMixture(IterableDataset):
         if workers * ranks > 1 and chunk < 1:
             raise RuntimeError(
                 f"DomainMixture is read by {workers} DataLoader workers on {ranks} processes but does not know the "
-                "batch size: add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) first"
+                "batch size: add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) "
+                "first"
             )
         layout = (workers, ranks, chunk if workers * ranks > 1 else 0)
         chunk = chunk if workers * ranks > 1 else 256

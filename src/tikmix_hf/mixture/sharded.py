@@ -63,7 +63,8 @@ class ShardedSource:
     def _order(self, reader: int, pass_: int, count: int) -> np.ndarray:
         if not self.shuffle or count < 2:
             return np.arange(count)
-        return KeyedBijection(count, derive_key(self.seed, TAG_SHARD_ORDER, self.domain_id, reader, pass_))(np.arange(count))
+        key = derive_key(self.seed, TAG_SHARD_ORDER, self.domain_id, reader, pass_)
+        return KeyedBijection(count, key)(np.arange(count))
 
     def _kept(self, shard: int, first: int, rows: int) -> np.ndarray:
         """Offsets (within the block) of the rows training may use: all but the probe holdout."""

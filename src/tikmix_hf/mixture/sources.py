@@ -145,7 +145,8 @@ class MapSource:
         if self._lengths is None:
             self._lengths = _example_lengths(self.data)
         full = int(count) // self.n
-        per_pass = self._total_tokens - (int(self._lengths[self._rows_of(np.arange(self.held))].sum()) if self.held else 0)
+        held_tokens = int(self._lengths[self._rows_of(np.arange(self.held))].sum()) if self.held else 0
+        per_pass = self._total_tokens - held_tokens
         done, tokens = self._tokens_cache
         lo = full * self.n
         if not (lo <= done <= count):
