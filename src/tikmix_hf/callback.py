@@ -249,11 +249,15 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         # Stream samples consumed per micro-step, all ranks together (accelerate's own total_batch_size
         # does not count the ranks of an IterableDatasetShard).
         self._micro_global = int(batch if split else batch * world)
+        # dispatch_batches=False: each process keeps its own slice of every batch, so it need read only that
+        sliced = isinstance(dataset, IterableDatasetShard) and dataset.num_processes > 1
         self.mixture.bind_loader(
             int(per_worker_batch),
             num_workers=loader.num_workers,
             prefetch_factor=loader.prefetch_factor,
             global_batch=self._micro_global,
+            ranks=dataset.num_processes if sliced else None,
+            rank=dataset.process_index if sliced else None,
         )
         self._loader_collate = loader.collate_fn
 

@@ -204,7 +204,7 @@ def objective_terms(S, w, *, prior=None, alpha: float = 1.0, beta: float = 1.0, 
 # Input checks
 
 
-def _fmt(value: Any, limit: int = 120) -> str:
+def format_value(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -241,7 +241,7 @@ def check_names(names, count: int, arg: str, what: str) -> list[str] | None:
     if names is None:
         return None
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise ValueError(f"{arg} must be a list of {count} {what} names; got {_fmt(names)}")
+        raise ValueError(f"{arg} must be a list of {count} {what} names; got {format_value(names)}")
     names = list(names)
     if len(names) != count:
         raise ValueError(
@@ -249,7 +249,7 @@ def check_names(names, count: int, arg: str, what: str) -> list[str] | None:
             f"pass exactly one name per {what}, in the order of S"
         )
     if not all(isinstance(x, str) for x in names):
-        raise ValueError(f"{arg} must contain strings; got {_fmt(names)}")
+        raise ValueError(f"{arg} must contain strings; got {format_value(names)}")
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})
         raise ValueError(f"{arg} must not repeat names; repeated: {dup}")
@@ -281,7 +281,7 @@ def check_mixture(w, m: int, arg: str, domains: list[str] | None) -> np.ndarray:
             f"{arg} must have shape ({m},), one weight per domain (column of S); got shape {w.shape}"
         )
     if not np.all(np.isfinite(w)):
-        raise ValueError(f"{arg} must be finite; got {_fmt(w.tolist())}")
+        raise ValueError(f"{arg} must be finite; got {format_value(w.tolist())}")
     if np.any(w < 0):
         j = int(np.argmin(w))
         raise ValueError(f"{arg} must be non-negative; {arg}[{j}] = {w[j]}. Pass a mixture on the simplex")
@@ -298,7 +298,7 @@ def check_coefficient(value, arg: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{arg} must be a non-negative number; got {_fmt(value)}") from None
+        raise ValueError(f"{arg} must be a non-negative number; got {format_value(value)}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{arg} must be a finite non-negative number; got {value!r}")
     return value
@@ -310,7 +310,7 @@ def _per_domain(value, m: int, arg: str) -> np.ndarray | None:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{arg} must be a number or one number per domain; got {_fmt(value)}") from None
+        raise ValueError(f"{arg} must be a number or one number per domain; got {format_value(value)}") from None
     if arr.ndim == 0:
         arr = np.full(m, float(arr))
     if arr.shape != (m,):
@@ -318,7 +318,7 @@ def _per_domain(value, m: int, arg: str) -> np.ndarray | None:
             f"{arg} must be a scalar or have shape ({m},), one per domain; got shape {arr.shape}"
         )
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"{arg} must be finite and non-negative; got {_fmt(arr.tolist())}")
+        raise ValueError(f"{arg} must be finite and non-negative; got {format_value(arr.tolist())}")
     return arr
 
 
@@ -482,7 +482,7 @@ def build_problem(
     beta = check_coefficient(beta, "beta")
     gamma = check_coefficient(gamma, "gamma")
     if not isinstance(pareto, (bool, np.bool_)):
-        raise ValueError(f"pareto must be True or False; got {_fmt(pareto)}")
+        raise ValueError(f"pareto must be True or False; got {format_value(pareto)}")
 
     floor_a = _per_domain(floor, m, "floor")
     upper_a = _per_domain(upper, m, "upper")

@@ -14,9 +14,9 @@ from ._common import (
     BOUND_TOL,
     PARETO_TOL,
     SolverResult,
-    _fmt,
     build_problem,
     check_mixture,
+    format_value,
     project_bounded_simplex,
 )
 from .direct import solve_direct
@@ -113,7 +113,7 @@ def solve_surrogate(
     problem = build_problem(S, prior, **coef, **guards, domains=domains, tasks=tasks)
     m = problem.m
     if not callable(evaluate):
-        raise ValueError(f"evaluate must be a callable W -> y (W: (N, {m}) mixtures); got {_fmt(evaluate)}")
+        raise ValueError(f"evaluate must be a callable W -> y (W: (N, {m}) mixtures); got {format_value(evaluate)}")
     n_candidates = _check_int(n_candidates, "n_candidates", MIN_CANDIDATES)
     rounds = _check_int(rounds, "rounds", 1)
     samples = _check_int(samples, "samples", 1)
@@ -136,7 +136,7 @@ def solve_surrogate(
     if math.isnan(min_r2) or min_r2 > 1:
         raise ValueError(f"min_r2 must be a number <= 1 (-inf trusts any fit); got {min_r2!r}")
     if lgbm_params is not None and not isinstance(lgbm_params, Mapping):
-        raise ValueError(f"lgbm_params must be a dict of LightGBM parameters; got {_fmt(lgbm_params)}")
+        raise ValueError(f"lgbm_params must be a dict of LightGBM parameters; got {format_value(lgbm_params)}")
 
     timing = {"seconds_evaluate": 0.0, "seconds_direct": 0.0}
     details: dict = {"solver": "surrogate", "seed": seed, "box": [box_lo, box_hi]}
@@ -265,7 +265,7 @@ def _check_pair(value, arg: str) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{arg} must be a pair of numbers (low, high); got {_fmt(value)}") from None
+        raise ValueError(f"{arg} must be a pair of numbers (low, high); got {format_value(value)}") from None
     if not (math.isfinite(a) and math.isfinite(b)):
         raise ValueError(f"{arg} must be finite; got {value!r}")
     return a, b
