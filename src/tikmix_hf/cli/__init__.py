@@ -36,6 +36,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..demo.arms import ARMS, DEFAULT_ARMS
 from .demo import cmd_demo
 from .errors import USAGE_EXIT, UsageError
 from .influence import cmd_influence
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence,schedule}")
 
     demo = sub.add_parser("demo", help="TiKMiX against a static mixture on an embedded corpus (the main job).",
-                          description="Train static, TiKMiX-D and TiKMiX-M arms side by side at equal training "
+                          description="Train a static mixture, TiKMiX-D (default and paper objectives) and TiKMiX-M "
+                                      "side by side at equal training "
                                       "tokens and write report.md, results.json and pictures.")
     demo.add_argument("--quick", action="store_true", help="a smaller run (times in docs/demo.md)")
     demo.add_argument("--corpus", choices=("local", "synthetic"), default="local",
@@ -62,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/demo",
                       help="where results.json, report.md and plots/ go (default: runs/demo)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds, e.g. --seeds 0 1 2")
-    demo.add_argument("--arms", nargs="+", default=["static", "tikmix_d", "tikmix_m"],
-                      help="any of static, uniform, tikmix_d, tikmix_m (default: static tikmix_d tikmix_m)")
+    demo.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
+                      help=f"any of {', '.join(ARMS)} (default: {' '.join(DEFAULT_ARMS)})")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see docs/demo.md)")
     demo.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
                       help="no progress bars")

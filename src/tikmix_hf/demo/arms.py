@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: The default objective's default schedule (``tikmix_hf.config.DEFAULT_FRACTIONS``).
+EARLY = (0.05, 0.25, 0.5, 0.75)
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -31,7 +34,15 @@ ARMS: dict[str, Arm] = {
         Arm("static", "static (natural)"),
         Arm("natural", "static (natural)"),
         Arm("uniform", "static (uniform)", initial="uniform"),
-        Arm("tikmix_d", "TiKMiX-D", solver="direct"),
-        Arm("tikmix_m", "TiKMiX-M", solver="surrogate"),
+        # The default objective decides on its default, early schedule; the paper's arms at the preset's stages.
+        Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(EARLY)}),
+        Arm("tikmix_m", "TiKMiX-M", solver="surrogate", config={"tikmix_stage_fractions": list(EARLY)}),
+        Arm("tikmix_d_paper", "TiKMiX-D (paper objective)", solver="direct", config={"tikmix_objective": "paper"}),
+        Arm("tikmix_m_paper", "TiKMiX-M (paper objective)", solver="surrogate",
+            config={"tikmix_objective": "paper"}),
     )
 }
+
+#: What ``tikmix demo`` trains unless told otherwise: the baseline, the default TiKMiX-D beside the paper's, and
+#: TiKMiX-M.
+DEFAULT_ARMS = ("static", "tikmix_d", "tikmix_d_paper", "tikmix_m")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._io import save_json_atomic
-from .arms import ARMS, Arm
+from .arms import ARMS, DEFAULT_ARMS, Arm
 from .data import DemoData, prepare_data
 from .evaluation import accuracy_metric, held_out_losses
 from .results import RESULTS_FORMAT, draw_results, summarize
@@ -174,7 +174,7 @@ def run_demo(
     quick: bool = False,
     output_dir: str | os.PathLike = "tikmix-demo",
     seeds: Sequence[int] = (0,),
-    arms: Sequence[str] = ("static", "tikmix_d", "tikmix_m"),
+    arms: Sequence[str] = DEFAULT_ARMS,
     *,
     size: str | DemoSize | None = None,
     threads: int | None = 1,
