@@ -105,7 +105,7 @@ def _step_count(state: dict) -> float | None:
 
 
 def adam_or_identity(
-    names: Sequence[str], params: Sequence[torch.Tensor], optimizer
+    names: Sequence[str], params: Sequence[torch.Tensor], optimizer, local=None
 ) -> tuple[DiagonalPreconditioner, str | None]:
     """Build :class:`AdamPreconditioner` from ``optimizer``'s state, or say why not.
 
@@ -114,7 +114,8 @@ def adam_or_identity(
     ``None``, or :class:`IdentityPreconditioner` and the reason, after warning with
     :class:`PreconditionerFallbackWarning`. A partial state (some parameters without a second
     moment) also falls back entirely: mixing Adam-scaled and unscaled coordinates would give a
-    score in no consistent metric.
+    score in no consistent metric. ``local`` maps a sharded second moment to this rank's piece
+    (laid out like the parameter's piece), for models whose gradients are kept as shards.
     """
     reason = _adam_unavailable_reason(names, params, optimizer)
     if reason is None:
@@ -125,6 +126,8 @@ def adam_or_identity(
             # amsgrad steps with the running maximum of the second moment, so that is the scaling.
             amsgrad = group.get("amsgrad") and "max_exp_avg_sq" in state
             moment = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+            if local is not None:
+                moment = local(moment)
             entries.append((moment, float(group["betas"][1]), _step_count(state), float(group["eps"])))
         return AdamPreconditioner(entries), None
     warnings.warn(
