@@ -51,6 +51,9 @@ def test_sharded_scores_match_one_process(ranks, single, kind):
     assert "error" not in report, report.get("trace")
     assert ranks[1][kind] == report  # every rank returns the same result
     for key in SCORES:
+        if kind == "fsdp1" and key == "lookahead":
+            assert "does not support FullyShardedDataParallel (FSDP1)" in report[key]
+            continue
         expected = np.asarray(single[key])
         np.testing.assert_allclose(np.asarray(report[key]), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max(),
                                    err_msg=f"{kind} {key}")
@@ -67,9 +70,12 @@ def test_sharded_buffers_are_a_shard_of_the_whole(ranks, single, kind):
     # process; every dimension of the tiny Llama is even, so a rank's pieces are exactly half.
     n, itemsize = 2, 8
     assert single["buffer_bytes"] == (n + 1) * single["num_parameters"] * itemsize
+    # FSDP1's .grad are views that the pass's backward would overwrite, so the gradients left by the
+    # training step are copied aside: one more shard.
+    copies = 1 if kind == "fsdp1" else 0
     for r in range(2):
         assert ranks[r][kind]["num_parameters"] * 2 == single["num_parameters"]
-        assert ranks[r][kind]["buffer_bytes"] == (n + 1) * single["num_parameters"] * itemsize // 2
+        assert ranks[r][kind]["buffer_bytes"] == (n + 1 + copies) * single["num_parameters"] * itemsize // 2
 
 
 @pytest.mark.parametrize("kind", KINDS)

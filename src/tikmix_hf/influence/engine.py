@@ -234,8 +234,15 @@ class InfluencePass:
         """The ``P^{-1}`` named ``name``, on this rank's pieces when sharded; and the fallback reason."""
         layout = self.layout
         if name == "adam":
-            local = None if self.sharding is None else local_piece
-            return adam_or_identity(layout.names, layout.params, optimizer, local)
+            if self.sharding is None:
+                return adam_or_identity(layout.names, layout.params, optimizer)
+            precond, reason = adam_or_identity(layout.names, layout.params, optimizer, local_piece)
+            # Each rank reads the state of its own pieces; all must scale alike or all fall back.
+            failed = all_reduce(torch.tensor([float(reason is not None)], device=layout.device), self.world)
+            if failed.item() and reason is None:
+                precond = IdentityPreconditioner()
+                reason = "the optimizer state of another rank's pieces is unusable (that rank's warning says why)"
+            return precond, reason
         if name == "diag_fisher":
             if damping is None:
                 if self.sharding is None:

@@ -62,6 +62,14 @@ def lookahead_gain(
     module = unwrap(model, sharded=True)
     rank, world = rank_and_world()
     sharding = sharding_of(module, world)
+    if sharding is not None and sharding.kind == "FSDP1":
+        raise ValueError(
+            "lookahead_gain does not support FullyShardedDataParallel (FSDP1): after a forward without backward "
+            "its root module keeps the gathered parameters and reuses them in the next forward, so a virtual "
+            "step written into the shards would not be seen. Shard the model with fully_shard (FSDP2; accelerate: "
+            "fsdp_version: 2), or use the solver 'direct' / 'surrogate' with preconditioner 'identity' or 'adam', "
+            "which need group_influence only"
+        )
     local = None if sharding is None else local_piece
     layout = ParameterLayout.by_names(module, result.parameter_names, result.domain_gradients.dtype, local)
     if result.domain_gradients.shape[1] != layout.total:
