@@ -4,7 +4,7 @@
 
 One launch runs every case: the tiny fp64 Llama sharded with FSDP2 (``fully_shard`` per decoder
 layer and at the root) and with FSDP1 (``use_orig_params=True``) takes one AdamW step, is measured
-with every preconditioner (probe batches split unevenly over the ranks) and with kept domain
+with every preconditioner (probe batches split unevenly over the ranks), adaptively, and with kept domain
 gradients plus the look-ahead (FSDP1 is refused by ``lookahead_gain``), and a training loop that
 measures mid-way is compared with one that does not. Each rank writes ``OUT_DIR/rank<r>.json``;
 :func:`measure` with ``kind=None`` in one process is the reference.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import named_batches, reference_summed_loss, tiny_llama, token_batches  # noqa: E402
 
-from tikmix_hf.influence import group_influence, lookahead_gain  # noqa: E402
+from tikmix_hf.influence import adaptive_group_influence, group_influence, lookahead_gain  # noqa: E402
 
 MIXTURES = np.array([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]])
 PRECONDITIONERS = ("identity", "adam", "diag_fisher")
@@ -104,6 +104,16 @@ def measure(kind=None, rank=0) -> dict:
         out["lookahead"] = lookahead_gain(model, kept, tasks, MIXTURES, step_size=0.5, show_progress=False).tolist()
     except ValueError as error:
         out["lookahead"] = str(error)
+    adaptive = adaptive_group_influence(model, domains, tasks, target_rse=1e-12, max_batches=3, preconditioner="adam",
+                                        optimizer=optimizer, show_progress=False)
+    out["adaptive"] = adaptive.scores.tolist()
+    out["adaptive_tokens"] = adaptive.domain_tokens
+    if kind is not None:
+        try:
+            group_influence(model, domains, tasks, projection_dim=8, show_progress=False)
+            out["projection"] = "not refused"
+        except ValueError as error:
+            out["projection"] = str(error)
     kept_fisher = group_influence(model, domains, tasks, preconditioner="diag_fisher", keep_domain_gradients=True,
                                   show_progress=False)
     out["kept_diag_fisher"] = kept_fisher.scores.tolist()
@@ -175,6 +185,17 @@ def main(out_dir: Path) -> None:
             report[f"{kind}_continuation"] = continuation(kind, rank)
         except Exception as error:  # reported, so that the test names the failing case
             report[kind] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-3000:]}
+    # Layers sharded but not the root: the embeddings and head stay replicated, which is refused.
+    from torch.distributed.fsdp import fully_shard
+
+    partial = tiny_llama(seed=0)
+    for layer in partial.model.layers:
+        fully_shard(layer)
+    try:
+        group_influence(partial, *data(), show_progress=False)
+        report["partial"] = "not refused"
+    except ValueError as error:
+        report["partial"] = str(error)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

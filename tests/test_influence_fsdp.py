@@ -22,7 +22,7 @@ from _launch import torchrun  # noqa: E402
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 KINDS = ("fsdp2", "fsdp1")
-SCORES = ("identity", "adam", "diag_fisher", "kept_adam", "kept_diag_fisher", "lookahead")
+SCORES = ("identity", "adam", "diag_fisher", "kept_adam", "kept_diag_fisher", "lookahead", "adaptive")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,8 @@ def test_sharded_scores_match_one_process(ranks, single, kind):
     assert report["task_losses"] == pytest.approx(single["task_losses"], rel=1e-10)
     assert report["domain_losses"] == pytest.approx(single["domain_losses"], rel=1e-10)
     assert report["domain_tokens"] == single["domain_tokens"]
+    assert report["adaptive_tokens"] == single["adaptive_tokens"] == single["domain_tokens"]
+    assert "projection_dim=8 is not supported" in report["projection"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -83,3 +85,9 @@ def test_training_continues_bitwise_after_measuring(ranks, kind):
     for r in range(2):
         report = ranks[r][f"{kind}_continuation"]
         assert report == {"unchanged": True, "continues_bitwise": True}
+
+
+def test_replicated_parameters_beside_fully_shard_are_refused(ranks):
+    for r in range(2):
+        assert "is not sharded by fully_shard" in ranks[r]["partial"]
+        assert "fully_shard(model)" in ranks[r]["partial"]

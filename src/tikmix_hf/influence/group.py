@@ -54,8 +54,9 @@ def group_influence(
     Args:
         model: a causal LM returning ``logits`` (or a tuple whose first item is the logits). A
             ``DistributedDataParallel`` wrapper is unwrapped so that probe backward passes do not
-            all-reduce gradients. FSDP and DeepSpeed engines are refused (``ValueError``): their
-            parameters are sharded and this function needs them whole.
+            all-reduce gradients. A model sharded with FSDP2 (``fully_shard``) or FSDP1
+            (``use_orig_params=True``) is measured on its local shards (see "Sharded" below).
+            DeepSpeed engines are refused (``ValueError``).
         domain_batches: ``{domain name: list of batches}``; a batch is a dict of tensors on the
             model's device with ``labels`` and whatever the model's forward takes (``input_ids``,
             ``attention_mask``, ...).
@@ -102,6 +103,14 @@ def group_influence(
     Data parallel (``torch.distributed`` initialised, world size > 1): rank ``r`` takes batches
     ``k`` with ``k % world == r`` of every list, the validation gradients (or their projections),
     the table and the losses are all-reduced, and every rank returns the same result.
+
+    Sharded (FSDP): every forward and backward runs through the sharded module, all ranks on the
+    same domain or task at a time, ``world`` batches per step, a rank without a batch in the last
+    step running an all-ignored-labels pad batch. Gradient-sized buffers hold this rank's shards
+    (``(n + 1) x P / world`` bytes), dot products of shards are completed by one all-reduce of the
+    table, ``diag_fisher``'s pass has every rank differentiate every probe batch, and the standard
+    errors are over steps of ``world`` batches. ``projection_dim`` is refused. ``docs/influence.md``,
+    section Sharding, has the details and costs.
 
     Side effects: none. Parameters, ``.grad`` (including ``None``), ``requires_grad``, optimizer
     state, the ``training`` flag of every submodule and the RNG streams (torch CPU/CUDA, ``random``,

@@ -194,6 +194,15 @@ def sharding_of(module: torch.nn.Module, world: int) -> Sharding | None:
                 f"use_orig_params=True), DDP and single processes"
             )
         return None
+    whole = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if whole:
+        # A parameter outside every fully_shard module is replicated: its gradient is neither reduced
+        # over ranks nor split between them, so summing shard dot products would count it world times.
+        raise ValueError(
+            f"parameter {whole[0]!r} (and {len(whole) - 1} more) is not sharded by fully_shard, although the model "
+            f"has fully_shard modules; apply fully_shard to the root module too (fully_shard(model) after the "
+            f"layers), or freeze those parameters"
+        )
     for name, p in sharded:
         if p.device_mesh.ndim != 1 or p.device_mesh.size() != world or list(p.placements) != [Shard(0)]:
             raise ValueError(
