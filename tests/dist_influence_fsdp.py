@@ -196,6 +196,16 @@ def main(out_dir: Path) -> None:
         report["partial"] = "not refused"
     except ValueError as error:
         report["partial"] = str(error)
+    # FSDP1 without sharding replicates every parameter: refused, DDP is the right tool.
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    replicated = FullyShardedDataParallel(tiny_llama(seed=0), use_orig_params=True, device_id=torch.device("cpu"),
+                                          sharding_strategy=ShardingStrategy.NO_SHARD)
+    try:
+        group_influence(replicated, *data(), show_progress=False)
+        report["no_shard"] = "not refused"
+    except ValueError as error:
+        report["no_shard"] = str(error)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

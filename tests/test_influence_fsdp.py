@@ -102,3 +102,8 @@ def test_replicated_parameters_beside_fully_shard_are_refused(ranks):
     for r in range(2):
         assert "is not sharded by fully_shard" in ranks[r]["partial"]
         assert "fully_shard(model)" in ranks[r]["partial"]
+
+
+def test_fsdp1_without_sharding_is_refused(ranks):
+    for r in range(2):
+        assert "NO_SHARD, which replicates parameters across ranks" in ranks[r]["no_shard"]

@@ -82,8 +82,8 @@ class Sharding:
 
         The root module of FSDP2 keeps its parameters unsharded after a forward without backward
         (it expects the backward to need them); its ``named_parameters`` are then full tensors, and
-        writes into the shards would not reach the gathered copy the next forward uses. FSDP1
-        manages its views itself.
+        writes into the shards would not reach the gathered copy the next forward uses. FSDP1 has
+        the same habit and no public way to undo it, which is why ``lookahead_gain`` refuses FSDP1.
         """
         for sub in self._fsdp2:
             sub.reshard()
@@ -175,10 +175,11 @@ def sharding_of(module: torch.nn.Module, world: int) -> Sharding | None:
                     f"FullyShardedDataParallel(..., use_orig_params=True) (accelerate: fsdp_use_orig_params=true)"
                 )
             strategy = str(getattr(sub, "sharding_strategy", ""))
-            if "HYBRID" in strategy:
+            if "HYBRID" in strategy or "NO_SHARD" in strategy:
+                # Replicated pieces would be counted once per replica when the dot products are summed.
                 raise ValueError(
-                    f"FSDP1 module {name or '<root>'!r} uses {strategy}, which replicates shards across groups of "
-                    f"ranks; use ShardingStrategy.FULL_SHARD or SHARD_GRAD_OP"
+                    f"FSDP1 module {name or '<root>'!r} uses {strategy}, which replicates parameters across ranks; "
+                    f"use ShardingStrategy.FULL_SHARD or SHARD_GRAD_OP (or DDP instead of NO_SHARD)"
                 )
         return Sharding("FSDP1", module, world)
     fsdp2 = _fsdp2_modules(module)
