@@ -10,9 +10,17 @@ training steps and the influence passes share the same process, model, sequences
 A second section measures the accuracy of the two reductions (``projection_dim``, ``param_filter``)
 against exact scores on the tiny fp64 test model.
 
+With ``--fsdp`` the same model is sharded with ``fully_shard`` (per decoder layer and at the root)
+over ``--nproc`` ranks (gloo on CPU, NCCL on CUDA; the script relaunches itself under torchrun) and
+trained by a plain loop, since ``Trainer`` enables FSDP only on accelerators. Influence passes run
+at step boundaries as above; tokens/s count the tokens of all ranks on both sides, and the memory
+column is the engine's ledger of this rank's buffers against ``(n_tasks + 2) x P / world`` bytes.
+It writes ``influence_speed_fsdp.json`` and ``.md`` beside ``--out``.
+
     python benchmarks/influence_speed.py            # CPU, float32, hidden 128, 4 layers, vocab 384
     python benchmarks/influence_speed.py --quick
     python benchmarks/influence_speed.py --device cuda --dtype bfloat16 --hidden 768 --layers 12 --vocab 32000
+    python benchmarks/influence_speed.py --fsdp                # 2 CPU ranks
 
 Writes ``benchmarks/out/influence_speed.json`` and prints markdown tables.
 """
@@ -63,6 +71,8 @@ def parse_args(argv=None):
         "other jobs and timings swing tenfold; the same setting applies to both sides of the ratio)",
     )
     parser.add_argument("--no-accuracy", action="store_true", help="skip the reduction-accuracy section")
+    parser.add_argument("--fsdp", action="store_true", help="shard with fully_shard over --nproc ranks, plain loop")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for --fsdp (default 2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "influence_speed.json"))
     args = parser.parse_args(argv)
     args.probe_batches = args.probe_batches or (1 if args.quick else 2)
@@ -221,6 +231,160 @@ def run_speed(args):
     }
 
 
+FSDP_CONFIGS = [(4, 1), (8, 1), (4, 5), (8, 5)]  # (domains, tasks)
+
+
+def _launch_fsdp(argv):
+    """Rerun this script under torchrun with ``--nproc`` ranks; rank 0 writes the report."""
+    import subprocess
+
+    args = parse_args(argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *(argv or sys.argv[1:])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_fsdp(args):
+    """Influence passes against training steps of the same ``fully_shard`` model (one rank's view)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from tikmix_hf.influence import group_influence
+
+    cuda = torch.device(args.device).type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    max_domains, max_tasks = max(m for m, _ in FSDP_CONFIGS), max(n for _, n in FSDP_CONFIGS)
+    p, v = args.probe_batches, args.val_batches
+    pool = make_batches(max_domains * p + max_tasks * v, args, seed=1)
+    pool = [{k: t.to(args.device) for k, t in b.items()} for b in pool]
+    split = max_domains * p
+    domains_all = {f"d{j:02d}": pool[j * p:(j + 1) * p] for j in range(max_domains)}
+    tasks_all = {f"t{i}": pool[split + i * v:split + (i + 1) * v] for i in range(max_tasks)}
+    tokens_per_batch = args.batch_size * args.seq_len
+    buffer_dtype = DTYPES[args.buffer_dtype] if args.buffer_dtype else None
+
+    def train_step(step):
+        batch = pool[(step * world + rank) % len(pool)]
+        _sync(args.device)
+        started = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(args.device)
+        return time.perf_counter() - started
+
+    step = 0
+    for _ in range(2):  # warm-up of both sides: first calls pay one-off costs (lazy init, imports)
+        train_step(step)
+        step += 1
+    group_influence(model, dict(list(domains_all.items())[:1]), dict(list(tasks_all.items())[:1]),
+                    preconditioner=args.preconditioner, optimizer=optimizer, show_progress=False)
+    steps, passes = [], []
+    for m, n in [config for config in FSDP_CONFIGS for _ in range(args.repeats)]:
+        around = []
+        for _ in range(args.train_steps):
+            around.append(train_step(step))
+            step += 1
+        domains, tasks = dict(list(domains_all.items())[:m]), dict(list(tasks_all.items())[:n])
+        result = group_influence(model, domains, tasks, preconditioner=args.preconditioner, optimizer=optimizer,
+                                 buffer_dtype=buffer_dtype, show_progress=False)
+        for _ in range(args.train_steps):
+            around.append(train_step(step))
+            step += 1
+        steps += around
+        tokens = tokens_per_batch * (m * p + n * v)  # every batch is differentiated once, on some rank
+        train_rate = world * tokens_per_batch / float(np.median(around))
+        passes.append({
+            "domains": m, "tasks": n, "tokens": tokens, "seconds": result.seconds,
+            "tokens_per_s": tokens / result.seconds, "train_tokens_per_s": train_rate,
+            "speed_ratio": tokens / result.seconds / train_rate, "buffer_bytes": result.buffer_bytes,
+            "peak_memory_bytes": result.peak_memory_bytes, "memory_measure": result.memory_measure,
+            "memory_goal_bytes": (n + 2) * param_bytes / world, "preconditioner": result.preconditioner,
+            "buffer_dtype": result.buffer_dtype,
+        })
+    rows = []
+    for m, n in FSDP_CONFIGS:
+        mine = [r for r in passes if (r["domains"], r["tasks"]) == (m, n)]
+        median = dict(sorted(mine, key=lambda r: r["speed_ratio"])[(len(mine) - 1) // 2])
+        median["speed_ratios"] = [r["speed_ratio"] for r in mine]
+        rows.append(median)
+    # Every rank's ledger, so that the table can show the largest.
+    ledgers = [None] * world
+    dist.all_gather_object(ledgers, [r["buffer_bytes"] for r in rows])
+    for index, row in enumerate(rows):
+        row["buffer_bytes_per_rank"] = [ledger[index] for ledger in ledgers]
+    dist.destroy_process_group()
+    return rank, {"parameters": n_params, "parameter_bytes": param_bytes, "world_size": world,
+                  "train_step_seconds": steps, "passes": passes, "rows": rows}
+
+
+def fsdp_table(report, args):
+    first = report["rows"][0]
+    world = report["world_size"]
+    lines = [
+        f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, {report['parameters'] / 1e6:.2f}M params, "
+        f"{args.dtype} on {args.device.split(':')[0]}, fully_shard over {world} ranks (per decoder layer and root), "
+        f"batch {args.batch_size} x {args.seq_len} per rank, {args.threads or 'default'} thread(s) per rank; "
+        f"preconditioner {first['preconditioner']}, buffers {first['buffer_dtype']}; {args.probe_batches} "
+        f"micro-batch(es) per domain, {args.val_batches} per task; a plain training loop (forward, backward, "
+        f"AdamW step), after 2 warm-up steps and one warm-up pass. Each row is the pass with the median ratio "
+        f"of {args.repeats} repeat(s), against the "
+        f"{2 * args.train_steps} training steps around it; tokens/s are over all ranks; memory: the engine's "
+        f"ledger of one rank's buffers (the largest over ranks), P = parameter bytes of the whole model.",
+        "",
+        "| domains | tasks | influence tokens/s | training tokens/s | speed ratio (goal >= 1.0) | "
+        "buffers per rank / (P / world) | memory goal (tasks + 2) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shard_bytes = report["parameter_bytes"] / world
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['domains']} | {r['tasks']} | {r['tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} | "
+            f"{r['speed_ratio']:.2f} | {max(r['buffer_bytes_per_rank']) / shard_bytes:.2f} | {r['tasks'] + 2} |"
+        )
+    return "\n".join(lines)
+
+
+def main_fsdp(args, argv):
+    if "LOCAL_RANK" not in os.environ:
+        _launch_fsdp(argv)
+        return
+    started = time.perf_counter()
+    rank, report = run_fsdp(args)
+    if rank != 0:
+        return
+    report = {"args": vars(args), "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                              "cpus": os.cpu_count(), "load_average": list(os.getloadavg())},
+              "fsdp": report, "seconds": time.perf_counter() - started}
+    markdown = fsdp_table(report["fsdp"], args)
+    out = Path(args.out).with_name("influence_speed_fsdp.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"\nwrote {out} and {out.with_suffix('.md')} ({report['seconds']:.0f} s)")
+
+
 def _spearman(a, b):
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -334,6 +498,9 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.fsdp:
+        main_fsdp(args, argv)
+        return
     started = time.perf_counter()
     speed = run_speed(args)
     report = {

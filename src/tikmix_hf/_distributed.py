@@ -58,32 +58,41 @@ def fsdp_types() -> tuple:
     return tuple(types)
 
 
-def unwrap(model):
+def unwrap(model, *, sharded: bool = False):
     """The module to differentiate: DDP is unwrapped (its reducer only arms in ``DDP.forward``).
 
-    Sharded models are refused with an error that says what to do instead.
+    With ``sharded=True`` (the influence engine, which computes on local shards) FSDP models are
+    returned as they are, since their forward must run through the FSDP modules; otherwise they are
+    refused with an error that says what to do instead. DeepSpeed engines are always refused.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__) or any(
-        hasattr(p, "ds_id") for p in model.parameters()
-    ):
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "DeepSpeed engines are not supported: this model's parameters are partitioned by ZeRO-3 (they carry "
+            "ds_id), and ZeRO-3 gathers and reduces them in its own hooks and buffers. Train with FSDP "
+            "(accelerate: distributed_type FSDP), which the influence engine supports, or measure on a DDP or "
+            "single-process copy of the model."
+        )
+    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
         raise ValueError(
             "DeepSpeed engines are not supported: ZeRO partitions gradients and optimizer state into its own "
-            "buffers. Compute influence on a DDP or single-process copy of the model."
+            "buffers. Compute influence on a DDP or single-process copy of the model, or train with FSDP."
         )
     if torch.distributed.is_available():
         from torch.nn.parallel import DistributedDataParallel
 
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        sharded = fsdp_types()
+        if sharded:
+            return model
+        fsdp = fsdp_types()
         for name, sub in model.named_modules():
-            if sharded and isinstance(sub, sharded):
+            if fsdp and isinstance(sub, fsdp):
                 raise ValueError(
-                    f"FSDP is not supported (module {name or '<root>'!r} is {type(sub).__name__}): "
-                    f"parameters are sharded and group_influence needs them whole. Use DDP or a single "
-                    f"process."
+                    f"FSDP is not supported here (module {name or '<root>'!r} is {type(sub).__name__}): "
+                    f"parameters are sharded and this measurement needs them whole. Use DDP or a single "
+                    f"process (group_influence and lookahead_gain do accept FSDP models)."
                 )
         from torch.distributed.tensor import DTensor
 
@@ -91,6 +100,6 @@ def unwrap(model):
             if isinstance(p, DTensor):
                 raise ValueError(
                     f"parameter {name!r} is a sharded DTensor (FSDP2 / tensor parallel), which is not "
-                    f"supported; use DDP or a single process"
+                    f"supported here; use DDP or a single process"
                 )
     return model

@@ -372,7 +372,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             boundary = boundary or (crossed and state.global_step < state.max_steps)
             self._tokens_prev = tokens
         if boundary:
-            self._run_stage(args, state, model, optimizer)
+            self._run_stage(args, state, self._measured_model(model), optimizer)
         if self.mixture.exhausted == "stop" and state.global_step < state.max_steps:
             # accelerate raises on an iterable that ends early; stop training cleanly instead
             out = self.mixture.exhausted_domains(self._consumed(state.global_step + 1))
@@ -383,6 +383,19 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                     stacklevel=2,
                 )
                 control.should_training_stop = True
+
+    def _measured_model(self, model):
+        """The module to measure through: the FSDP1 wrapper when the Trainer has one.
+
+        The Trainer hands callbacks the model inside an FSDP1 wrapper, whose parameters are shards
+        that only the wrapper's forward gathers; FSDP2 and DDP models are handed over as they are.
+        """
+        wrapped = getattr(self._trainer, "model_wrapped", None)
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:
+            return model
+        return wrapped if isinstance(wrapped, FullyShardedDataParallel) else model
 
     def _collate(self, examples: list) -> dict:
         collate = self.collator or self._loader_collate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,10 +13,11 @@ from .._distributed import all_reduce, rank_and_world, unwrap
 from .._io import jsonable
 from .._loss import labelled_targets, measurement_mode
 from .checks import Batches, ParamFilter, batch_sets, check_batch, check_finite_scores
-from .engine import InfluencePass, build_preconditioner
+from .engine import InfluencePass
 from .layout import ParameterLayout
 from .preconditioners import check_preconditioner_name
 from .result import InfluenceResult
+from .sharding import local_piece, pad_batch, sharding_of
 from .stats import BatchStats
 
 
@@ -72,20 +74,23 @@ def adaptive_group_influence(
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     if not isinstance(domain_batch_source, Mapping) or not domain_batch_source:
         raise TypeError("domain_batch_source must be a non-empty mapping {domain name: callable k -> batch, or list}")
-    module = unwrap(model)
+    module = unwrap(model, sharded=True)
     rank, world = rank_and_world()
-    layout = ParameterLayout.select(module, param_filter, buffer_dtype)
+    sharding = sharding_of(module, world)
+    layout = ParameterLayout.select(module, param_filter, buffer_dtype, None if sharding is None else local_piece)
     tasks = batch_sets(validation_batches, "validation_batches", "task", layout.device)
     sources = {str(name): _as_source(src) for name, src in domain_batch_source.items()}
     domain_names, task_names = list(sources), list(tasks)
-    pass_ = InfluencePass(module, layout, rank, world, show_progress)
+    pass_ = InfluencePass(module, layout, rank, world, show_progress, sharding)
     stats = BatchStats(len(tasks), len(sources), layout.device)
     loss_sums = torch.zeros(len(sources), dtype=torch.float64, device=layout.device)
     report: dict = {"target_rse": target_rse, "min_batches": min_batches, "max_batches": max_batches,
                     "max_tokens": max_tokens, "domains": {}}
-    n_micro = sum(len(t.local(rank, world)) for t in tasks.values()) + max_batches * len(sources)
-    with pass_.measure(), measurement_mode(module), pass_.progress(n_micro):
-        precond, fallback = build_preconditioner(preconditioner, layout, optimizer, None, None)
+    n_micro = sum(pass_.local_count(t) for t in tasks.values()) + max_batches * len(sources)
+    grads_aside = contextlib.nullcontext() if sharding is None else sharding.own_gradients(pass_.ledger)
+    first_task_batch = next(iter(tasks.values())).batches[0]
+    with pass_.measure(), measurement_mode(module), pass_.progress(n_micro), grads_aside:
+        precond, fallback = pass_.preconditioner(preconditioner, optimizer, None, None)
         task_side = pass_.validation(tasks, precond, None)
         for j, name in enumerate(domain_names):
             drawn, stopped = 0, None
@@ -94,7 +99,28 @@ def adaptive_group_influence(
                 batch = sources[name](k) if k < max_batches else None
                 available = torch.zeros(1, dtype=torch.float64, device=layout.device)
                 round_ = BatchStats(len(tasks), len(sources), layout.device)
-                if batch is not None:
+                if sharding is not None:
+                    # FSDP: every rank differentiates once per round; the round's gradient sums the
+                    # ranks' batches, so the round is the unit of the statistics (one complete column).
+                    if batch is not None:
+                        check_batch(batch, f"domain {name!r} batch {k}", layout.device)
+                        available += 1
+                    step_batch = batch if batch is not None else pad_batch(first_task_batch)
+                    tokens = labelled_targets(step_batch["labels"]).double().reshape(1)
+                    with torch.enable_grad():
+                        loss = pass_.summed_loss(step_batch)
+                        grads = sharding.gradients(loss, layout.params, float(world))
+                    column = pass_.dots(task_side, grads).double()
+                    del grads
+                    loss_sums[j] += loss.detach().double()
+                    combined = all_reduce(torch.cat([column, tokens, available]), world)
+                    round_tokens, available = int(round(float(combined[-2]))), combined[-1:]
+                    if round_tokens > 0:
+                        stats.add(j, drawn // world, round_tokens, combined[:-2])
+                    if pass_.bar is not None:
+                        pass_.bar.update(1)
+                    drawn += min(world, int(available.item()))
+                elif batch is not None:
                     check_batch(batch, f"domain {name!r} batch {k}", layout.device)
                     tokens = int(labelled_targets(batch["labels"]))
                     available += 1
@@ -108,11 +134,12 @@ def adaptive_group_influence(
                         loss_sums[j] += loss.detach().double()
                     if pass_.bar is not None:
                         pass_.bar.update(1)
-                # Every rank must see the same sums to take the same decision: reduce this round's.
-                round_.reduce(world)
-                all_reduce(available, world)
-                stats.merge(round_)
-                drawn += min(world, int(available.item()))
+                if sharding is None:
+                    # Every rank must see the same sums to take the same decision: reduce this round's.
+                    round_.reduce(world)
+                    all_reduce(available, world)
+                    stats.merge(round_)
+                    drawn += min(world, int(available.item()))
                 column_rse = stats.column_rse(j)
                 batches, tokens_j = stats.batches(j), stats.tokens(j)
                 if batches >= min_batches and column_rse <= target_rse:

@@ -2,6 +2,11 @@
 
 One :class:`InfluencePass` per call of a public influence function holds the machinery every pass
 shares: the loss, the gradient of one micro-batch, the collectives and the memory ledger.
+
+With a sharded model (:mod:`.sharding`) every gradient-sized buffer holds this rank's pieces; the
+micro-batches become aligned steps of ``world`` batches, gradient buffers need no all-reduce (FSDP's
+reduce-scatter already summed them), and dot products are partial sums that the small tables'
+all-reduce completes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .preconditioners import (
     adam_or_identity,
 )
 from .result import InfluenceResult
+from .sharding import local_piece
 
 
 class Ledger:
@@ -55,8 +61,9 @@ def new_buffer(shape, dtype, device, ledger):
 class InfluencePass:
     """Shared machinery of one call: the loss, micro-batch gradients, collectives, accounting."""
 
-    def __init__(self, module, layout, rank, world, show_progress):
+    def __init__(self, module, layout, rank, world, show_progress, sharding=None):
         self.module, self.layout, self.rank, self.world = module, layout, rank, world
+        self.sharding = sharding
         self.show_progress = show_progress
         self.ledger = Ledger()
         self.bar = None
@@ -126,12 +133,31 @@ class InfluencePass:
         """Sum of next-token cross-entropies over the labelled targets of one batch."""
         return summed_token_loss(self.module, batch, self.forward_extra)
 
-    def micro_batches(self, bset: BatchSet) -> Iterator:
+    def local_count(self, bset: BatchSet) -> int:
+        """Forward/backward calls this rank makes for one pass over ``bset``."""
+        if self.sharding is not None:
+            return len(self.sharding.steps(bset, self.rank))
+        return len(bset.local(self.rank, self.world))
+
+    def units(self, bset: BatchSet) -> list[int]:
+        """The index of each micro-batch :meth:`micro_batches` yields: the batch's (or sharded, the step's)."""
+        if self.sharding is not None:
+            return [step.index for step in self.sharding.steps(bset, self.rank)]
+        return bset.local_indices(self.rank, self.world)
+
+    def micro_batches(self, bset: BatchSet, replicated: bool = False) -> Iterator:
         """``(tokens, summed_loss, grads)`` per local micro-batch; grads of ``summed_loss / bset.tokens``.
 
         Summing per-token losses and dividing by the set's total count makes the accumulated gradient
         the gradient of the mean over the whole domain or task, not a mean of batch means.
+
+        Sharded, a micro-batch is an aligned step: ``tokens`` are the step's over all ranks, the loss
+        is this rank's and the grads are this rank's pieces of the step's summed gradient. With
+        ``replicated`` every rank differentiates every batch, so a step's gradient is one batch's.
         """
+        if self.sharding is not None:
+            yield from self._sharded_micro_batches(bset, replicated)
+            return
         for batch, tokens in bset.local(self.rank, self.world):
             with torch.enable_grad():
                 loss = self.summed_loss(batch)
@@ -152,6 +178,85 @@ class InfluencePass:
             if self.bar is not None:
                 self.bar.update(1)
 
+    def _sharded_micro_batches(self, bset, replicated):
+        sharding = self.sharding
+        if replicated:
+            steps = [(b, c) for b, c in zip(bset.batches, bset.counts) if c > 0]
+            # FSDP averages the identical gradients of all ranks: the average is the batch's gradient.
+            scale = 1.0
+        else:
+            steps = [(step.batch, step.step_tokens) for step in sharding.steps(bset, self.rank)]
+            # FSDP averages over ranks; scaling the loss by world makes the reduced gradient the sum.
+            scale = float(self.world)
+        for batch, tokens in steps:
+            with torch.enable_grad():
+                loss = self.summed_loss(batch)
+                grads = sharding.gradients(loss / bset.tokens, self.layout.params, scale)
+            with self.ledger.transient(self.micro_batch_bytes):
+                yield tokens, loss.detach(), grads
+            del grads
+            if self.bar is not None:
+                self.bar.update(1)
+
+    # -- collectives -----------------------------------------------------------------------------
+
+    def reduce_gradients(self, buffer):
+        """Sum a gradient-sized buffer over ranks; sharded, FSDP's reduce-scatter has already done it."""
+        if self.sharding is None:
+            all_reduce(buffer, self.world)
+        return buffer
+
+    def record(self, stats, pending, j, k, tokens, own, total):
+        """Record one micro-batch's column in ``stats``; sharded, a partial column waits for :meth:`settle`.
+
+        A sharded column is a sum of per-rank partial dot products, and the standard errors square
+        it, so it must be complete before it is recorded.
+        """
+        if self.sharding is None:
+            stats.add(j, k, tokens, own, total)
+        else:
+            pending.append((j, k, tokens, own.double(), total))
+
+    def settle(self, stats, pending):
+        """Complete the pending partial columns with one all-reduce and record them."""
+        if self.sharding is None or stats is None or not pending:
+            return
+        columns = all_reduce(torch.stack([own for _, _, _, own, _ in pending]), self.world)
+        for (j, k, tokens, _, total), own in zip(pending, columns):
+            stats.add(j, k, tokens, own, total)
+
+    def reduce_stats(self, stats):
+        """Sum per-rank statistics; sharded, :meth:`settle` recorded complete columns on every rank."""
+        if self.sharding is None:
+            stats.reduce(self.world)
+
+    def preconditioner(self, name, optimizer, fisher, damping):
+        """The ``P^{-1}`` named ``name``, on this rank's pieces when sharded; and the fallback reason."""
+        layout = self.layout
+        if name == "adam":
+            if self.sharding is None:
+                return adam_or_identity(layout.names, layout.params, optimizer)
+            precond, reason = adam_or_identity(layout.names, layout.params, optimizer, local_piece)
+            # Each rank reads the state of its own pieces; all must scale alike or all fall back.
+            failed = all_reduce(torch.tensor([float(reason is not None)], device=layout.device), self.world)
+            if failed.item() and reason is None:
+                precond = IdentityPreconditioner()
+                reason = "the optimizer state of another rank's pieces is unusable (that rank's warning says why)"
+            return precond, reason
+        if name == "diag_fisher":
+            if damping is None:
+                if self.sharding is None:
+                    mean = float(fisher.mean())
+                else:
+                    # The mean over all pieces, so that every rank damps alike.
+                    parts = torch.tensor([float(fisher.sum(dtype=torch.float64)), fisher.numel()],
+                                         dtype=torch.float64, device=fisher.device)
+                    total, count = all_reduce(parts, self.world).tolist()
+                    mean = total / count
+                damping = 0.1 * mean if mean > 0 else 1.0
+            return FisherPreconditioner(fisher, layout.offsets, damping), None
+        return IdentityPreconditioner(), None
+
     def dots(self, task_side, grads) -> torch.Tensor:
         """``<p_i, grad>`` for every row ``p_i`` of ``task_side``: one matrix-vector product per parameter."""
         column = torch.zeros(task_side.shape[0], dtype=self.layout.compute_dtype, device=self.layout.device)
@@ -171,7 +276,9 @@ class InfluencePass:
         """``F = mean over probe micro-batches b of (grad of b's mean loss)^2``, all domains and ranks."""
         fisher = new_buffer(self.layout.total, self.layout.dtype, self.layout.device, self.ledger)
         for domain in domains.values():
-            for tokens, _, grads in self.micro_batches(domain):
+            # Sharded, a step's gradient sums world batches and its square would add cross terms;
+            # F needs one batch per backward, so every rank differentiates every probe batch.
+            for tokens, _, grads in self.micro_batches(domain, replicated=True):
                 self._add_fisher(fisher, grads, domain.tokens / tokens)
         return self._finish_fisher(fisher, domains)
 
@@ -181,7 +288,7 @@ class InfluencePass:
             fisher[start:stop].addcmul_(g, g, value=rescale**2)
 
     def _finish_fisher(self, fisher, domains):
-        all_reduce(fisher, self.world)
+        self.reduce_gradients(fisher)
         n_batches = sum(1 for domain in domains.values() for count in domain.counts if count > 0)
         return fisher.div_(n_batches)
 
@@ -209,12 +316,19 @@ class InfluencePass:
         if projector is not None:
             del accumulator
             self.ledger.release(layout.total * layout.dtype.itemsize)
-        all_reduce(rows, self.world)
+        if projector is None:
+            self.reduce_gradients(rows)
+        else:
+            all_reduce(rows, self.world)
         all_reduce(loss_sums, self.world)
         self.task_losses = finite_losses(loss_sums, tasks)
         # A row sum is non-finite when any entry is (gradients never come near the overflow
         # threshold), and unlike isfinite(rows) it allocates n numbers, not an n x P mask.
-        bad = (~torch.isfinite(rows.sum(dim=1, dtype=layout.compute_dtype))).nonzero()
+        row_sums = rows.sum(dim=1, dtype=layout.compute_dtype)
+        if self.sharding is not None:
+            # Each rank sees only its pieces; every rank must take the same decision.
+            all_reduce(row_sums, self.world)
+        bad = (~torch.isfinite(row_sums)).nonzero()
         if len(bad):
             raise FloatingPointError(
                 f"the gradient of task {list(tasks)[int(bad[0])]!r} is not finite; check its batches and the "
@@ -257,18 +371,19 @@ class InfluencePass:
             # Projecting each micro-batch would regenerate the P x k blocks per batch; projecting
             # the domain's sum once costs one more gradient-sized buffer instead.
             accumulator = new_buffer(layout.total, layout.dtype, layout.device, self.ledger)
+        pending = []
         for j, domain in enumerate(domains.values()):
             column = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
             if projector is not None:
                 accumulator.zero_()
-            indices = domain.local_indices(self.rank, self.world)
+            indices = self.units(domain)
             for k, (tokens, loss, grads) in zip(indices, self.micro_batches(domain)):
                 loss_sums[j] += loss.double()
                 if projector is None:
                     own = self.dots(task_side, grads)
                     column.add_(own)
                     if stats is not None:
-                        stats.add(j, k, tokens, own, domain.tokens)
+                        self.record(stats, pending, j, k, tokens, own, domain.tokens)
                 else:
                     for (start, stop), g in self.flat(grads):
                         accumulator[start:stop].add_(g)
@@ -277,6 +392,7 @@ class InfluencePass:
             table[:, j] = column.double()
         all_reduce(table, self.world)
         all_reduce(loss_sums, self.world)
+        self.settle(stats, pending)
         return table, loss_sums
 
     def keep_domains(self, domains, keep_device, want_fisher, stats=None, task_side=None, precond=None):
@@ -290,8 +406,9 @@ class InfluencePass:
         kept = new_buffer((len(domains), layout.total), layout.dtype, device, self.ledger)
         fisher = new_buffer(layout.total, layout.dtype, layout.device, self.ledger) if want_fisher else None
         loss_sums = torch.zeros(len(domains), dtype=torch.float64, device=layout.device)
+        pending = []
         for j, domain in enumerate(domains.values()):
-            indices = domain.local_indices(self.rank, self.world)
+            indices = self.units(domain)
             for k, (tokens, loss, grads) in zip(indices, self.micro_batches(domain)):
                 loss_sums[j] += loss.double()
                 if fisher is not None:
@@ -307,8 +424,10 @@ class InfluencePass:
                             precond.scale_(self._span_index[(start, stop)], work)
                         own.add_(torch.mv(task_side[:, start:stop].to(layout.compute_dtype), work))
                 if own is not None:
-                    stats.add(j, k, tokens, own, domain.tokens)
-        if kept.device == layout.device:
+                    self.record(stats, pending, j, k, tokens, own, domain.tokens)
+        if self.sharding is not None:
+            pass  # each rank keeps its pieces of the already reduced gradients
+        elif kept.device == layout.device:
             all_reduce(kept, self.world)
         else:
             # Host-memory copies: reduce one domain at a time through the parameters' device, which
@@ -316,6 +435,7 @@ class InfluencePass:
             for row in kept:
                 row.copy_(all_reduce(row.to(layout.device), self.world))
         all_reduce(loss_sums, self.world)
+        self.settle(stats, pending)
         if fisher is not None:
             fisher = self._finish_fisher(fisher, domains)
         return kept, fisher, loss_sums
@@ -332,6 +452,8 @@ class InfluencePass:
             for start, stop in layout.spans:
                 column.add_(torch.mv(task_side[:, start:stop], kept[j, start:stop].to(layout.device)))
             table[:, j] = column.double()
+        if self.sharding is not None:
+            all_reduce(table, self.world)  # partial dot products of this rank's pieces
         return table
 
     def eval_losses(self, tasks) -> torch.Tensor:
@@ -339,19 +461,17 @@ class InfluencePass:
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64, device=self.layout.device)
         with torch.no_grad():
             for i, task in enumerate(tasks.values()):
-                for batch, _ in task.local(self.rank, self.world):
+                if self.sharding is None:
+                    batches = [batch for batch, _ in task.local(self.rank, self.world)]
+                else:
+                    # FSDP gathers in every forward: every rank makes the same number of them.
+                    batches = [step.batch for step in self.sharding.steps(task, self.rank)]
+                for batch in batches:
                     loss_sums[i] += self.summed_loss(batch).double()
                     if self.bar is not None:
                         self.bar.update(1)
+        if self.sharding is not None:
+            self.sharding.reshard()
         return all_reduce(loss_sums, self.world)
 
 
-def build_preconditioner(name, layout, optimizer, fisher, damping):
-    if name == "adam":
-        return adam_or_identity(layout.names, layout.params, optimizer)
-    if name == "diag_fisher":
-        if damping is None:
-            mean = float(fisher.mean())
-            damping = 0.1 * mean if mean > 0 else 1.0
-        return FisherPreconditioner(fisher, layout.offsets, damping), None
-    return IdentityPreconditioner(), None

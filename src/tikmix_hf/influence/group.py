@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -19,11 +20,12 @@ from .checks import (
     check_projection_dim,
     finite_losses,
 )
-from .engine import InfluencePass, build_preconditioner
+from .engine import InfluencePass
 from .layout import ParameterLayout
 from .preconditioners import check_preconditioner_name
 from .projection import Projector
 from .result import InfluenceResult
+from .sharding import local_piece, sharding_of
 from .stats import BatchStats
 
 
@@ -52,8 +54,9 @@ def group_influence(
     Args:
         model: a causal LM returning ``logits`` (or a tuple whose first item is the logits). A
             ``DistributedDataParallel`` wrapper is unwrapped so that probe backward passes do not
-            all-reduce gradients. FSDP and DeepSpeed engines are refused (``ValueError``): their
-            parameters are sharded and this function needs them whole.
+            all-reduce gradients. A model sharded with FSDP2 (``fully_shard``) or FSDP1
+            (``use_orig_params=True``) is measured on its local shards (see "Sharded" below).
+            DeepSpeed engines are refused (``ValueError``).
         domain_batches: ``{domain name: list of batches}``; a batch is a dict of tensors on the
             model's device with ``labels`` and whatever the model's forward takes (``input_ids``,
             ``attention_mask``, ...).
@@ -101,6 +104,14 @@ def group_influence(
     ``k`` with ``k % world == r`` of every list, the validation gradients (or their projections),
     the table and the losses are all-reduced, and every rank returns the same result.
 
+    Sharded (FSDP): every forward and backward runs through the sharded module, all ranks on the
+    same domain or task at a time, ``world`` batches per step, a rank without a batch in the last
+    step running an all-ignored-labels pad batch. Gradient-sized buffers hold this rank's shards
+    (``(n + 1) x P / world`` bytes), dot products of shards are completed by one all-reduce of the
+    table, ``diag_fisher``'s pass has every rank differentiate every probe batch, and the standard
+    errors are over steps of ``world`` batches. ``projection_dim`` is refused. ``docs/influence.md``,
+    section Sharding, has the details and costs.
+
     Side effects: none. Parameters, ``.grad`` (including ``None``), ``requires_grad``, optimizer
     state, the ``training`` flag of every submodule and the RNG streams (torch CPU/CUDA, ``random``,
     ``numpy``) are as before the call. During the pass dropout is off: every submodule is put in
@@ -118,38 +129,50 @@ def group_influence(
     projection_dim = check_projection_dim(projection_dim)
     damping = check_damping(damping, preconditioner)
     keep_device = check_keep(keep_domain_gradients)
-    module = unwrap(model)
+    module = unwrap(model, sharded=True)
     rank, world = rank_and_world()
-    layout = ParameterLayout.select(module, param_filter, buffer_dtype)
+    sharding = sharding_of(module, world)
+    if sharding is not None and projection_dim is not None:
+        raise ValueError(
+            f"projection_dim={projection_dim} is not supported for a {sharding.kind}-sharded model (the projection "
+            f"is defined on whole gradients); pass projection_dim=None: the sharded buffers already cost "
+            f"(n_tasks + 1) x P / world_size per rank"
+        )
+    layout = ParameterLayout.select(module, param_filter, buffer_dtype, None if sharding is None else local_piece)
     domains = batch_sets(domain_batches, "domain_batches", "domain", layout.device)
     tasks = batch_sets(validation_batches, "validation_batches", "task", layout.device)
 
-    pass_ = InfluencePass(module, layout, rank, world, show_progress)
+    pass_ = InfluencePass(module, layout, rank, world, show_progress, sharding)
     projector = None if projection_dim is None else Projector(layout, projection_dim, seed, pass_.ledger)
     keep = keep_device is not None
-    fisher_pass = preconditioner == "diag_fisher" and not keep
-    probe_batches = sum(len(d.local(rank, world)) for d in domains.values())
-    task_batches = sum(len(t.local(rank, world)) for t in tasks.values())
-    n_micro = probe_batches * (2 if fisher_pass else 1) + task_batches
+    # Sharded, F needs a pass of its own even when the domain gradients are kept (engine.fisher).
+    fisher_pass = preconditioner == "diag_fisher" and (not keep or sharding is not None)
+    probe_batches = sum(pass_.local_count(d) for d in domains.values())
+    fisher_batches = sum(1 for d in domains.values() for c in d.counts if c > 0) if sharding else probe_batches
+    task_batches = sum(pass_.local_count(t) for t in tasks.values())
+    n_micro = probe_batches + fisher_batches * fisher_pass + task_batches
 
     stats = None if projector is not None else BatchStats(len(tasks), len(domains), layout.device)
-    with pass_.measure(), measurement_mode(module), pass_.progress(n_micro):
+    grads_aside = contextlib.nullcontext() if sharding is None else sharding.own_gradients(pass_.ledger)
+    with pass_.measure(), measurement_mode(module), pass_.progress(n_micro), grads_aside:
         if keep:
             # The kept gradients carry P^{-1} (the look-ahead steps along P^{-1} g_j), so the
             # validation side stays raw; diag_fisher gets F from this same single probe pass.
+            fisher = pass_.fisher(domains) if fisher_pass else None
             task_side = pass_.validation(tasks, None, projector)
             early = None
-            if preconditioner != "diag_fisher":
+            if preconditioner != "diag_fisher" or fisher is not None:
                 # Known before the probe pass: per-batch contributions <P^{-1} v_i, g_b> can be taken
                 # on the fly for the standard errors. diag_fisher's F needs the whole pass first.
-                early = build_preconditioner(preconditioner, layout, optimizer, None, damping)
+                early = pass_.preconditioner(preconditioner, optimizer, fisher, damping)
             else:
                 stats = None
-            kept, fisher, domain_loss_sums = pass_.keep_domains(
-                domains, keep_device, want_fisher=preconditioner == "diag_fisher",
+            kept, fisher_kept, domain_loss_sums = pass_.keep_domains(
+                domains, keep_device, want_fisher=preconditioner == "diag_fisher" and fisher is None,
                 stats=stats, task_side=task_side, precond=None if early is None else early[0],
             )
-            precond, fallback = early or build_preconditioner(preconditioner, layout, optimizer, fisher, damping)
+            fisher = fisher if fisher is not None else fisher_kept
+            precond, fallback = early or pass_.preconditioner(preconditioner, optimizer, fisher, damping)
             pass_.precondition_rows(kept, precond)
             table = pass_.table_from_kept(task_side, kept, projector)
         else:
@@ -157,12 +180,12 @@ def group_influence(
             # probe micro-batch. diag_fisher needs F first, hence its extra pass over the probe data.
             kept = None
             fisher = pass_.fisher(domains) if fisher_pass else None
-            precond, fallback = build_preconditioner(preconditioner, layout, optimizer, fisher, damping)
+            precond, fallback = pass_.preconditioner(preconditioner, optimizer, fisher, damping)
             task_side = pass_.validation(tasks, precond, projector)
             table, domain_loss_sums = pass_.stream_domains(domains, task_side, projector, stats)
         del task_side, fisher
         if stats is not None:
-            stats.reduce(world)
+            pass_.reduce_stats(stats)
 
     task_names, domain_names = list(tasks), list(domains)
     domain_losses = finite_losses(domain_loss_sums, domains)

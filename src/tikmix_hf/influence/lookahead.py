@@ -13,6 +13,7 @@ from .checks import Batches, batch_sets, check_mixtures, finite_losses
 from .engine import InfluencePass
 from .layout import ParameterLayout
 from .result import InfluenceResult
+from .sharding import local_piece, sharding_of
 
 
 def lookahead_gain(
@@ -58,23 +59,40 @@ def lookahead_gain(
     if not math.isfinite(step_size) or step_size <= 0:
         raise ValueError(f"step_size must be a finite positive number, got {step_size!r}")
     W = check_mixtures(W, result.domain_names)
-    module = unwrap(model)
+    module = unwrap(model, sharded=True)
     rank, world = rank_and_world()
-    layout = ParameterLayout.by_names(module, result.parameter_names, result.domain_gradients.dtype)
+    sharding = sharding_of(module, world)
+    if sharding is not None and sharding.kind == "FSDP1":
+        raise ValueError(
+            "lookahead_gain does not support FullyShardedDataParallel (FSDP1): after a forward without backward "
+            "its root module keeps the gathered parameters and reuses them in the next forward, so a virtual "
+            "step written into the shards would not be seen. Shard the model with fully_shard (FSDP2; accelerate: "
+            "fsdp_version: 2), or use the solver 'direct' / 'surrogate' with preconditioner 'identity' or 'adam', "
+            "which need group_influence only"
+        )
+    local = None if sharding is None else local_piece
+    layout = ParameterLayout.by_names(module, result.parameter_names, result.domain_gradients.dtype, local)
+    if result.domain_gradients.shape[1] != layout.total:
+        raise ValueError(
+            f"result holds domain gradients of {result.domain_gradients.shape[1]} values per domain but this rank "
+            f"has {layout.total} of the parameters {'as shards' if sharding else 'whole'}; pass the model, "
+            f"sharded the same way, that group_influence measured"
+        )
     tasks = batch_sets(validation_batches, "validation_batches", "task", layout.device)
-    pass_ = InfluencePass(module, layout, rank, world, show_progress)
+    pass_ = InfluencePass(module, layout, rank, world, show_progress, sharding)
     gains = np.empty((W.shape[0], len(tasks)), dtype=np.float64)
     kept = result.domain_gradients
-    n_micro = (W.shape[0] + 1) * sum(len(t.local(rank, world)) for t in tasks.values())
+    n_micro = (W.shape[0] + 1) * sum(pass_.local_count(t) for t in tasks.values())
     with pass_.progress(n_micro), measurement_mode(module), torch.no_grad():
-        originals = [p.detach().clone() for p in layout.params]
+        # Sharded, the step moves this rank's pieces in place; FSDP gathers them in the next forward.
+        originals = [p.detach().clone() for p in layout.pieces]
         try:
             base = finite_losses(pass_.eval_losses(tasks), tasks)
             base = np.array([base[name] for name in tasks])
             weights = torch.as_tensor(W, dtype=kept.dtype, device=kept.device)
             for k in range(W.shape[0]):
                 direction = (weights[k] @ kept).to(layout.device)
-                for (start, stop), p, original in zip(layout.spans, layout.params, originals):
+                for (start, stop), p, original in zip(layout.spans, layout.pieces, originals):
                     p.copy_(original - step_size * direction[start:stop].view_as(p))
                 del direction
                 losses = finite_losses(
@@ -84,6 +102,6 @@ def lookahead_gain(
                 )
                 gains[k] = base - np.array([losses[name] for name in tasks])
         finally:
-            for p, original in zip(layout.params, originals):
+            for p, original in zip(layout.pieces, originals):
                 p.copy_(original)
     return gains

@@ -105,7 +105,7 @@ def _step_count(state: dict) -> float | None:
 
 
 def adam_or_identity(
-    names: Sequence[str], params: Sequence[torch.Tensor], optimizer
+    names: Sequence[str], params: Sequence[torch.Tensor], optimizer, local=None
 ) -> tuple[DiagonalPreconditioner, str | None]:
     """Build :class:`AdamPreconditioner` from ``optimizer``'s state, or say why not.
 
@@ -114,17 +114,28 @@ def adam_or_identity(
     ``None``, or :class:`IdentityPreconditioner` and the reason, after warning with
     :class:`PreconditionerFallbackWarning`. A partial state (some parameters without a second
     moment) also falls back entirely: mixing Adam-scaled and unscaled coordinates would give a
-    score in no consistent metric.
+    score in no consistent metric. ``local`` maps a sharded second moment to this rank's piece
+    (laid out like the parameter's piece), for models whose gradients are kept as shards.
     """
-    reason = _adam_unavailable_reason(names, params, optimizer)
+    # A rank whose piece of a parameter is empty (FSDP1) never steps it, so it has no state to read
+    # and nothing to scale.
+    empty = [local is not None and local(p).numel() == 0 for p in params]
+    reason = _adam_unavailable_reason(
+        [n for n, e in zip(names, empty) if not e], [p for p, e in zip(params, empty) if not e], optimizer
+    )
     if reason is None:
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         entries = []
-        for p in params:
+        for p, is_empty in zip(params, empty):
+            if is_empty:
+                entries.append((local(p), 0.0, 1.0, 1.0))
+                continue
             state, group = optimizer.state[p], groups[id(p)]
             # amsgrad steps with the running maximum of the second moment, so that is the scaling.
             amsgrad = group.get("amsgrad") and "max_exp_avg_sq" in state
             moment = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+            if local is not None:
+                moment = local(moment)
             entries.append((moment, float(group["betas"][1]), _step_count(state), float(group["eps"])))
         return AdamPreconditioner(entries), None
     warnings.warn(
