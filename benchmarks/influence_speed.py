@@ -393,7 +393,8 @@ def _spearman(a, b):
 def run_accuracy():
     """Reductions against exact scores on the tiny fp64 test model, after a few AdamW steps."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny import named_batches, tiny_llama, token_batches
+    from helpers.data import named_batches, token_batches
+    from helpers.models import tiny_llama
 
     from tikmix_hf.influence import group_influence
 

@@ -59,7 +59,8 @@ import sys
 import torch
 from transformers import Trainer, TrainingArguments
 
-from _toy import RecordingCollator, tiny_model, toy_domains, toy_validation
+from helpers.data import RecordingCollator, toy_domains, toy_validation
+from helpers.models import toy_model as tiny_model
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.cli import shutdown_distributed
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.launch import load_script, torchrun
 
-sys.path.insert(0, str(Path(__file__).parent))
-import dist_influence_fsdp  # noqa: E402
-from _launch import torchrun  # noqa: E402
+dist_influence_fsdp = load_script("dist_influence_fsdp")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -30,7 +28,7 @@ SCORES = ("identity", "adam", "diag_fisher", "kept_adam", "kept_diag_fisher", "l
 def launched(tmp_path_factory):
     """The two ranks' reports and the single-process reference, computed while the ranks run."""
     out = tmp_path_factory.mktemp("fsdp")
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.environ["PYTHONPATH"], before = path, os.environ.get("PYTHONPATH")
     try:
         with ThreadPoolExecutor(1) as pool:

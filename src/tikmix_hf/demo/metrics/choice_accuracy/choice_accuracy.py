@@ -1,6 +1,6 @@
 """Multiple-choice accuracy as a local ``evaluate`` module shipped with tikmix_hf.
 
-Load it with ``tikmix_hf.corpora.load_metric()`` (or ``evaluate.load(<this folder>)``); it
+Load it with ``tikmix_hf.demo.corpora.load_metric()`` (or ``evaluate.load(<this folder>)``); it
 never touches the Hugging Face hub. Keep one import per line: evaluate's import scanner
 mis-reads ``import a, b``.
 """
@@ -22,7 +22,7 @@ Args:
 Returns:
     accuracy (float): mean of predictions == references, in [0, 1].
 Example:
-    >>> metric = tikmix_hf.corpora.load_metric()
+    >>> metric = tikmix_hf.demo.corpora.load_metric()
     >>> metric.compute(predictions=[0, 2, 1], references=[0, 1, 1])
     {'accuracy': 0.6666666666666666}
 """

@@ -1,6 +1,6 @@
 """Two-rank check of Group Influence on sharded models, launched by ``tests/test_influence_fsdp.py``.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_influence_fsdp.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/dist_influence_fsdp.py OUT_DIR
 
 One launch runs every case: the tiny fp64 Llama sharded with FSDP2 (``fully_shard`` per decoder
 layer and at the root) and with FSDP1 (``use_orig_params=True``) takes one AdamW step, is measured
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import named_batches, reference_summed_loss, tiny_llama, token_batches  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers.data import named_batches, token_batches  # noqa: E402
+from helpers.models import reference_summed_loss, tiny_llama  # noqa: E402
 
 from tikmix_hf.influence import adaptive_group_influence, group_influence, lookahead_gain  # noqa: E402
 
