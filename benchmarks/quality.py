@@ -10,9 +10,9 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
   renormalised); ``targets`` (local corpus only: half natural, half spread evenly over the
   domains the validation text was held out from, what a user who knows the tasks would try);
   ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
-- TiKMiX: ``tikmix_d`` (the default, scale-aware trust-region objective), ``tikmix_d_paper`` (the
-  paper's Eq. 10) and ``tikmix_m``, from the natural start at the demo's stage fractions
-  0.2/0.4/0.6/0.8 with the adam preconditioner;
+- TiKMiX: ``tikmix_d`` and ``tikmix_m`` with the default, scale-aware trust-region objective at its
+  default schedule (5/25/50/75% of training), and ``tikmix_d_paper`` (the paper's Eq. 10) at the
+  bench's stage fractions 0.2/0.4/0.6/0.8; all from the natural start with the adam preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
 - at equal *total* tokens (the TiKMiX arms give up the training steps their probe
@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from tikmix_hf.config import DEFAULT_FRACTIONS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_size, parser, table, write  # noqa: E402
 
@@ -52,7 +54,7 @@ TEMPERATURE = 3.0
 ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
           "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
 WARMUP_FRACTION = 0.05
-DEFAULT_SCHEDULE = (0.05, 0.25, 0.5, 0.75)  # tikmix_hf.config.DEFAULT_FRACTIONS["trust_region"]
+DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -160,7 +162,7 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
-                job["solver"] = "surrogate"
+                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
             elif arm in ("odm", "doge"):
                 job["solver"] = arm
             elif arm == "doremi":
