@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tikmix_hf.demo import corpora as C
+from tikmix_hf.demo.corpora import local, packing, synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def test_local_corpus_is_deterministic_and_seeded():
         assert docs and all(d.strip() for d in docs), name
         assert sum(map(len, docs)) <= small["max_chars_per_domain"], name
         assert len(set(docs)) == len(docs), f"{name} has duplicate documents"
-        assert max(map(len, docs)) <= C.MAX_DOC_CHARS, name
+        assert max(map(len, docs)) <= local.MAX_DOC_CHARS, name
 
 
 def test_local_corpus_default_domains():
@@ -83,7 +84,7 @@ def test_code_and_docstrings_are_separated():
         "        return 1  # keep me\n\n"
         "def g(): 'inline doc'; return 2\n"
     )
-    code, docs = C._split_docstrings(source)
+    code, docs = local._split_docstrings(source)
     assert docs == ["Module doc.", "Class doc\non two lines.", "Method doc.", "inline doc"]
     assert "Module doc" not in code and "Class doc" not in code and "Method doc" not in code
     assert "return 1  # keep me" in code
@@ -96,7 +97,7 @@ def test_troff_is_stripped_to_text():
         "open \\- open a file\n.SH DESCRIPTION\nThe\n.BR open ()\nsystem call opens\n"
         ".IR pathname .\n.PP\nIt can\\(aqt fail \\fBsilently\\fP.\n"
     )
-    text = C._strip_troff(page)
+    text = local._strip_troff(page)
     assert text == (
         "NAME\nopen - open a file\nDESCRIPTION\nThe\nopen()\nsystem call opens\npathname.\n\n"
         "It can't fail silently."
@@ -104,18 +105,18 @@ def test_troff_is_stripped_to_text():
 
 
 def test_dictd_numbers():
-    assert C._dictd_number("A") == 0
-    assert C._dictd_number("B") == 1
-    assert C._dictd_number("BA") == 64
-    assert C._dictd_number("/") == 63
+    assert local._dictd_number("A") == 0
+    assert local._dictd_number("B") == 1
+    assert local._dictd_number("BA") == 64
+    assert local._dictd_number("/") == 63
 
 
 # --- synthetic corpus ----------------------------------------------------------------------
 
 def _letter_freq(docs):
     counts = collections.Counter("".join(docs))
-    total = sum(counts[c] for c in C.LETTERS)
-    return np.array([counts[c] / total for c in C.LETTERS])
+    total = sum(counts[c] for c in synthetic.LETTERS)
+    return np.array([counts[c] / total for c in synthetic.LETTERS])
 
 
 def _word_bigrams(docs):
@@ -181,7 +182,7 @@ ROUND_TRIP = ["def f(x):\n\treturn x  # tab\n", "Héllo wörld ✓ — 漢字", 
 
 def test_train_tokenizer_round_trips_and_is_deterministic(synth, synth_tok):
     assert len(synth_tok) == 512
-    assert synth_tok.eos_token == C.EOS_TOKEN and synth_tok.pad_token == C.PAD_TOKEN
+    assert synth_tok.eos_token == packing.EOS_TOKEN and synth_tok.pad_token == packing.PAD_TOKEN
     assert synth_tok.eos_token_id != synth_tok.pad_token_id
     for text in ROUND_TRIP + synth.domains["helpful_a"][:3]:
         ids = synth_tok(text, add_special_tokens=False)["input_ids"]
@@ -353,7 +354,7 @@ def test_choice_accuracy_rises_with_training(synth, synth_tok):
 # --- the shipped evaluate metric -----------------------------------------------------------
 
 def test_metric_module_is_shipped():
-    path = resources.files("tikmix_hf") / "metrics" / "choice_accuracy" / "choice_accuracy.py"
+    path = resources.files("tikmix_hf") / "demo" / "metrics" / "choice_accuracy" / "choice_accuracy.py"
     assert path.is_file()
     source = path.read_text()
     # evaluate's import scanner cannot read "import a, b"

@@ -26,8 +26,8 @@ CELL_TIMEOUT_S = 600
 # Besides the standard library, the notebooks may import only these.
 ALLOWED_TOP_LEVEL = {"tikmix_hf", "transformers", "torch", "numpy", "matplotlib", "scipy"}
 ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora"}
-# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the corpora module.
-PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!corpora\b)\w+")
+# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the demo corpora module.
+PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!demo\.corpora\b)\w+")
 
 
 def _code_cells(nb) -> list[str]:

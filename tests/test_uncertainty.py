@@ -188,7 +188,7 @@ def stage_inputs(model, config, *, stage=0, seed=1, prior=None, n_batches=4):
 
 def test_switches_off_reproduce_plain_tikmix_d_bitwise():
     model = tiny_llama(seed=0)
-    plain_cfg = TiKMiXConfig(tikmix_show_progress=False)
+    plain_cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_objective="paper")
     assert plain_cfg.tikmix_shrink_z == 0 and plain_cfg.tikmix_smoothing == 0 and plain_cfg.tikmix_target_rse is None
     mixer = TiKMiXDirect()
     prior = None
@@ -202,7 +202,7 @@ def test_switches_off_reproduce_plain_tikmix_d_bitwise():
         assert decision.extra == {} and mixer.state_dict() == {}
         prior = decision.weights
     # shrinkage on: the same solver on the shrunk matrix
-    cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_shrink_z=1.0)
+    cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_shrink_z=1.0, tikmix_objective="paper")
     inputs = stage_inputs(model, cfg)
     decision = TiKMiXDirect().decide(inputs)
     S = shrink_influence(decision.influence.scores, decision.influence.stderr, 1.0)
@@ -230,7 +230,7 @@ def noise_result(rng, n_batches=16, n=2, m=4):
 
 
 def test_all_noise_influence_keeps_the_prior_with_shrinkage(monkeypatch):
-    import tikmix_hf.mixers as mixers
+    import tikmix_hf.mixers.tikmix as mixers
 
     rng = np.random.default_rng(0)
     prior = np.array([0.1, 0.2, 0.3, 0.4])
@@ -239,8 +239,8 @@ def test_all_noise_influence_keeps_the_prior_with_shrinkage(monkeypatch):
     for _ in range(trials):
         result = noise_result(rng)
         monkeypatch.setattr(mixers, "measure_influence", lambda inputs, **kw: (result, ""))
-        for z, cfg in ((0.0, TiKMiXConfig(tikmix_show_progress=False)),
-                       (3.0, TiKMiXConfig(tikmix_show_progress=False, tikmix_shrink_z=3.0))):
+        for z, cfg in ((0.0, TiKMiXConfig(tikmix_show_progress=False, tikmix_objective="paper")),
+                       (3.0, TiKMiXConfig(tikmix_show_progress=False, tikmix_shrink_z=3.0, tikmix_objective="paper"))):
             inputs = StageInputs(stage=0, step=0, domains=result.domain_names, prior=prior, model=None, optimizer=None,
                                  domain_batches={}, validation_batches={}, config=cfg)
             weights = TiKMiXDirect().decide(inputs).weights
@@ -340,7 +340,9 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
         report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="constant",
     )
-    callback.bind(Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)).train()
+    trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)
+    callback.bind(trainer)
+    trainer.train()
     stages = load_history(tmp_path / "tikmix" / "history.json")["stages"]
     assert [s["step"] for s in stages] == [3, 10]
     for s in stages:
@@ -373,7 +375,9 @@ def test_adaptive_budget_draws_past_the_stage_draw_in_a_trainer_run(tmp_path, ta
         report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
-    callback.bind(Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)).train()
+    trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=collator)
+    callback.bind(trainer)
+    trainer.train()
     (stage,) = load_history(tmp_path / "tikmix" / "history.json")["stages"]
     assert stage["influence"]["probe_batches"] == {"pattern": per_domain, "echo": per_domain, "noise": per_domain}
     budget = stage["mixer"]["uncertainty"]["adaptive_budget"]

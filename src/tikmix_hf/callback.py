@@ -196,7 +196,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if self._is_main:
             remove_stale_temporaries(os.path.dirname(self._history_path))
         self._val_examples = self._select_validation()
-        self._check_first_batches(args)
+        self._check_first_batches(args, model)
         self._max_steps = int(state.max_steps)
         self._boundaries = self._plan_boundaries(state.max_steps)
         if self.config.tikmix_stage_tokens or (self._plan is not None and self._plan.tokens):
@@ -347,17 +347,19 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             out[name] = examples
         return out
 
-    def _check_first_batches(self, args) -> None:
+    def _check_first_batches(self, args, model) -> None:
         """Collate one validation batch per task and one probe batch per domain now, not hours later.
 
         The checks are the influence engine's own, so a batch that passes here passes at the boundary.
         """
         bs = self.config.tikmix_probe_batch_size or args.per_device_train_batch_size
+        # The device the engine compares with is the parameters' ("cpu"), which is not args.device ("cpu:0").
+        device = next(model.parameters()).device if model is not None else self._device
         for name, examples in self._val_examples.items():
-            check_batch(self._collate(examples[:bs]), f"validation task {name!r} batch 0", self._device)
+            check_batch(self._collate(examples[:bs]), f"validation task {name!r} batch 0", device)
         for domain in self.mixture.domains:
             examples = self.mixture.probe(domain, min(bs, self.config.tikmix_probe_sequences), round=0)
-            check_batch(self._collate(examples), f"probe batch of domain {domain!r}", self._device)
+            check_batch(self._collate(examples), f"probe batch of domain {domain!r}", device)
 
     # ------------------------------------------------------------------ the stage
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -51,7 +51,7 @@ class TiKMiXConfig:
     - **TiKMiX-D's objective**: ``tikmix_objective`` (``trust_region`` or the paper's Eq. 10),
       ``tikmix_trust_radius`` with its bounds ``tikmix_trust_radius_min``/``_max``,
       ``tikmix_max_epochs``; Eq. 10's ``tikmix_beta``, ``tikmix_gamma``; both use ``tikmix_alpha``,
-      ``tikmix_pareto`` and the guards ``tikmix_floor``, ``tikmix_max_change`` (paper only).
+      ``tikmix_pareto`` and the guards ``tikmix_floor``, ``tikmix_max_change``.
     - **TiKMiX-M**: ``tikmix_surrogate_candidates``, ``tikmix_lookahead_lr``.
     - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
       adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.

@@ -34,9 +34,10 @@ def main(out: str, per_device: int, dispatch: str) -> None:
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probe_collator = RecordingCollator()
     probe_collator.recording = False
-    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10,
-                                                                      tikmix_show_progress=False),
-                              collator=probe_collator)
+    # One probe micro-batch size whatever the ranks: the standard errors (and so the trust radius) are
+    # measured over micro-batches, and one rank of 8 or two of 4 then see the same batches.
+    config = TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_batch_size=4)
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     collator = RecordingCollator()
     trainer = Trainer(model=toy_model(0, torch.float64), args=args, train_dataset=mixture, data_collator=collator,
                       callbacks=[callback])

@@ -133,7 +133,8 @@ class UncertaintyAware(Mixer):
         kwargs = solver_kwargs(inputs, result.task_names)
         solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=cfg.tikmix_alpha,
                                     pareto=cfg.tikmix_pareto, floor=kwargs["floor"], upper=upper,
-                                    domains=kwargs["domains"], tasks=kwargs["tasks"])
+                                    max_change=kwargs["max_change"], domains=kwargs["domains"],
+                                    tasks=kwargs["tasks"])
         self._radius.record(solved.details["predicted_gain"], losses)
         info = {**controller, "step_length": step, "repetition_cap": cap_note,
                 "predicted_gain_next": solved.details["predicted_gain"], "kl": solved.details["kl"]}

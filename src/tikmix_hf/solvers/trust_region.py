@@ -75,6 +75,7 @@ def solve_trust_region(
     pareto: bool = True,
     floor=None,
     upper=None,
+    max_change=None,
     domains: list[str] | None = None,
     tasks: list[str] | None = None,
     tol: float = 1e-10,
@@ -89,7 +90,7 @@ def solve_trust_region(
         step: the stage's step length ``h`` (> 0); it scales the reported gains only.
         alpha: weight of the std of the gains across tasks (>= 0).
         pareto: impose ``S w >= S prior``.
-        floor, upper: per-domain bounds (scalar or array), as in :func:`solve_direct`.
+        floor, upper, max_change: per-domain bounds (scalar or array), as in :func:`solve_direct`.
         domains, tasks: optional names.
 
     Returns:
@@ -99,7 +100,7 @@ def solve_trust_region(
     """
     started = time.perf_counter()
     problem = build_problem(S, prior, alpha=alpha, beta=1.0, gamma=0.0, pareto=pareto, floor=floor,
-                            max_change=None, upper=upper, domains=domains, tasks=tasks)
+                            max_change=max_change, upper=upper, domains=domains, tasks=tasks)
     radius, step = _positive(radius, "radius"), _positive(step, "step")
     S = problem.S
     reference = problem.reference
