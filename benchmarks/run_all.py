@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,6 +84,8 @@ def render(results: str, out: Path, names: list[str]) -> str:
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=None, help="run only these")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="scripts run at a time (default 1: the timings of a full run are taken on a quiet machine)")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: paste the markdown already in --out into the results file")
     p.add_argument("--results", type=Path, default=None,
@@ -98,7 +101,10 @@ def main(argv=None) -> int:
         summary = ""
     else:
         started = time.perf_counter()
-        runs = [run_script(name, args.out, args.quick) for name in names]
+        if args.jobs < 1:
+            p.error(f"--jobs {args.jobs}: give at least 1")
+        with ThreadPoolExecutor(args.jobs) as pool:  # each script is its own process
+            runs = list(pool.map(lambda name: run_script(name, args.out, args.quick), names))
         total = time.perf_counter() - started
         (args.out / "run_all.json").write_text(json.dumps({"quick": args.quick, "runs": runs, "seconds": total},
                                                           indent=1))

@@ -15,14 +15,19 @@ SCRIPT = os.path.join(HERE, "distributed", "crash_run.py")
 BATCH = 8
 
 
-def run(out, kill=None):
+def start(out, kill=None) -> subprocess.Popen:
     cmd = [sys.executable, SCRIPT, str(out)] + ([kill] if kill else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(out, kill=None, proc=None):
+    proc = proc or start(out, kill)
+    _, stderr = proc.communicate(timeout=600)
     if kill:
         assert proc.returncode == -signal.SIGKILL, \
-            f"{kill}: expected a SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
+            f"{kill}: expected a SIGKILL, got {proc.returncode}\n{stderr[-3000:]}"
     else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr[-3000:]
 
 
 def stream(out):
@@ -53,8 +58,7 @@ def check_files(out):
 @pytest.mark.slow
 def test_sigkill_at_five_moments_then_resume_equals_uninterrupted(tmp_path):
     clean = tmp_path / "clean"
-    run(clean)
-    reference = load_history(clean / "tikmix" / "history.json")
+    uninterrupted = start(clean)  # runs beside the crashed attempts: it shares nothing with them
     crashed = tmp_path / "crashed"
     # Each kill lies after the checkpoint the previous attempt resumes from (checkpoints every 4 steps,
     # stages every 5): before any checkpoint, mid-influence, mid-checkpoint, mid-history-write,
@@ -64,6 +68,8 @@ def test_sigkill_at_five_moments_then_resume_equals_uninterrupted(tmp_path):
         run(crashed, kill)
         check_files(crashed)
     run(crashed)
+    run(clean, proc=uninterrupted)
+    reference = load_history(clean / "tikmix" / "history.json")
     assert latest_checkpoint(crashed).endswith("checkpoint-24")
     got = load_history(crashed / "tikmix" / "history.json")
     assert [s["step"] for s in got["stages"]] == [s["step"] for s in reference["stages"]] == [5, 10, 15, 20]
