@@ -25,18 +25,26 @@ def off_simplex(W, tol: float = SIMPLEX_TOL) -> np.ndarray:
     return ~finite | off
 
 
+def check_vector(value, name: str, *, size: int | None = None, nonnegative: bool = False) -> np.ndarray:
+    """``value`` as a finite non-empty float64 vector, one entry per domain; the error names ``name``."""
+    try:
+        vec = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a vector of numbers") from None
+    if vec.ndim != 1 or vec.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D vector (one entry per domain), got shape {vec.shape}")
+    if size is not None and vec.size != size:
+        raise ValueError(f"{name} has {vec.size} entries but there are {size} domains")
+    if not np.all(np.isfinite(vec)):
+        raise ValueError(f"{name}={vec.tolist()} has a non-finite entry")
+    if nonnegative and np.any(vec < 0):
+        raise ValueError(f"{name}={vec.tolist()} has a negative entry")
+    return vec
+
+
 def normalise(weights, name: str = "weights") -> np.ndarray:
     """Finite non-negative weights with a positive sum, divided by their sum."""
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={weights!r} is not a vector of numbers") from None
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D vector (one entry per domain), got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"{name}={w.tolist()} has a non-finite entry")
-    if np.any(w < 0):
-        raise ValueError(f"{name}={w.tolist()} has a negative entry")
+    w = check_vector(weights, name, nonnegative=True)
     total = w.sum()
     if total <= 0:
         raise ValueError(f"{name}={w.tolist()} are all zero; at least one domain needs a positive weight")

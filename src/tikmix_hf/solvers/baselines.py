@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..simplex import normalise
+from ..simplex import check_vector, normalise
 
 DOGE_NORM_EPS = 1e-6
 """Added to the mean domain-gradient norm before dividing by it (DoGE's code uses 1e-6)."""
@@ -28,22 +28,6 @@ DOGE_CLIP = (0.0, 5.0)
 
 # ----------------------------------------------------------------------------------------------
 # Checks
-
-
-def _vector(value, name: str, *, size: int | None = None, nonnegative: bool = False) -> np.ndarray:
-    try:
-        vec = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a vector of numbers") from None
-    if vec.ndim != 1 or vec.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D vector (one entry per domain), got shape {vec.shape}")
-    if size is not None and vec.size != size:
-        raise ValueError(f"{name} has {vec.size} entries but there are {size} domains")
-    if not np.all(np.isfinite(vec)):
-        raise ValueError(f"{name}={vec.tolist()} has a non-finite entry")
-    if nonnegative and np.any(vec < 0):
-        raise ValueError(f"{name}={vec.tolist()} has a negative entry")
-    return vec
 
 
 def _positive(value: float, name: str) -> float:
@@ -125,7 +109,7 @@ def odm_policy(reward_estimates, eps: float, eps_prev: float) -> np.ndarray:
     A higher reward estimate (a higher loss, in ODM) gives a higher probability; every domain keeps
     at least ``eps_t``.
     """
-    R = _vector(reward_estimates, "reward_estimates")
+    R = check_vector(reward_estimates, "reward_estimates")
     K = R.size
     for name, value in (("eps", eps), ("eps_prev", eps_prev)):
         if not isinstance(value, (int, float)) or not 0 <= value <= 1.0 / K + 1e-15:
@@ -143,11 +127,11 @@ def odm_update_rewards(reward_estimates, rewards, alpha: float, policy=None) -> 
     information: every domain's loss was measured, as the stage-wise mixer does) the reward enters
     as is, since there is no sampling bias to undo.
     """
-    R_hat = _vector(reward_estimates, "reward_estimates")
-    R = _vector(rewards, "rewards", size=R_hat.size)
+    R_hat = check_vector(reward_estimates, "reward_estimates")
+    R = check_vector(rewards, "rewards", size=R_hat.size)
     a = _unit(alpha, "alpha", closed_right=False)
     if policy is not None:
-        pi = _vector(policy, "policy", size=R_hat.size, nonnegative=True)
+        pi = check_vector(policy, "policy", size=R_hat.size, nonnegative=True)
         seen = R != 0
         if np.any(pi[seen] <= 0):
             raise ValueError(f"policy={pi.tolist()} is zero for a domain with a reward; it cannot have been sampled")
@@ -172,7 +156,7 @@ def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-
     ``reweight_eps``). A domain whose excess loss is positive gains weight relative to the others.
     """
     w = normalise(weights)
-    lam = _vector(excess_loss, "excess_loss", size=w.size, nonnegative=True)
+    lam = check_vector(excess_loss, "excess_loss", size=w.size, nonnegative=True)
     eta = _positive(eta, "eta")
     c = _unit(smoothing, "smoothing", closed_right=True)
     new = _softmax(_log(w) + eta * lam)
@@ -182,12 +166,12 @@ def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-
 def running_average(average, count: int, weights) -> np.ndarray:
     r"""``avg_n = (avg_{n-1} (n - 1) + w_n) / n`` with ``n = count + 1``: DoReMi's output
     ``\bar\alpha = \frac{1}{T}\sum_t \alpha_t`` kept incrementally (the code's ``avg_domain_weights``)."""
-    w = _vector(weights, "weights", nonnegative=True)
+    w = check_vector(weights, "weights", nonnegative=True)
     if not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"count={count!r} must be a non-negative integer (updates averaged so far)")
     if count == 0:
         return w.copy()
-    avg = _vector(average, "average", size=w.size, nonnegative=True)
+    avg = check_vector(average, "average", size=w.size, nonnegative=True)
     return (avg * count + w) / (count + 1)
 
 
@@ -232,8 +216,8 @@ def doge_update(
         ``(new_weights, normalised_scores)``.
     """
     w = normalise(weights)
-    W = _vector(alignment, "alignment", size=w.size)
-    norms = _vector(grad_norms, "grad_norms", size=w.size, nonnegative=True)
+    W = check_vector(alignment, "alignment", size=w.size)
+    norms = check_vector(grad_norms, "grad_norms", size=w.size, nonnegative=True)
     eta = _positive(eta, "eta")
     c = _unit(smoothing, "smoothing", closed_right=True)
     scores = W / (norms.mean() + DOGE_NORM_EPS)
