@@ -239,7 +239,7 @@ def markdown(summary: dict, args, size, seeds: list[int]) -> str:
             f"- Highest Pearson after {h_long} steps: {best.replace('|z=', ', z=')} at "
             f"{goal:.2f}; adam (the demo's preconditioner) with plain S at {args.probe}/domain: "
             f"{entry[plain][f'pearson_val_h{h_long}'][0]:.2f}.\n"
-            f"- Issue 11's goal (Pearson >= 0.8): {'met' if goal >= 0.8 else 'not met'} on the {corpus} corpus."
+            f"- The fidelity goal (Pearson >= 0.8): {'met' if goal >= 0.8 else 'not met'} on the {corpus} corpus."
         )
     return "\n\n".join(parts)
 
