@@ -210,3 +210,36 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     # the realised gain is logged from the second decision on: the first has nothing to compare with
     assert len(events.Scalars("train/tikmix/realised_gain/held_out_pattern")) == 1
     assert stages[1]["mixer"]["trust_region"]["action"] in ("grow", "keep", "shrink")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tikmix_objective", "fast", "use one of"),
+    ("tikmix_trust_radius", 0.0, "nats > 0"),
+    ("tikmix_trust_radius_max", float("inf"), "nats > 0"),
+    ("tikmix_trust_radius", 2.0, "between tikmix_trust_radius_min"),
+    ("tikmix_max_epochs", -1, "epochs > 0"),
+])
+def test_bad_values_of_the_new_flags_name_the_field(field, value, message):
+    from tikmix_hf.config import TiKMiXConfig
+
+    with pytest.raises(ValueError, match=rf"{field}=.*{message}"):
+        TiKMiXConfig(**{field: value})
+
+
+def test_repetition_cap_bounds_a_domain_by_its_epochs_over_the_remaining_training():
+    from tikmix_hf.config import TiKMiXConfig
+    from tikmix_hf.mixers import StageInputs
+    from tikmix_hf.mixers.tikmix import repetition_cap
+
+    def inputs(sizes, remaining):
+        return StageInputs(stage=0, step=0, domains=["a", "b", "c"], prior=np.full(3, 1 / 3), model=None,
+                           optimizer=None, domain_batches={}, validation_batches={}, config=TiKMiXConfig(),
+                           remaining_samples=remaining, domain_sizes=sizes)
+
+    caps, note = repetition_cap(inputs({"a": 100, "b": 1000, "c": 10_000}, 2000), 4.0)
+    np.testing.assert_allclose(caps, [0.2, 1.0, 1.0])
+    assert note.startswith("applied")
+    assert repetition_cap(inputs({"a": 100, "b": None, "c": 10}, 2000), 4.0)[0] is None  # a size unknown
+    caps, note = repetition_cap(inputs({"a": 10, "b": 10, "c": 10}, 2000), 4.0)  # 120 < 2000: nothing can hold
+    assert caps is None and "exceed" in note
+    assert repetition_cap(inputs({"a": 1, "b": 1, "c": 1}, 10), None) == (None, None)
