@@ -17,14 +17,8 @@
     The schedule a run followed (its ``history.json``) as a YAML/JSON file to edit and replay with
     ``--tikmix_solver replay --tikmix_schedule``.
 
-Domains and validation sets are given as ``NAME=PATH`` (a text file, a ``.jsonl``/``.json`` file of
-rows with a text column, or a folder of such files), as a YAML/JSON mapping file, or inline JSON::
-
-    # domains.yaml
-    code: data/code/                        # a folder: every text/jsonl file in it, recursively
-    web: data/web.jsonl                     # rows {"text": ...}
-    wiki: {dataset: wikitext, config: wikitext-2-raw-v1, split: train, column: text}   # datasets
-    saved: {dataset: data/saved_dataset}    # a folder written by Dataset.save_to_disk
+Domains and validation sets are given as ``NAME=PATH``, a YAML/JSON mapping file or inline JSON
+(:mod:`.sources` has the formats).
 
 Mistakes in the command line or in these files print one message (the argument, the value and
 what to do instead) and exit with status 2; no traceback.
