@@ -24,9 +24,10 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers, one per core; a file's tests stay on one worker, so its module fixtures are built once.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	sh scripts/install_corpora.sh || true
@@ -41,7 +42,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick --out /tmp/tikmix-bench-quick
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not distributed" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not distributed" tests
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

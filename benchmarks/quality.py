@@ -195,7 +195,11 @@ def resolve(job: dict, done: dict, size) -> dict:
             job["config"] = dict(job["config"], tikmix_warmup_steps=warmup)
             probe = probe * (1 + len(ROBUST["tikmix_stage_fractions"])) / max(stages, 1)
         per_step = size.batch_size * size.block_size
-        job["max_steps"] = size.max_steps - math.ceil(probe / per_step)
+        steps = size.max_steps - math.ceil(probe / per_step)
+        # A preset so small that the probes cost the whole run (--quick on many domains) still trains a
+        # step, and says that the totals could not be matched.
+        job["max_steps"] = max(steps, 1)
+        job["total_tokens_matched"] = steps >= 1
         job["probe_tokens_budgeted"] = probe
     elif job["arm"] in ("hindsight_d", "hindsight_robust"):
         source = "tikmix_d_eq" if job["arm"] == "hindsight_d" else "robust_eq"
@@ -232,6 +236,7 @@ def run_all(corpora: list[str], seeds: list[int], arms: list[str], size, workers
                 row = fut.result()
                 if "probe_tokens_budgeted" in job:
                     row["probe_tokens_budgeted"] = job["probe_tokens_budgeted"]
+                    row["total_tokens_matched"] = job["total_tokens_matched"]
                 done[(job["corpus"], job["seed"], job["arm"])] = row
                 rows.append(row)
                 bar.set_postfix_str(f"{job['corpus']} s{job['seed']} {job['arm']} {row['final']['average']:.3f}")
