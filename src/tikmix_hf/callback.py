@@ -531,12 +531,12 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         # (tasks x domains entries), so they sit this call out and the console gets one line instead.
         handler = self._trainer.callback_handler
         everyone = handler.callbacks
-        handler.callbacks = [cb for cb in everyone if not isinstance(cb, (ProgressCallback, PrinterCallback))]
+        printers = [cb for cb in everyone if isinstance(cb, (ProgressCallback, PrinterCallback))]
+        handler.callbacks = [cb for cb in everyone if cb not in printers]
         try:
             self._trainer.log(logs)
         finally:
             handler.callbacks = everyone
-        printers = [cb for cb in everyone if isinstance(cb, (ProgressCallback, PrinterCallback))]
         if self._is_main and printers:  # the console gets a line where the Trainer prints its logs at all
             tqdm.write(stage_line(entry))
 
