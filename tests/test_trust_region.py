@@ -80,6 +80,40 @@ def test_pareto_floor_and_upper_bounds_hold():
     assert abs(w.sum() - 1) < 1e-12
 
 
+# A late decision of a demo run (19 domains, a few near zero, a repetition cap): SLSQP over logits needs
+# about 210 iterations here, as the logits of the domains heading for zero run off.
+S_LATE = np.array([
+    [-11.1, 49.5, -14.3, 0.179, 36.6, 2.72, -2.06, 2.22, -17.9, -58.9, -24.0, -11.9, -4.3, -11.6, -13.8, 18.1, 11.0,
+     -5.83, 1.67],
+    [2.77, -4.46, -0.103, -6.54, -8.69, -0.375, 16.0, 8.38, 48.5, -8.91, 21.7, 24.1, 9.89, 20.4, -19.1, -13.5, 12.4,
+     6.69, 58.0],
+    [7.25, 5.93, 12.6, 34.4, 36.2, -0.514, 5.7, 9.02, 3.95, 46.6, 16.9, 24.7, 32.7, 40.1, -30.0, 19.5, 21.4, 19.4,
+     28.8],
+])
+PRIOR_LATE = np.array([0.162, 0.317, 0.0118, 0.00695, 0.0161, 0.0276, 0.0114, 0.0419, 0.00685, 0.000155, 0.00751,
+                       0.00992, 0.0143, 0.0254, 0.0224, 0.0067, 0.0371, 0.0591, 0.216])
+UPPER_LATE = np.array([1.0, 0.976, 0.742, 1.0, 0.652, 0.618, 0.497, 0.661, 1.0, 1.0, 1.0, 0.76, 0.471, 0.415, 0.771,
+                       1.0, 1.0, 1.0, 1.0])
+
+
+def test_a_slow_late_decision_still_moves_and_an_iterate_at_the_limit_is_used_when_it_improves():
+    prior = PRIOR_LATE / PRIOR_LATE.sum()
+    full = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE)
+    assert full.status == "converged" and "converged in" in full.message
+    assert full.details["attempt"]["nit"] > 200  # the old limit, at which this decision was lost
+    limited = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=200)
+    assert limited.status == "converged" and "iteration limit (200)" in limited.message
+    for res in (full, limited):
+        w = res.weights
+        assert kl_divergence(w, kl_reference(prior)) == pytest.approx(0.2, abs=1e-6)  # it moved the whole radius
+        assert np.all(S_LATE @ w >= S_LATE @ prior - 1e-9) and np.all(w <= UPPER_LATE + 1e-12)
+        assert np.mean(S_LATE @ w) > np.mean(S_LATE @ prior)
+    assert np.abs(limited.weights - full.weights).max() < 0.05  # near the converged answer
+    stopped = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=1)  # infeasible after one
+    assert stopped.status == "fallback" and "Iteration limit reached" in stopped.message
+    np.testing.assert_allclose(stopped.weights, prior, atol=1e-12)
+
+
 def test_bad_radius_and_step_fail_clearly():
     with pytest.raises(ValueError, match="radius must be a finite number > 0"):
         solve_trust_region(np.ones((1, 2)), [0.5, 0.5], radius=0.0)

@@ -79,7 +79,7 @@ def solve_trust_region(
     domains: list[str] | None = None,
     tasks: list[str] | None = None,
     tol: float = 1e-10,
-    maxiter: int = 200,
+    maxiter: int = 1000,
 ) -> SolverResult:
     """The scale-aware TiKMiX-D answer (module docstring): max predicted gain with KL(w || w_prev) <= radius.
 
@@ -96,7 +96,10 @@ def solve_trust_region(
     Returns:
         :class:`SolverResult` whose ``details`` hold ``predicted_gain`` (per task, ``h S w``, nats),
         ``predicted_gain_prior`` (``h S w_prev``), ``kl`` and ``radius``. Status ``converged``, or
-        ``fallback`` (the prior kept) with the reason.
+        ``fallback`` (the prior kept) with the reason. SLSQP over logits can need hundreds of iterations
+        when the answer puts domains at (near) zero weight, whose logits then run off to minus infinity;
+        an iterate left at ``maxiter`` is used when it is feasible and better than the prior (the
+        message says so), since it is a valid, improving mixture.
     """
     started = time.perf_counter()
     problem = build_problem(S, prior, alpha=alpha, beta=1.0, gamma=0.0, pareto=pareto, floor=floor,
@@ -190,7 +193,8 @@ def solve_trust_region(
     attempt = {"success": bool(res.success), "slsqp_message": str(res.message),
                "nit": int(getattr(res, "nit", 0)), "nfev": int(getattr(res, "nfev", 0))}
     failure = None
-    if not res.success or not np.all(np.isfinite(res.x)):
+    at_limit = not res.success and int(getattr(res, "status", -1)) == 9  # scipy's "Iteration limit reached"
+    if (not res.success and not at_limit) or not np.all(np.isfinite(res.x)):
         failure = f"SLSQP: {res.message}"
     else:
         weights = project_bounded_simplex(weights_of(res.x), problem.lo, problem.hi)
@@ -199,9 +203,13 @@ def solve_trust_region(
             violation = f"KL {kl_divergence(weights, q):.6g} exceeds the radius {radius:.6g}"
         if violation is None and value(weights) > value(reference) + 1e-9:
             violation = "ended worse than the prior"
-        failure = None if violation is None else f"after cleanup, {violation}"
+        if violation is not None:
+            failure = f"SLSQP: {res.message}" if at_limit else f"after cleanup, {violation}"
     if failure is not None:
         return finish(reference, "fallback", f"Kept the prior: {failure}.", {"attempt": attempt})
+    if at_limit:
+        return finish(weights, "converged", f"SLSQP stopped at its iteration limit ({attempt['nit']}) at a feasible "
+                      "point better than the prior; that point is used.", {"attempt": attempt})
     return finish(weights, "converged", f"SLSQP converged in {attempt['nit']} iterations.", {"attempt": attempt})
 
 
