@@ -394,6 +394,22 @@ def test_lookahead_matches_a_hand_stepped_copy(model, data):
 
 
 
+def test_lookahead_on_the_first_sequences_scores_exactly_those_rows(model, data):
+    domains, tasks = data  # 2 batches of 2 rows per task
+    result = run(model, domains, tasks, keep_domain_gradients=True)
+    W = np.array([[1 / 3, 1 / 3, 1 / 3], [0.2, 0.5, 0.3]])
+    by_hand = {name: [bs[0], {k: v[:1] for k, v in bs[1].items()}] for name, bs in tasks.items()}
+    cut = lookahead_gain(model, result, tasks, W, step_size=0.5, max_sequences=3, show_progress=False)
+    np.testing.assert_array_equal(cut, lookahead_gain(model, result, by_hand, W, step_size=0.5, show_progress=False))
+    full = lookahead_gain(model, result, tasks, W, step_size=0.5, show_progress=False)
+    np.testing.assert_array_equal(
+        lookahead_gain(model, result, tasks, W, step_size=0.5, max_sequences=4, show_progress=False), full)
+    assert np.abs(cut - full).max() > 1e-6  # the fourth row was left out
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match=rf"max_sequences must be a positive integer.*got {bad!r}"):
+            lookahead_gain(model, result, tasks, W, step_size=0.5, max_sequences=bad, show_progress=False)
+
+
 def test_lookahead_is_first_order_s_w_for_small_steps_and_nonlinear_for_large(model, data):
     domains, tasks = data
     result = run(model, domains, tasks, keep_domain_gradients=True)

@@ -137,6 +137,38 @@ def batch_sets(batches, argument, kind, device) -> dict[str, BatchSet]:
     return sets
 
 
+def first_sequences(batches: Batches, n: int | None, argument: str) -> Batches:
+    """Each set cut to its first ``n`` sequences (rows of its batches, in order); ``None`` keeps them all.
+
+    A batch's tensors are cut along their first dimension, so a set of batches of 8 cut to 12 keeps the
+    first batch and the first 4 rows of the second; the later batches are dropped.
+    """
+    if n is None:
+        return batches
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{argument} must be a positive integer (sequences per set) or None for all, got {n!r}")
+    if not isinstance(batches, Mapping):
+        return batches  # batch_sets names the error
+    cut = {}
+    for name, value in batches.items():
+        items = None if isinstance(value, Mapping) or torch.is_tensor(value) else list(value)
+        if items is None or not all(isinstance(b, Mapping) and torch.is_tensor(b.get("labels")) for b in items):
+            cut[name] = value if items is None else items  # not labelled batches: batch_sets names the error
+            continue
+        kept, left = [], int(n)
+        for batch in items:
+            rows = batch["labels"].shape[0]
+            if left <= 0:
+                break
+            if rows > left:
+                batch = {k: v[:left] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
+                         for k, v in batch.items()}
+            kept.append(batch)
+            left -= rows
+        cut[name] = kept
+    return cut
+
+
 def check_batch(batch, where, device):
     if not isinstance(batch, Mapping):
         raise TypeError(f"{where} is a {type(batch).__name__}; a batch must be a dict of tensors")

@@ -9,7 +9,7 @@ import torch
 
 from .._distributed import rank_and_world, unwrap
 from .._loss import measurement_mode
-from .checks import Batches, batch_sets, check_mixtures, finite_losses
+from .checks import Batches, batch_sets, check_mixtures, finite_losses, first_sequences
 from .engine import InfluencePass
 from .layout import ParameterLayout
 from .result import InfluenceResult
@@ -23,6 +23,7 @@ def lookahead_gain(
     W,
     *,
     step_size: float,
+    max_sequences: int | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
     """Validation-loss drop after one virtual preconditioned step along each candidate mixture.
@@ -33,7 +34,10 @@ def lookahead_gain(
 
     with ``P^{-1} g_j`` the preconditioned domain gradients kept by
     ``group_influence(..., keep_domain_gradients=True)`` (same preconditioner, same parameters) and
-    ``L_i`` the mean token cross-entropy of task ``i`` (the columns follow ``validation_batches``).
+    ``L_i`` the mean token cross-entropy of task ``i`` (the columns follow ``validation_batches``),
+    over the task's first ``max_sequences`` sequences when given (the look-ahead costs one forward
+    pass over them per candidate; the drop is paired, measured on the same sequences before and
+    after the step, so a few sequences rank candidates well).
     Only forward passes run, under ``torch.no_grad()``. For small steps ``gain ~= step_size * S w``;
     for finite steps the gain is non-linear in ``w`` (curvature along the mixed direction), which is
     what makes it worth a regressor while ``S w`` is not.
@@ -78,6 +82,7 @@ def lookahead_gain(
             f"has {layout.total} of the parameters {'as shards' if sharding else 'whole'}; pass the model, "
             f"sharded the same way, that group_influence measured"
         )
+    validation_batches = first_sequences(validation_batches, max_sequences, "max_sequences")
     tasks = batch_sets(validation_batches, "validation_batches", "task", layout.device)
     pass_ = InfluencePass(module, layout, rank, world, show_progress, sharding)
     gains = np.empty((W.shape[0], len(tasks)), dtype=np.float64)
