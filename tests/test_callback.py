@@ -267,6 +267,8 @@ def test_every_flag_parses_from_command_line_json_and_yaml(tmp_path):
         (dict(tikmix_max_change=0.0), "tikmix_max_change=0.0"),
         (dict(tikmix_initial_weights="heavy"), "tikmix_initial_weights='heavy'"),
         (dict(tikmix_surrogate_candidates=2), "tikmix_surrogate_candidates=2"),
+        (dict(tikmix_lookahead_sequences=0), r"tikmix_lookahead_sequences=0: must be a positive integer"),
+        (dict(tikmix_lookahead_sequences=2.5), r"tikmix_lookahead_sequences=2.5"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, match):

@@ -52,7 +52,7 @@ class TiKMiXConfig:
       ``tikmix_trust_radius`` with its bounds ``tikmix_trust_radius_min``/``_max``,
       ``tikmix_max_epochs``; Eq. 10's ``tikmix_beta``, ``tikmix_gamma``; both use ``tikmix_alpha``,
       ``tikmix_pareto`` and the guards ``tikmix_floor``, ``tikmix_max_change``.
-    - **TiKMiX-M**: ``tikmix_surrogate_candidates``, ``tikmix_lookahead_lr``.
+    - **TiKMiX-M**: ``tikmix_surrogate_candidates``, ``tikmix_lookahead_sequences``, ``tikmix_lookahead_lr``.
     - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
       adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.
     - **Reporting**: ``tikmix_log_matrix``, ``tikmix_entropy_warning``, ``tikmix_show_progress``.
@@ -147,7 +147,14 @@ class TiKMiXConfig:
         metadata=_help("keep (the mixture's own weights), natural, uniform, or a JSON mapping domain -> weight."),
     )
     tikmix_surrogate_candidates: int = field(
-        default=64, metadata=_help("TiKMiX-M: mixtures evaluated by the look-ahead to train the surrogate.")
+        default=32, metadata=_help("TiKMiX-M: mixtures evaluated by the look-ahead to train the surrogate.")
+    )
+    tikmix_lookahead_sequences: int | None = field(
+        default=8,
+        metadata=_help(
+            "TiKMiX-M: the look-ahead scores each candidate on at most this many of each task's validation "
+            "sequences (one forward pass over them per candidate; unset = all tikmix_validation_sequences)."
+        ),
     )
     tikmix_lookahead_lr: float | None = field(
         default=None,
@@ -322,6 +329,9 @@ def validate_config(c) -> None:
     if c.tikmix_surrogate_candidates < 10:  # solve_surrogate's own minimum (MIN_CANDIDATES)
         _fail("tikmix_surrogate_candidates", c.tikmix_surrogate_candidates,
               "the surrogate needs at least 10 candidates")
+    n = c.tikmix_lookahead_sequences
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        _fail("tikmix_lookahead_sequences", n, "must be a positive integer (or unset for every validation sequence)")
     if c.tikmix_probe_batch_size is not None and c.tikmix_probe_batch_size < 1:
         _fail("tikmix_probe_batch_size", c.tikmix_probe_batch_size, "must be a positive integer (or unset)")
     if c.tikmix_damping is not None and not (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -216,6 +218,13 @@ class TiKMiXDirect(UncertaintyAware):
 class TiKMiXSurrogate(UncertaintyAware):
     """TiKMiX-M: a LightGBM surrogate of the look-ahead validation gain around the TiKMiX-D answer."""
 
+    #: the look-ahead steps :meth:`calibrate_step` may try: ``learning_rate * 4**k`` for k in this range
+    STEP_EXPONENTS = range(-6, 9)
+
+    def __init__(self):
+        super().__init__()
+        self._step_exponent: int | None = None  # where the last calibration peaked; the next one starts there
+
     def decide(self, inputs: StageInputs) -> Decision:
         cfg = inputs.config
         started = time.perf_counter()
@@ -233,19 +242,23 @@ class TiKMiXSurrogate(UncertaintyAware):
         lookahead_seconds = [0.0]
         step, grid = cfg.tikmix_lookahead_lr, None
 
-        def evaluate(W: np.ndarray) -> np.ndarray:
+        def lookahead(W: np.ndarray, step_size: float) -> np.ndarray:
             t0 = time.perf_counter()
-            gains = lookahead_gain(inputs.model, result, inputs.validation_batches, W, step_size=step,
-                                   show_progress=False)
-            lookahead_seconds[0] += time.perf_counter() - t0
+            try:
+                return lookahead_gain(inputs.model, result, inputs.validation_batches, W, step_size=step_size,
+                                      max_sequences=cfg.tikmix_lookahead_sequences, show_progress=False)
+            finally:
+                lookahead_seconds[0] += time.perf_counter() - t0
+
+        def evaluate(W: np.ndarray) -> np.ndarray:
+            gains = lookahead(W, step)
             scale = np.abs(gains).max(axis=0) + 1e-12  # each task in units of its largest drop
             return (gains / scale).sum(axis=1)
 
         try:
             if step is None:
-                t0 = time.perf_counter()
-                step, grid = self.calibrate_step(inputs, result, direct.weights)
-                lookahead_seconds[0] += time.perf_counter() - t0
+                step, grid = self.calibrate_step(
+                    inputs.learning_rate, lambda size: float(lookahead(direct.weights[None, :], size).sum()))
             solved = solve_surrogate(scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
                                      seed=cfg.tikmix_seed + inputs.stage, direct=direct, **kwargs)
         except FloatingPointError as err:
@@ -264,36 +277,55 @@ class TiKMiXSurrogate(UncertaintyAware):
                         extra={"lookahead_step": step, "lookahead_step_grid": grid,
                                "lookahead_seconds": lookahead_seconds[0], **uncertainty})
 
-    #: multiples of the learning rate tried by :meth:`calibrate_step`
-    STEP_MULTIPLES = tuple(4.0**k for k in range(9))
-
-    def calibrate_step(
-        self, inputs: StageInputs, result: InfluenceResult, w_direct: np.ndarray
-    ) -> tuple[float, dict]:
+    def calibrate_step(self, learning_rate: float | None, drop: Callable[[float], float]) -> tuple[float, dict]:
         """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
 
         The useful step depends on the preconditioner's scale (Adam's ``1/sqrt(v)`` makes the direction
         hundreds of times longer than the raw gradient): too small and the look-ahead is just ``S w``
-        again, too large and every candidate gets worse. So try learning-rate multiples ``4^0 .. 4^8``
-        along the TiKMiX-D direction, with forward passes only, and keep the step whose summed loss drop is
-        largest before it first falls (the first maximum; much larger steps reach erratic, distant parts of
-        the landscape): near it the gain curves, which is what the surrogate is there to learn. A step whose
-        look-ahead loss is not finite ends the grid the same way.
+        again, too large and every candidate gets worse. So climb the grid ``learning_rate * 4**k``
+        (the current learning rate, 1e-3 when unknown)
+        (``k`` in :attr:`STEP_EXPONENTS`) along the TiKMiX-D direction, with forward passes only
+        (``drop(step)`` is the summed validation-loss drop there), to the step whose drop is largest:
+        up while the drop grows, and down from the start when the first step up does not help. Near that
+        step the gain curves, which is what the surrogate is there to learn. The first stage starts at
+        the learning rate, later stages where the last calibration peaked (the peak moves little from
+        stage to stage, so a later stage usually costs three look-aheads). A step whose look-ahead loss
+        is not finite counts as no drop at all; when no step in the grid is finite the error propagates.
         """
-        lr = inputs.learning_rate if inputs.learning_rate and inputs.learning_rate > 0 else 1e-3
-        gains: dict[float, float] = {}
-        best = lr
-        for multiple in self.STEP_MULTIPLES:
-            step = lr * multiple
-            try:
-                drop = lookahead_gain(inputs.model, result, inputs.validation_batches, w_direct[None, :],
-                                      step_size=step, show_progress=False)
-            except FloatingPointError:
-                if step == lr:
-                    raise  # not even the learning rate itself gives a finite look-ahead
-                break
-            gains[step] = float(drop.sum())
-            if gains[step] <= gains.get(best, -np.inf) and step != lr:
-                break  # past the first maximum: larger steps land in an erratic, distant landscape
-            best = step
-        return (best if gains[best] > 0 else lr), {f"{k:.3g}": v for k, v in gains.items()}
+        lr = learning_rate if learning_rate and learning_rate > 0 else 1e-3
+        lowest, highest = self.STEP_EXPONENTS[0], self.STEP_EXPONENTS[-1]
+        drops: dict[int, float] = {}
+        failure: list[FloatingPointError] = []
+
+        def at(k: int) -> float:
+            if k not in drops:
+                try:
+                    drops[k] = drop(lr * 4.0**k)
+                except FloatingPointError as err:
+                    failure.append(err)
+                    drops[k] = -math.inf
+            return drops[k]
+
+        start = self._step_exponent if self._step_exponent is not None else 0
+        best = start
+        while best < highest and at(best) < at(best + 1):
+            best += 1
+        if best == start:
+            while best > lowest and at(best) < at(best - 1):
+                best -= 1
+        if not math.isfinite(at(best)):
+            raise failure[-1]
+        self._step_exponent = best
+        return lr * 4.0**best, {f"{lr * 4.0**k:.3g}": v for k, v in sorted(drops.items()) if math.isfinite(v)}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._step_exponent is not None:
+            state["lookahead_step_exponent"] = self._step_exponent
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state or {})
+        exponent = state.pop("lookahead_step_exponent", None)
+        super().load_state_dict(state)
+        self._step_exponent = None if exponent is None else int(exponent)
