@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default=OUT, help=f"folder for callback_overhead.json (default {OUT})")
     cli = parser.parse_args()
     torch.set_num_threads(1)  # 2-thread kernels stall badly behind any other process on a 2-core machine
-    steps, batch, probes, n_domains = (40, 8, 4, 4) if cli.quick else (200, 8, 8, 4)
+    steps, batch, probes, n_domains = (20, 8, 4, 4) if cli.quick else (200, 8, 8, 4)
     repeats = cli.repeats or (1 if cli.quick else 2)
     runs = {"static": [], "tikmix": []}
     for _ in range(repeats):

@@ -44,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(4, 1), (8, 1), (26, 1), (4, 5), (8, 5), (26, 5)]  # (domains, tasks)
+QUICK_CONFIGS = [(4, 1), (8, 5)]  # --quick: the smallest and a middle one
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
 
@@ -137,7 +138,8 @@ def run_speed(args):
 
     model = build_model(args)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    max_domains, max_tasks = max(m for m, _ in CONFIGS), max(n for _, n in CONFIGS)
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    max_domains, max_tasks = max(m for m, _ in configs), max(n for _, n in configs)
     pool = make_batches(max_domains * args.probe_batches + max_tasks * args.val_batches, args, seed=1)
     split = max_domains * args.probe_batches
     on_device = [{k: v.to(args.device) for k, v in b.items()} for b in pool]
@@ -149,7 +151,7 @@ def run_speed(args):
 
     # The schedule: warm-up steps, then for every configuration and repeat, ``train_steps`` timed
     # training steps followed by one influence pass at the step boundary; timed steps at the end.
-    schedule = [config for config in CONFIGS for _ in range(args.repeats)]
+    schedule = [config for config in configs for _ in range(args.repeats)]
     buffer_dtype = DTYPES[args.buffer_dtype] if args.buffer_dtype else None
 
     class SideBySide(TrainerCallback):
@@ -201,7 +203,7 @@ def run_speed(args):
     # change in machine load during the run moves both sides of the ratio alike. Of the repeats
     # of a configuration, the pass with the median ratio is reported (all ratios are kept).
     rows = []
-    for m, n in CONFIGS:
+    for m, n in configs:
         passes = [r for r in callback.rows if (r["domains"], r["tasks"]) == (m, n)]
         for r in passes:
             s = r["after_step"]

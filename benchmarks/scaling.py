@@ -22,7 +22,7 @@ linear in (domains + 1) x probe sequences when R^2 is near 1 and both sweeps giv
 Budget, one torch thread: full = 7 points x 2 arms x 200 steps of 8 x 128 tokens (about 0.1 s a
 step, 21 s a run) plus about 2,800 probe sequences of influence passes (about 30 s): an estimated
 6 minutes on an idle core, 6-8 on a shared one. At 200 steps the 4-domain point is the setting of
-``callback_overhead.py``. ``--quick``: 3 points x 2 arms x 20 steps, 25-45 s.
+``callback_overhead.py``. ``--quick``: 3 points x 2 arms x 12 steps, about 30 s.
 
     python benchmarks/scaling.py [--quick] [--out DIR] [--repeats N] [--steps N]
 
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 BATCH = 8
 FULL = {"steps": 200, "domains": (4, 8, 16, 26), "probes": (4, 8, 16, 32),
         "fixed_probes": 8, "fixed_domains": 8}
-QUICK = {"steps": 20, "domains": (4, 8), "probes": (4, 8), "fixed_probes": 8, "fixed_domains": 8}
+QUICK = {"steps": 12, "domains": (4, 8), "probes": (4, 8), "fixed_probes": 8, "fixed_domains": 8}
 LINEAR_R2 = 0.98  # the fit counts as linear from here
 SAME_SLOPE = 0.15  # the two sweeps' slopes count as the same within this relative gap
 
@@ -257,7 +257,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--repeats", type=int, default=1,
                    help="static/TiKMiX pairs per point; the fastest of each arm is kept (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200, quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200, quick 12)")
     cli = p.parse_args()
     torch.set_num_threads(1)  # 2-thread kernels stall behind any other process on a small machine
     plan = QUICK if cli.quick else FULL

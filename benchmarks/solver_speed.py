@@ -10,7 +10,8 @@ Goals: TiKMiX-D <= 1 % of that pass; TiKMiX-M <= 25 %, excluding the time inside
 (the caller's: in tikmix_hf, forward passes of the look-ahead target). Both are reported.
 
     python benchmarks/solver_speed.py            # 3 rounds of: 1 pass, 7 direct, 2 surrogate solves
-    python benchmarks/solver_speed.py --quick    # 1 round of:  1 pass, 5 direct, 2 surrogate solves
+    python benchmarks/solver_speed.py --quick    # 1 round of:  1 pass (1 micro-batch per domain and task,
+                                                 # so the shares are 4x larger), 5 direct, 2 surrogate solves
 
 The measurements are interleaved so that all of them see the same machine load; wall and CPU
 time (this process, all threads) are both reported, the goals judged on wall time. The pass runs
@@ -121,14 +122,14 @@ def tiny_model():
     return LlamaForCausalLM(config)
 
 
-def batches(names, seed):
+def batches(names, seed, n_batches):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name in names:
         out[name] = []
-        for _ in range(BATCHES):
+        for _ in range(n_batches):
             ids = torch.randint(0, VOCAB, (BATCH_SIZE, SEQ_LEN), generator=gen)
             out[name].append({"input_ids": ids, "labels": ids.clone()})
     return out
@@ -152,15 +153,16 @@ def stand_in_pass(model, domain_batches, validation_batches):
     return S
 
 
-def influence_pass():
-    """A callable that runs one influence pass, which one it is, and why."""
+def influence_pass(n_batches: int = BATCHES):
+    """A callable that runs one influence pass of ``n_batches`` micro-batches per domain and task, which one
+    it is, and why."""
     model = tiny_model()
     model.train()
     for module in model.modules():  # dropout off, as the real pass does
         if module.__class__.__name__ == "Dropout":
             module.p = 0.0
-    domain_batches = batches([f"domain_{j}" for j in range(N_DOMAINS)], seed=1)
-    validation_batches = batches([f"task_{i}" for i in range(N_TASKS)], seed=2)
+    domain_batches = batches([f"domain_{j}" for j in range(N_DOMAINS)], seed=1, n_batches=n_batches)
+    validation_batches = batches([f"task_{i}" for i in range(N_TASKS)], seed=2, n_batches=n_batches)
     try:
         from tikmix_hf.influence import group_influence
 
@@ -191,7 +193,8 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    run_pass, which, note = influence_pass()
+    n_batches = 1 if args.quick else BATCHES
+    run_pass, which, note = influence_pass(n_batches)
 
     # Interleaved, so that the pass and the solvers share whatever load the machine has.
     passes, direct_runs, surrogate_runs = [], [], []
@@ -225,7 +228,7 @@ def main(argv=None):
         "torch_threads": args.threads,
         "influence_pass": {"which": which, "note": note, "runs": passes, "median_seconds": base_wall,
                            "median_cpu_seconds": base_cpu,
-                           "micro_batches": (N_DOMAINS + N_TASKS) * BATCHES,
+                           "micro_batches": (N_DOMAINS + N_TASKS) * n_batches,
                            "tokens_per_micro_batch": BATCH_SIZE * SEQ_LEN},
         "direct": direct_runs,
         "surrogate": surrogate_runs,

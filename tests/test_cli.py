@@ -161,19 +161,20 @@ def test_demo_tiny_local(tmp_path):
     assert results["choice_task"] in ("choice:bible/kjv", "choice:python/docstrings")
 
 
-@pytest.mark.slow
-def test_demo_quick_console_script(tmp_path):
-    """The --quick preset through the installed module entry point, as `make demo` runs it."""
+def test_demo_through_the_module_entry_point(tmp_path):
+    """``python -m tikmix_hf.cli demo``, as ``make demo`` runs it (the tiny preset: the presets share every
+    code path, and ``--quick`` is the same run with larger numbers)."""
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "tikmix_hf.cli", "demo", "--quick", "--corpus", "synthetic", "--output-dir", str(out),
-         "--arms", "static", "tikmix_m"],  # TiKMiX-M runs TiKMiX-D's solve as its anchor
+        [sys.executable, "-m", "tikmix_hf.cli", "demo", "--size", "tiny", "--corpus", "synthetic", "--output-dir",
+         str(out), "--arms", "static", "tikmix_m"],  # TiKMiX-M runs TiKMiX-D's solve as its anchor
         capture_output=True, text=True, env=_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Mean over seeds" in proc.stdout
     assert "TiKMiX-M" in proc.stderr  # the progress bars
-    _check_demo_output(out, ["static", "tikmix_m"], [0])
+    results = _check_demo_output(out, ["static", "tikmix_m"], [0])
+    assert results["size"]["name"] == "tiny"
 
 
 # ------------------------------------------------------------------------------------------------

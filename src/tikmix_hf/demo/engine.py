@@ -123,10 +123,7 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         sum(s["influence"]["domain_tokens"].values()) + sum(s["influence"]["task_tokens"].values())
         for s in stages if s.get("influence")
     )
-    lookahead_tokens = sum(
-        (s["solver_result"]["details"].get("n_evaluated", 0) + 1) * sum(s["influence"]["task_tokens"].values())
-        for s in stages if s.get("solver_result") and s.get("influence") and s["solver"] == "surrogate"
-    )
+    lookahead_tokens = sum(s["mixer"].get("lookahead_tokens", 0) for s in stages if s.get("mixer"))
     messages = sorted({str(w.message) for w in caught if "TiKMiX" in str(w.message)})
     return {
         "seed": seed,

@@ -10,7 +10,9 @@ from collections.abc import Callable
 import numpy as np
 
 from .._io import jsonable
+from .._loss import labelled_targets
 from ..influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
+from ..influence.checks import first_sequences
 from ..solvers import solve_direct, solve_surrogate
 from ..solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
 from ..solvers.trust_region import solve_trust_region
@@ -239,14 +241,17 @@ class TiKMiXSurrogate(UncertaintyAware):
         else:
             direct, more = self.trust_region_answer(inputs, result, scores)
             uncertainty = {**uncertainty, **more}
-        lookahead_seconds = [0.0]
+        lookahead_seconds, forwards = [0.0], [0]
         step, grid = cfg.tikmix_lookahead_lr, None
+        scored = first_sequences(inputs.validation_batches, cfg.tikmix_lookahead_sequences,
+                                 "tikmix_lookahead_sequences")
+        tokens_per_forward = sum(int(labelled_targets(b["labels"])) for bs in scored.values() for b in bs)
 
         def lookahead(W: np.ndarray, step_size: float) -> np.ndarray:
             t0 = time.perf_counter()
             try:
-                return lookahead_gain(inputs.model, result, inputs.validation_batches, W, step_size=step_size,
-                                      max_sequences=cfg.tikmix_lookahead_sequences, show_progress=False)
+                forwards[0] += W.shape[0] + 1  # the unmoved model, then one forward per candidate
+                return lookahead_gain(inputs.model, result, scored, W, step_size=step_size, show_progress=False)
             finally:
                 lookahead_seconds[0] += time.perf_counter() - t0
 
@@ -275,7 +280,8 @@ class TiKMiXSurrogate(UncertaintyAware):
                         seconds_measure=measured - started + lookahead_seconds[0],
                         seconds_solve=solve - lookahead_seconds[0],
                         extra={"lookahead_step": step, "lookahead_step_grid": grid,
-                               "lookahead_seconds": lookahead_seconds[0], **uncertainty})
+                               "lookahead_seconds": lookahead_seconds[0], "lookahead_forwards": forwards[0],
+                               "lookahead_tokens": forwards[0] * tokens_per_forward, **uncertainty})
 
     def calibrate_step(self, learning_rate: float | None, drop: Callable[[float], float]) -> tuple[float, dict]:
         """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
