@@ -141,17 +141,6 @@ def _check_demo_output(out: Path, arms: list[str], seeds: list[int]) -> dict:
     return results
 
 
-def test_demo_tiny_synthetic(tmp_path, capsys):
-    out = tmp_path / "demo"
-    code = main(["demo", "--corpus", "synthetic", "--size", "tiny", "--output-dir", str(out), "--no-progress",
-                 "--seeds", "0", "1", "--arms", "static", "uniform", "tikmix_d"])
-    assert code == 0
-    results = _check_demo_output(out, ["static", "uniform", "tikmix_d"], [0, 1])
-    assert results["roles"]["noise"] == "noise" and results["oracle_weights"]["helpful_b"] == 0.5
-    printed = capsys.readouterr().out
-    assert "Mean over seeds" in printed and "TiKMiX-D" in printed and "static (uniform)" in printed
-
-
 def test_demo_tiny_local(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--size", "tiny", "--output-dir", str(out), "--no-progress"]) == 0
@@ -161,20 +150,21 @@ def test_demo_tiny_local(tmp_path):
     assert results["choice_task"] in ("choice:bible/kjv", "choice:python/docstrings")
 
 
-def test_demo_through_the_module_entry_point(tmp_path):
-    """``python -m tikmix_hf.cli demo``, as ``make demo`` runs it (the tiny preset: the presets share every
-    code path, and ``--quick`` is the same run with larger numbers)."""
+def test_demo_synthetic_through_the_module_entry_point(tmp_path):
+    """``python -m tikmix_hf.cli demo``, as ``make demo`` runs it, on the synthetic corpus with two seeds (the tiny
+    preset: the presets share every code path, and ``--quick`` is the same run with larger numbers)."""
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "tikmix_hf.cli", "demo", "--size", "tiny", "--corpus", "synthetic", "--output-dir",
-         str(out), "--arms", "static", "tikmix_m"],  # TiKMiX-M runs TiKMiX-D's solve as its anchor
+         str(out), "--seeds", "0", "1", "--arms", "static", "uniform", "tikmix_m"],  # M runs D's solve as its anchor
         capture_output=True, text=True, env=_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Mean over seeds" in proc.stdout
+    assert "Mean over seeds" in proc.stdout and "TiKMiX-M" in proc.stdout and "static (uniform)" in proc.stdout
     assert "TiKMiX-M" in proc.stderr  # the progress bars
-    results = _check_demo_output(out, ["static", "tikmix_m"], [0])
+    results = _check_demo_output(out, ["static", "uniform", "tikmix_m"], [0, 1])
     assert results["size"]["name"] == "tiny"
+    assert results["roles"]["noise"] == "noise" and results["oracle_weights"]["helpful_b"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------
