@@ -193,6 +193,28 @@ def test_surrogate_solver_in_a_run(tmp_path):
     assert abs(sum(stage["weights_after"].values()) - 1) < 1e-9
 
 
+@pytest.mark.parametrize("solver", ["direct", "surrogate"])
+def test_the_repetition_cap_binds_both_solvers_even_where_the_prior_breaks_it(tmp_path, solver):
+    # The validation task wants `pattern`, which has 64 rows (the others 256). At step 5 of 12 (batch 8) 56
+    # samples remain, so 0.1 epochs cap it at 0.1 * 64 / 56 = 0.114, below its prior 0.2; TiKMiX-M searches
+    # within the cap its anchor was solved under.
+    domains = toy_domains()
+    domains["pattern"] = domains["pattern"][:64]
+    mixture = DomainMixture(domains, weights=START, seed=3)
+    config = TiKMiXConfig(tikmix_solver=solver, tikmix_stage_steps=5, tikmix_show_progress=False,
+                          tikmix_surrogate_candidates=16, tikmix_max_epochs=0.1, tikmix_probe_sequences=16)
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=RecordingCollator())
+    trainer = Trainer(model=toy_model(0), args=make_args(tmp_path, max_steps=12), train_dataset=mixture,
+                      data_collator=RecordingCollator(), callbacks=[callback])
+    callback.bind(trainer)
+    trainer.train()
+    first = callback.history[0]
+    assert first["mixer"]["trust_region"]["repetition_cap"].startswith("applied")
+    assert first["status"] == "converged"
+    cap = 0.1 * 64 / 56
+    assert first["weights_after"]["pattern"] == pytest.approx(cap, abs=1e-6)  # as far as the cap lets it go
+
+
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.distributed
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):

@@ -117,7 +117,8 @@ class UncertaintyAware(Mixer):
         return scores, {"uncertainty": info}
 
     def trust_region_answer(self, inputs: StageInputs, result: InfluenceResult, scores: np.ndarray):
-        """The scale-aware TiKMiX-D answer (``solvers/trust_region.py``) and what the radius controller saw.
+        """The scale-aware TiKMiX-D answer (``solvers/trust_region.py``), what the radius controller saw, and
+        the per-domain upper bound it was solved under (``None`` without a repetition cap).
 
         The radius comes from :class:`~tikmix_hf.solvers.trust_radius.TrustRadius` (grown when the
         last decision's predicted loss drops were realised and the evidence agrees, shrunk when not,
@@ -142,7 +143,7 @@ class UncertaintyAware(Mixer):
         self._radius.record(solved.details["predicted_gain"], losses)
         info = {**controller, "step_length": step, "repetition_cap": cap_note,
                 "predicted_gain_next": solved.details["predicted_gain"], "kl": solved.details["kl"]}
-        return solved, {"trust_region": jsonable(dict(zip_tasks(info, result.task_names)))}
+        return solved, {"trust_region": jsonable(dict(zip_tasks(info, result.task_names)))}, upper
 
     def state_dict(self) -> dict:
         state = {}
@@ -209,7 +210,7 @@ class TiKMiXDirect(UncertaintyAware):
         if inputs.config.tikmix_objective == "paper":
             solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
         else:
-            solved, more = self.trust_region_answer(inputs, result, scores)
+            solved, more, _ = self.trust_region_answer(inputs, result, scores)
             extra = {**extra, **more}
         return Decision(solved.weights, solved.status, solved.message, result, solved,
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
@@ -239,7 +240,9 @@ class TiKMiXSurrogate(UncertaintyAware):
         if cfg.tikmix_objective == "paper":
             direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
         else:
-            direct, more = self.trust_region_answer(inputs, result, scores)
+            # The surrogate searches within the repetition cap the anchor was solved under, so its answer
+            # obeys it too and both measure the Pareto constraint from the same reference.
+            direct, more, kwargs["upper"] = self.trust_region_answer(inputs, result, scores)
             uncertainty = {**uncertainty, **more}
         lookahead_seconds, forwards = [0.0], [0]
         step, grid = cfg.tikmix_lookahead_lr, None

@@ -19,7 +19,9 @@ ingredients but gives each a unit a user can reason about:
 - The **trust region** is measured against the *previous* mixture, in nats of KL divergence, so
   evidence accumulates over stages: a consistent signal moves the mixture a little further at every
   decision, a one-off one cannot move it far. ``w_prev`` is mixed with ``1e-3`` of the uniform
-  mixture (``tilde w_prev``) so that a domain at zero weight can come back.
+  mixture (``tilde w_prev``) so that a domain at zero weight can come back. Where ``w_prev`` breaks
+  a guard (a repetition cap, a floor), its projection onto the guards takes its place: that move is
+  forced, so it does not spend the radius.
 - ``std`` over tasks (population, smoothed at equal tasks) keeps the gain balanced; the Pareto
   constraint, the floor and the upper bounds (e.g. a repetition cap) are those of TiKMiX-D.
 
@@ -107,7 +109,9 @@ def solve_trust_region(
     radius, step = _positive(radius, "radius"), _positive(step, "step")
     S = problem.S
     reference = problem.reference
-    q = kl_reference(problem.prior)
+    # Where the previous mixture breaks a guard (a repetition cap that tightened, a new floor), the move onto
+    # the guards is forced, not chosen: the trust region is centred on that projection, the Pareto reference.
+    q = kl_reference(reference)
     logq = np.log(q)
     scale = float(np.max(np.abs(S))) or 1.0
     G = S / scale  # conditioning only: the answer is invariant to this factor
