@@ -292,9 +292,9 @@ class TiKMiXSurrogate(UncertaintyAware):
         The useful step depends on the preconditioner's scale (Adam's ``1/sqrt(v)`` makes the direction
         hundreds of times longer than the raw gradient): too small and the look-ahead is just ``S w``
         again, too large and every candidate gets worse. So climb the grid ``learning_rate * 4**k``
-        (the current learning rate, 1e-3 when unknown)
-        (``k`` in :attr:`STEP_EXPONENTS`) along the TiKMiX-D direction, with forward passes only
-        (``drop(step)`` is the summed validation-loss drop there), to the step whose drop is largest:
+        (``k`` in :attr:`STEP_EXPONENTS`; the current learning rate, 1e-3 when unknown) along the TiKMiX-D
+        direction, with forward passes only (``drop(step)`` is the summed validation-loss drop there), to
+        the step whose drop is largest:
         up while the drop grows, and down from the start when the first step up does not help. Near that
         step the gain curves, which is what the surrogate is there to learn. The first stage starts at
         the learning rate, later stages where the last calibration peaked (the peak moves little from
