@@ -208,7 +208,8 @@ def solve_trust_region(
         if violation is None and value(weights) > value(reference) + 1e-9:
             violation = "ended worse than the prior"
         if violation is not None:
-            failure = f"SLSQP: {res.message}" if at_limit else f"after cleanup, {violation}"
+            failure = (f"SLSQP: {res.message}; its last iterate: {violation}" if at_limit
+                       else f"after cleanup, {violation}")
     if failure is not None:
         return finish(reference, "fallback", f"Kept the prior: {failure}.", {"attempt": attempt})
     if at_limit:
