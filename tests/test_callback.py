@@ -218,19 +218,27 @@ def test_the_repetition_cap_binds_both_solvers_even_where_the_prior_breaks_it(tm
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.distributed
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    """Probes with accelerate's batch dispatch, the training window with every rank reading its own slice."""
     script = os.path.join(HERE, "distributed", "dist_callback.py")
-    single = subprocess.run([sys.executable, script, str(tmp_path / "one"), "8", "default"],
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ref = load_history(tmp_path / "one" / "tikmix" / "history.json")["stages"]
-    for dispatch in ("default", "off"):
+    refs = {}
+    for source in ("probes", "training"):
+        single = subprocess.run([sys.executable, script, str(tmp_path / f"one-{source}"), "8", "default", source],
+                                capture_output=True, text=True, timeout=600)
+        assert single.returncode == 0, single.stderr[-3000:]
+        refs[source] = load_history(tmp_path / f"one-{source}" / "tikmix" / "history.json")["stages"]
+    for dispatch, source in (("default", "probes"), ("off", "training")):
+        ref = refs[source]
         out = tmp_path / f"two-{dispatch}"
-        torchrun("dist_callback.py", out, 4, dispatch)
+        torchrun("dist_callback.py", out, 4, dispatch, source)
         got = load_history(out / "tikmix" / "history.json")["stages"]
         assert [s["step"] for s in got] == [s["step"] for s in ref]
         for a, b in zip(got, ref):
             assert a["effective_index"] == b["effective_index"]
             np.testing.assert_allclose(a["influence"]["scores"], b["influence"]["scores"], rtol=1e-7)
+            np.testing.assert_allclose(a["influence"]["stderr"], b["influence"]["stderr"], rtol=1e-6)
+            assert (a["influence"].get("window") is not None) == (source == "training")
+            if source == "training":
+                assert a["influence"]["window"]["sequences"] == b["influence"]["window"]["sequences"]
             for d in a["weights_after"]:
                 assert a["weights_after"][d] == pytest.approx(b["weights_after"][d], abs=1e-6)
         ranks = [json.loads((out / f"seen-rank{r}.json").read_text()) for r in (0, 1)]

@@ -35,10 +35,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
-from ._distributed import agree
+from ._distributed import agree, rank_and_world
 from ._io import remove_stale_temporaries, save_json_atomic
 from .config import DEFAULT_FRACTIONS, TiKMiXConfig
 from .history import HISTORY_FORMAT
+from .influence import TrainingWindow
 from .influence.checks import check_batch
 from .mixers import Mixer, StageInputs, StagePlan, build_mixer
 from .mixture import DomainMixture
@@ -115,6 +116,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._loader_collate = None
         self._device = None
         self._count_input_tokens = False
+        self._window: TrainingWindow | None = None  # open over the steps before a boundary (influence_source=training)
+        self._window_opens: dict[int, int] = {}  # step at which a window opens -> the boundary it measures for
         if trainer is not None:
             self.bind(trainer)
 
@@ -199,6 +202,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._check_first_batches(args, model)
         self._max_steps = int(state.max_steps)
         self._boundaries = self._plan_boundaries(state.max_steps)
+        self._window_opens = self._plan_windows()
         if self.config.tikmix_stage_tokens or (self._plan is not None and self._plan.tokens):
             self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
 
@@ -296,6 +300,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                 bounds.add(cfg.tikmix_warmup_steps)
         return bounds
 
+    def _plan_windows(self) -> dict[int, int]:
+        """``{step at whose start a training window opens: its boundary}``; each window spans up to
+        ``tikmix_window_steps`` steps and never reaches back past the previous boundary."""
+        if self.config.tikmix_influence_source != "training" or not self.mixer.measures:
+            return {}
+        opens, previous = {}, 0
+        for boundary in sorted(self._boundaries):
+            opens[max(boundary - self.config.tikmix_window_steps, previous)] = boundary
+            previous = boundary
+        return opens
+
     def _tokens_seen(self, state) -> int:
         if self._count_input_tokens:
             return int(state.num_input_tokens_seen)
@@ -360,6 +375,40 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         for domain in self.mixture.domains:
             examples = self.mixture.probe(domain, min(bs, self.config.tikmix_probe_sequences), round=0)
             check_batch(self._collate(examples), f"probe batch of domain {domain!r}", device)
+
+    # ------------------------------------------------------------------ the training window
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step in self._window_opens and self._window is None:
+            self._open_window(args, state, self._measured_model(model), optimizer)
+
+    def _open_window(self, args, state, model, optimizer) -> None:
+        """Measure the validation gradients now and hook the coming training micro-batches."""
+        cfg = self.config
+        bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
+        window = TrainingWindow(
+            model, {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
+            list(self.mixture.domains), preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
+            show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+        )
+        first = self._consumed(state.global_step)
+        rank, world = rank_and_world()
+        rows = self._micro_global // max(world, 1)
+
+        def domain_of(k: int, got: int) -> np.ndarray:
+            # Micro-batch k of this rank holds samples [start, start + rows) of the stream: accelerate gives
+            # rank r the r-th slice of every global batch, in stream order.
+            if got != rows:
+                raise ValueError(
+                    f"a training micro-batch has {got} sequences where the stream gives each rank {rows} per "
+                    "micro-step (a collator that packs or splits examples?); the training window needs one row per "
+                    "mixture example: use tikmix_influence_source='probes'"
+                )
+            start = first + k * self._micro_global + rank * rows
+            return self.mixture.domain_ids(start, start + rows)
+
+        window.attach(domain_of)
+        self._window = window
+        self._window_step = state.global_step
 
     # ------------------------------------------------------------------ the stage
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -426,8 +475,16 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         n_probe = cfg.tikmix_probe_sequences
         cap = cfg.tikmix_probe_max_sequences if cfg.tikmix_target_rse is not None else None
         measures = self.mixer.measures
-        drawn = {d: self.mixture.probe(d, max(n_probe, cap or 0), round=self.stage) if measures else []
-                 for d in domains}
+        window, window_note = self._close_window(state)
+        # A window measured most domains already: probes only top up those it saw too little of.
+        wanted = {d: n_probe if window is None else max(n_probe - window[1][d]["sequences"], 0) for d in domains}
+        drawn = {d: self.mixture.probe(d, max(wanted[d], cap or 0), round=self.stage) if measures and wanted[d]
+                 else [] for d in domains}
+        if window is not None:
+            drawn = {d: ex for d, ex in drawn.items() if ex}
+            domains_drawn = list(drawn)
+        else:
+            domains_drawn = list(domains)
         sources = None
         if measures and cap is not None and cap > n_probe:
             # the adaptive budget may go past this stage's draw: batches are collated only when asked for
@@ -439,7 +496,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             prior=np.array([before[d] for d in domains]),
             model=model,
             optimizer=optimizer,
-            domain_batches={d: self._batches(drawn[d][:n_probe], bs) for d in domains},
+            domain_batches={d: self._batches(drawn[d][:n_probe], bs) for d in domains_drawn},
             domain_sources=sources,
             max_probe_batches=-(-cap // bs) if sources is not None else None,
             validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()} if measures
@@ -451,10 +508,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             remaining_samples=self._consumed(state.max_steps) - self._consumed(state.global_step),
             domain_sizes=self.mixture.domain_sizes(),
             tokens_seen=tokens_seen,
+            window=None if window is None else window[0],
         )
         decision = self.mixer.decide(inputs)
         new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
-        total = time.perf_counter() - started
+        # A window's validation pass and hooks ran during the steps before: they are this stage's cost too.
+        during = 0.0 if window is None else window[0].validation_seconds + window[0].hook_seconds
+        total = time.perf_counter() - started + during
 
         consumed = self._consumed(state.global_step)
         at = self.mixture.set_weights(dict(zip(domains, new.tolist())), at=consumed + self.mixture.lag_samples())
@@ -468,6 +528,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             )
         if decision.status == "skipped":
             notes.append(decision.message)
+        if window_note:
+            notes.append(window_note)
         for note in notes:
             warnings.warn(f"TiKMiX stage {self.stage + 1}: {note}", stacklevel=2)
         entry = {
@@ -485,13 +547,26 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             "influence": decision.influence.to_dict() if decision.influence is not None else None,
             "solver_result": decision.solver_result.to_dict() if decision.solver_result is not None else None,
             "mixer": decision.extra,
-            "seconds": {"influence": decision.seconds_measure, "solve": decision.seconds_solve, "total": total},
+            "seconds": {"influence": decision.seconds_measure + during, "solve": decision.seconds_solve,
+                        "total": total},
             "warnings": notes,
         }
         self.history.append(entry)
         self.stage += 1
         self._write_history()
         self._log(entry)
+
+    def _close_window(self, state) -> tuple[tuple[TrainingWindow, dict] | None, str | None]:
+        """The training window of this boundary, closed, with what each domain contributed; or why there is none."""
+        window, self._window = self._window, None
+        if self.config.tikmix_influence_source != "training" or not self.mixer.measures:
+            return None, None
+        if window is None:
+            return None, (
+                "no training window was open before this boundary (the run was resumed inside it): this stage was "
+                "measured with probes"
+            )
+        return (window, window.close()), None
 
     def _next_boundary(self, state) -> int:
         """The step of the next decision, or the end of training (token-based stages: one period on)."""

@@ -26,6 +26,8 @@ from .schedule import parse_domain_map
 SOLVERS = tuple(MIXERS)
 #: ``--tikmix_objective`` choices of TiKMiX-D (and of TiKMiX-M's anchor).
 OBJECTIVES = ("trust_region", "paper")
+#: ``--tikmix_influence_source`` choices: probe sequences, or the training window's own micro-batches.
+INFLUENCE_SOURCES = ("probes", "training")
 #: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
 DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
 
@@ -47,7 +49,9 @@ class TiKMiXConfig:
       ``tikmix_objective="paper"``), and
       ``tikmix_warmup_steps`` for an earlier first decision.
     - **What is measured**: ``tikmix_probe_sequences``, ``tikmix_validation_sequences``,
-      ``tikmix_probe_batch_size``, ``tikmix_preconditioner``, ``tikmix_damping``.
+      ``tikmix_probe_batch_size``, ``tikmix_preconditioner``, ``tikmix_damping``, and where the domain
+      gradients come from, ``tikmix_influence_source`` (probes, or the training window of
+      ``tikmix_window_steps`` steps).
     - **TiKMiX-D's objective**: ``tikmix_objective`` (``trust_region`` or the paper's Eq. 10),
       ``tikmix_trust_radius`` with its bounds ``tikmix_trust_radius_min``/``_max``,
       ``tikmix_max_epochs``; Eq. 10's ``tikmix_beta``, ``tikmix_gamma``; both use ``tikmix_alpha``,
@@ -90,6 +94,18 @@ class TiKMiXConfig:
     )
     tikmix_probe_sequences: int = field(
         default=16, metadata=_help("Probe sequences drawn per domain at each stage (equal budget per domain).")
+    )
+    tikmix_influence_source: Literal[INFLUENCE_SOURCES] = field(
+        default="probes",
+        metadata=_help(
+            "Where TiKMiX-D takes the domain gradients of S from: probes (sequences drawn for the purpose at each "
+            "boundary) or training (the training micro-batches of the tikmix_window_steps steps before it, read in "
+            "hooks; a domain the window saw fewer than tikmix_probe_sequences times is topped up with probes)."
+        ),
+    )
+    tikmix_window_steps: int = field(
+        default=32,
+        metadata=_help("influence_source=training: optimizer steps before each boundary whose micro-batches count."),
     )
     tikmix_validation_sequences: int = field(
         default=16, metadata=_help("Sequences per validation task used for its gradient.")
@@ -289,6 +305,33 @@ def _validate_replay(c) -> None:
     parse_domain_map(c.tikmix_schedule_domains)
 
 
+def _validate_window(c) -> None:
+    """The training window's fields (docs/influence.md, Training window)."""
+    source = c.tikmix_influence_source
+    if source not in INFLUENCE_SOURCES:
+        _fail("tikmix_influence_source", source, f"use one of {INFLUENCE_SOURCES}")
+    steps = c.tikmix_window_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        _fail("tikmix_window_steps", steps, "must be a positive number of optimizer steps, e.g. 32")
+    if source == "probes":
+        return
+    if c.tikmix_solver != "direct":
+        _fail("tikmix_influence_source", source,
+              f"the training window measures for tikmix_solver='direct' only (TiKMiX-M keeps every domain's whole "
+              f"gradient, which the hooks never form); use 'probes' with tikmix_solver={c.tikmix_solver!r}")
+    if c.tikmix_preconditioner == "diag_fisher":
+        _fail("tikmix_influence_source", source,
+              "diag_fisher is built from probe batches before their gradients are scored; use "
+              "tikmix_preconditioner='identity' or 'adam' with the training window")
+    if c.tikmix_target_rse is not None:
+        _fail("tikmix_target_rse", c.tikmix_target_rse,
+              "the adaptive probe budget draws probes, the training window reads training batches; unset one")
+    if c.tikmix_stage_tokens:
+        _fail("tikmix_influence_source", source,
+              "the window opens tikmix_window_steps before a boundary, so boundaries must be known in steps; set "
+              "tikmix_stage_steps or tikmix_stage_fractions instead of tikmix_stage_tokens")
+
+
 def validate_config(c) -> None:
     """Every rule a :class:`TiKMiXConfig` must satisfy; the error names the field, the value and the fix."""
     if c.tikmix_solver not in SOLVERS:
@@ -369,6 +412,7 @@ def validate_config(c) -> None:
         _fail("tikmix_target_rse", rse,
               "the adaptive probe budget needs the preconditioner before the first probe batch, and diag_fisher "
               "is built from all of them; use tikmix_preconditioner='identity' or 'adam', or unset it")
+    _validate_window(c)
     cap = c.tikmix_probe_max_sequences
     if cap is not None:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < c.tikmix_probe_sequences:

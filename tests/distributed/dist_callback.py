@@ -1,9 +1,10 @@
 """One TiKMiX run, single process or under ``torchrun --nproc_per_node 2``.
 
-    python dist_callback.py OUT PER_DEVICE_BATCH {default|off}
+    python dist_callback.py OUT PER_DEVICE_BATCH {default|off} [probes|training]
 
 ``off`` turns accelerate's ``dispatch_batches`` off, so every rank reads the whole mixture and keeps
-its slice. The model is float64 so that one and two ranks agree to reduction-order rounding.
+its slice; ``training`` measures with the training window instead of probes. The model is float64
+so that one and two ranks agree to reduction-order rounding.
 """
 
 import json
@@ -21,7 +22,7 @@ from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
 from tikmix_hf.cli import shutdown_distributed  # noqa: E402
 
 
-def main(out: str, per_device: int, dispatch: str) -> None:
+def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {"ddp_backend": "gloo"} if world > 1 else {}
     if dispatch == "off":
@@ -36,7 +37,8 @@ def main(out: str, per_device: int, dispatch: str) -> None:
     probe_collator.recording = False
     # One probe micro-batch size whatever the ranks: the standard errors (and so the trust radius) are
     # measured over micro-batches, and one rank of 8 or two of 4 then see the same batches.
-    config = TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_batch_size=4)
+    config = TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_batch_size=4,
+                          tikmix_influence_source=source, tikmix_window_steps=4)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     collator = RecordingCollator()
     trainer = Trainer(model=toy_model(0, torch.float64), args=args, train_dataset=mixture, data_collator=collator,
@@ -50,4 +52,4 @@ def main(out: str, per_device: int, dispatch: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

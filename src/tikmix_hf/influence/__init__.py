@@ -18,9 +18,13 @@ The computation streams (``docs/influence.md`` has the full account):
 Memory is ``n + 1`` gradient-sized buffers plus the model, whatever the number of domains ``m``.
 Nothing here imports ``transformers``: a custom training loop can call these functions directly.
 
-The files: the public functions (:mod:`.group`, :mod:`.adaptive`, :mod:`.lookahead`) and their
-result (:mod:`.result`); beside them the argument checks, the parameter layout, the pass engine,
-the standard-error statistics, the projection and the preconditioners, one concept each.
+A :class:`TrainingWindow` (:mod:`.window`) measures the same ``S`` without probe tokens, from the
+gradients a training run computes anyway, collected in hooks over the steps before a boundary.
+
+The files: the public functions (:mod:`.group`, :mod:`.adaptive`, :mod:`.lookahead`), the
+training window (:mod:`.window`) and their result (:mod:`.result`); beside them the argument
+checks, the parameter layout, the pass engine, the standard-error statistics, the projection and
+the preconditioners, one concept each.
 """
 
 from .adaptive import adaptive_group_influence
@@ -28,8 +32,9 @@ from .group import group_influence
 from .lookahead import lookahead_gain
 from .preconditioners import PRECONDITIONERS, PreconditionerFallbackWarning
 from .result import InfluenceResult
+from .window import TrainingWindow
 
 __all__ = [
-    "PRECONDITIONERS", "InfluenceResult", "PreconditionerFallbackWarning", "adaptive_group_influence",
-    "group_influence", "lookahead_gain",
+    "PRECONDITIONERS", "InfluenceResult", "PreconditionerFallbackWarning", "TrainingWindow",
+    "adaptive_group_influence", "group_influence", "lookahead_gain",
 ]

@@ -59,6 +59,9 @@ class InfluenceResult:
     adaptive: dict | None = None
     """:func:`adaptive_group_influence` only: per domain the batches and tokens drawn, the final
     relative standard error and why drawing stopped."""
+    window: dict | None = None
+    """:class:`~tikmix_hf.influence.window.TrainingWindow` only: its training micro-batches, the sequences
+    each domain contributed, the top-up probe tokens, and the seconds of its validation pass and hooks."""
 
     def to_dict(self) -> dict:
         """JSON-ready summary (lists, floats, ints, strings; ``nan`` as ``None``); the kept gradients are left out."""

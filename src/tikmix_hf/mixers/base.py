@@ -44,6 +44,9 @@ class StageInputs:
     remaining_samples: int | None = None
     domain_sizes: dict[str, int | None] | None = None
     tokens_seen: int | None = None  # training tokens so far, all ranks together, when they are counted
+    # tikmix_influence_source="training": the closed TrainingWindow of the steps before this boundary, whose
+    # result() takes ``domain_batches`` as the top-up probes of the domains it saw too little of.
+    window: Any = None
 
 
 @dataclasses.dataclass

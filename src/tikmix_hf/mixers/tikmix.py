@@ -37,10 +37,13 @@ def measure_influence(
     """Group Influence of the probes on the validation tasks; ``(None, reason)`` on a NaN/inf loss.
 
     With ``tikmix_target_rse`` the adaptive budget draws the probes; the config allows it only where it
-    applies (TiKMiX-D with the identity or adam preconditioner), so it is never silently skipped.
+    applies (TiKMiX-D with the identity or adam preconditioner), so it is never silently skipped. With a
+    training window (``inputs.window``) the probes only top up the domains the window saw too little of.
     """
     cfg = inputs.config
     try:
+        if inputs.window is not None:
+            return inputs.window.result(inputs.domain_batches, seed=cfg.tikmix_seed), ""
         if cfg.tikmix_target_rse is not None:
             # Adaptive budget: within this stage's draw, or up to tikmix_probe_max_sequences when the
             # callback hands over sources that draw further.

@@ -1,0 +1,344 @@
+"""Group Influence from the training run's own micro-batches, collected in hooks (``docs/influence.md``).
+
+:func:`group_influence` differentiates probe sequences drawn for the purpose; every probe token is
+compute that training does not get. A :class:`TrainingWindow` instead reads the gradients that
+training computes anyway: over the steps before a boundary, hooks on every ``nn.Linear`` and
+``nn.Embedding`` take, for each training sequence, the dot product of its own gradient with the
+``n`` preconditioned validation gradients, without forming any per-sequence gradient of the whole
+model. Per layer, sequence ``b``'s weight gradient is ``sum_t G_bt A_bt^T`` (output gradient times
+input), so ``<V, grad_b> = <V, G_b^T A_b>``; for an embedding it is ``sum_t <G_bt, V[id_bt]>``.
+
+The Trainer's loss scales every gradient by a constant of its own (one over the batch's labelled
+tokens, the accumulation steps, the number of ranks...). The window recovers it exactly from the
+logits: the gradient of the logits of a token-mean cross-entropy is ``c (softmax - onehot)``, so
+``c`` is the least-squares fit of the two, and a loss of another form (label smoothing, z-loss,
+soft-capped logits) is refused by the size of the misfit rather than measured wrongly.
+
+The result is the same ratio estimator as the probes' (``S_ij`` is the summed dot products of
+domain ``j``'s sequences over their labelled tokens), with sequences as the sampling units of the
+standard errors, on the parameters the hooks see: those owned by ``Linear`` and ``Embedding``
+modules (normalisation weights are left out; ``result.parameter_names`` lists what counts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from .._distributed import all_reduce, rank_and_world, unwrap
+from .._loss import IGNORE_INDEX, measurement_mode, shifted_targets
+from .checks import Batches, BatchSet, batch_sets, check_finite_scores, finite_losses
+from .engine import InfluencePass
+from .layout import ParameterLayout
+from .preconditioners import check_preconditioner_name
+from .result import InfluenceResult
+from .sharding import sharding_of
+from .stats import BatchStats
+
+#: The modules whose parameters' per-sequence gradients the hooks can take.
+COVERED = (torch.nn.Linear, torch.nn.Embedding)
+#: The largest misfit ``||G - c D|| / ||G||`` of the logits' gradient that still counts as the token
+#: cross-entropy; float32 rounding is far below it, bfloat16 logits about a tenth of it.
+LOSS_MISFIT = 0.05
+#: Per-sequence weight gradients are formed for at most this many values at a time.
+_CHUNK_VALUES = 1 << 24
+
+
+def covered_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters that only ``Linear`` and ``Embedding`` modules use (tied weights included)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for sub in module.modules():
+        for p in sub.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(sub)
+    return [(name, p) for name, p in module.named_parameters()
+            if p.requires_grad and all(isinstance(m, COVERED) for m in owners[id(p)])]
+
+
+class TrainingWindow:
+    """Collects Group Influence from training micro-batches between :meth:`attach` and :meth:`close`.
+
+    Args:
+        model: the model the Trainer trains (a DDP wrapper is unwrapped; FSDP is refused, since the
+            hooks need each layer's whole validation gradient).
+        validation_batches: ``{task: batches}`` as for :func:`group_influence`; their gradients are
+            measured now, at the window's start, and held (``n x P`` values) until :meth:`result`.
+        domain_names: the mixture's domains, in the order of the ids ``domain_of`` returns.
+        preconditioner: ``"identity"`` or ``"adam"`` (read from ``optimizer`` now, once).
+
+    Use: ``attach(domain_of)`` before the window's first training step, where ``domain_of(k, rows)``
+    gives the domain id of each of the ``rows`` sequences of this rank's ``k``-th training micro-batch
+    since ``attach``; ``close()`` after its last step returns the sequences and tokens each domain
+    contributed (all ranks); ``result(top_up)`` adds probe batches for domains the window saw too
+    little of and returns the :class:`InfluenceResult`.
+    """
+
+    def __init__(self, model, validation_batches: Batches, domain_names: list[str], *,
+                 preconditioner: str = "identity", optimizer=None, show_progress: bool = False):
+        check_preconditioner_name(preconditioner)
+        if preconditioner == "diag_fisher":
+            raise ValueError(
+                "preconditioner='diag_fisher' needs the Fisher of probe batches before the window starts; use "
+                "'adam' or 'identity' with the training window, or measure with probes"
+            )
+        self.started = time.perf_counter()
+        self.module = unwrap(model, sharded=True)
+        self.rank, self.world = rank_and_world()
+        if sharding_of(self.module, self.world) is not None:
+            raise ValueError(
+                "the training window needs each layer's whole validation gradient in its hooks, and this model is "
+                "FSDP-sharded; measure with probes (tikmix_influence_source='probes'), which support sharding"
+            )
+        chosen = covered_parameters(self.module)
+        if not chosen:
+            raise ValueError(
+                f"{type(self.module).__name__} has no trainable nn.Linear or nn.Embedding parameter for the training "
+                "window's hooks to measure; measure with probes (tikmix_influence_source='probes')"
+            )
+        self.layout = ParameterLayout([n for n, _ in chosen], [p for _, p in chosen])
+        self.domain_names = list(domain_names)
+        self.preconditioner_name = preconditioner
+        self.tasks = batch_sets(validation_batches, "validation_batches", "task", self.layout.device)
+        self.pass_ = InfluencePass(self.module, self.layout, self.rank, self.world, show_progress)
+        n_batches = sum(self.pass_.local_count(t) for t in self.tasks.values())
+        with measurement_mode(self.module), self.pass_.progress(n_batches):
+            self.precond, self.fallback = self.pass_.preconditioner(preconditioner, optimizer, None, None)
+            self.rows = self.pass_.validation(self.tasks, self.precond, None)
+        dtype = self.layout.compute_dtype
+        self.views = {
+            id(p): self.rows[:, a:b].to(dtype).reshape(len(self.tasks), *p.shape)
+            for p, (a, b) in zip(self.layout.params, self.layout.spans)
+        }
+        n, m = len(self.tasks), len(self.domain_names)
+        self.stats = BatchStats(n, m, self.layout.device)
+        self.loss_sums = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
+        self.sequences = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
+        self.micro_batches = 0
+        self.hook_seconds = 0.0
+        self._handles: list = []
+        self._pending: dict | None = None
+        self._units = 0
+        self.validation_seconds = time.perf_counter() - self.started
+
+    # -- the hooks -------------------------------------------------------------------------------
+
+    def attach(self, domain_of: Callable[[int, int], np.ndarray]) -> None:
+        """Start collecting from the next training forward (a forward with gradients enabled)."""
+        if self._handles:
+            raise RuntimeError("this TrainingWindow is already attached")
+        self._domain_of = domain_of
+        self._handles.append(self.module.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        output = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
+        if not isinstance(output, torch.nn.Linear):
+            self.detach()
+            raise ValueError(
+                f"the training window needs the model's output layer as an nn.Linear (get_output_embeddings(), got "
+                f"{type(output).__name__}) to read the loss's scale from the logits; measure with probes "
+                "(tikmix_influence_source='probes')"
+            )
+        self._output = output
+        for sub in self.module.modules():
+            if isinstance(sub, COVERED) and any(id(p) in self.views for p in sub.parameters(recurse=False)):
+                self._handles.append(sub.register_forward_hook(self._on_layer))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_forward(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return None  # evaluation and generation: no backward follows
+        labels = kwargs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "the training window reads the labels from the model's forward, and this training forward got none "
+                "(a label smoother or a custom compute_loss pops them); measure with probes "
+                "(tikmix_influence_source='probes')"
+            )
+        self._flush()
+        rows = int(labels.shape[0])
+        self._pending = {
+            "k": self.micro_batches, "rows": rows, "labels": labels.detach(),
+            "dots": torch.zeros((rows, len(self.tasks)), dtype=self.layout.compute_dtype, device=self.layout.device),
+            "scale": None, "tokens": None, "losses": None, "logits": None,
+        }
+        self.micro_batches += 1
+        return None
+
+    def _on_layer(self, sub, inputs, output):
+        pending = self._pending
+        if pending is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        inp = inputs[0].detach()
+        if sub is self._output:
+            pending["logits"] = output.detach()
+
+        def on_grad(grad, sub=sub, inp=inp, pending=pending):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if sub is self._output:
+                    self._loss_scale(pending, grad)
+                pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
+            self.hook_seconds += time.perf_counter() - t0
+
+        output.register_hook(on_grad)
+        return None
+
+    def _layer_dots(self, sub, inp, grad, rows) -> torch.Tensor:
+        """``(rows, n)``: each sequence's ``<V_i, its gradient>`` through this layer's parameters."""
+        dtype = self.layout.compute_dtype
+        g = grad.reshape(rows, -1, grad.shape[-1]).to(dtype)
+        dots = torch.zeros((rows, len(self.tasks)), dtype=dtype, device=g.device)
+        weight = self.views.get(id(sub.weight))
+        if isinstance(sub, torch.nn.Embedding):
+            ids = inp.reshape(rows, -1)
+            if weight is not None:
+                picked = weight[:, ids]  # (n, rows, T, d)
+                if sub.padding_idx is not None:  # the padding row gets no gradient
+                    picked = picked * (ids != sub.padding_idx)[None, :, :, None]
+                dots += torch.einsum("btd,nbtd->bn", g, picked)
+            return dots
+        a = inp.reshape(rows, -1, inp.shape[-1]).to(dtype)
+        if weight is not None:
+            flat = weight.reshape(weight.shape[0], -1)
+            step = max(1, _CHUNK_VALUES // max(weight[0].numel(), 1))
+            for lo in range(0, rows, step):
+                per_sequence = torch.einsum("bto,bti->boi", g[lo:lo + step], a[lo:lo + step])
+                dots[lo:lo + step] += per_sequence.reshape(per_sequence.shape[0], -1) @ flat.T
+        bias = self.views.get(id(sub.bias)) if sub.bias is not None else None
+        if bias is not None:
+            dots += g.sum(dim=1) @ bias.T
+        return dots
+
+    def _loss_scale(self, pending, grad) -> None:
+        """Fit ``grad = c (softmax - onehot)`` of the logits: ``c`` per sequence, tokens and losses too."""
+        logits, rows = pending["logits"], pending["rows"]
+        targets = shifted_targets(pending["labels"]).reshape(rows, -1)
+        dtype = self.layout.compute_dtype
+        z = logits.reshape(rows, -1, logits.shape[-1]).to(dtype)
+        g = grad.reshape(z.shape).to(dtype)
+        mask = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        log_p = torch.log_softmax(z, dim=-1)
+        d = log_p.exp() * mask[..., None]
+        d.scatter_add_(-1, safe[..., None], -mask[..., None].to(dtype))
+        num = (g * d).sum(dim=(1, 2))
+        den = (d * d).sum(dim=(1, 2))
+        gg = float((g * g).sum())
+        scale = torch.where(den > 0, num / den.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(num))
+        misfit = max(gg - float((num * scale).sum()), 0.0)
+        if gg > 0 and (misfit / gg) ** 0.5 > LOSS_MISFIT:
+            raise ValueError(
+                f"the training loss's gradient of the logits differs from the next-token cross-entropy's by "
+                f"{(misfit / gg) ** 0.5:.1%} (at most {LOSS_MISFIT:.0%} counts as the same loss): the training window "
+                "reads each sequence's gradient scale from that form (a label smoother, z-loss or soft-capped "
+                "logits change it); measure with probes (tikmix_influence_source='probes')"
+            )
+        pending["scale"] = scale
+        pending["tokens"] = mask.sum(dim=1)
+        pending["losses"] = -(log_p.gather(-1, safe[..., None])[..., 0] * mask).sum(dim=1)
+
+    def _flush(self) -> None:
+        """Record the last micro-batch, whose backward has run by now, sequence by sequence."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending["scale"] is None:
+            return  # a forward with gradients but no backward (or no labelled token): nothing to record
+        ids = np.asarray(self._domain_of(pending["k"], pending["rows"]), dtype=np.int64)
+        if ids.shape != (pending["rows"],):
+            raise RuntimeError(f"domain_of gave {ids.shape} ids for a micro-batch of {pending['rows']} sequences")
+        scale, tokens = pending["scale"], pending["tokens"]
+        # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
+        column = pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]
+        for b in range(pending["rows"]):
+            t = int(tokens[b])
+            if t == 0 or float(scale[b]) == 0:
+                continue
+            j = int(ids[b])
+            # Sequences alternate between the even and the odd half on every rank.
+            self.stats.add(j, self._units, t, column[b].double(), 1)
+            self._units += 1
+            self.loss_sums[j] += pending["losses"][b].double()
+            self.sequences[j] += 1
+
+    def close(self) -> dict[str, dict[str, int]]:
+        """Stop collecting; the sequences and labelled tokens each domain contributed, summed over ranks."""
+        self._flush()
+        self.detach()
+        self.stats.reduce(self.world)
+        all_reduce(self.loss_sums, self.world)
+        all_reduce(self.sequences, self.world)
+        tokens = self.stats.dom[0].tolist()
+        return {name: {"sequences": int(round(s)), "tokens": int(round(t))}
+                for name, s, t in zip(self.domain_names, self.sequences.tolist(), tokens)}
+
+    # -- the result ------------------------------------------------------------------------------
+
+    def result(self, top_up: Mapping[str, list] | None = None, *, seed: int = 0) -> InfluenceResult:
+        """``S`` from the window's sequences plus ``top_up`` probe batches (``{domain: batches}``), at the
+        current parameters for the probes. Call after :meth:`close`, with the same ``top_up`` on every rank."""
+        if self._handles:
+            raise RuntimeError("close() the TrainingWindow before asking for its result")
+        seen = {n: int(round(s)) for n, s in zip(self.domain_names, self.sequences.tolist())}
+        top_up = {str(k): list(v) for k, v in (top_up or {}).items() if list(v)}
+        unknown = sorted(set(top_up) - set(self.domain_names))
+        if unknown:
+            raise ValueError(f"top_up names domains {unknown} that are not among {self.domain_names}")
+        probe_tokens = {}
+        if top_up:
+            probes = batch_sets(top_up, "top_up", "domain", self.layout.device)
+            extra = BatchStats(len(self.tasks), len(probes), self.layout.device)
+            with measurement_mode(self.module), self.pass_.progress(
+                    sum(self.pass_.local_count(d) for d in probes.values())):
+                _, loss_sums = self.pass_.stream_domains(probes, self.rows, None, extra)
+            self.pass_.reduce_stats(extra)
+            for jj, name in enumerate(probes):
+                j = self.domain_names.index(name)
+                self.stats.cell[..., j] += extra.cell[..., jj]
+                self.stats.dom[:, j] += extra.dom[:, jj]
+                self.loss_sums[j] += loss_sums[jj]
+                probe_tokens[name] = probes[name].tokens
+        empty = [name for name, t in zip(self.domain_names, self.stats.dom[0].tolist()) if t == 0]
+        if empty:
+            raise ValueError(
+                f"domains {empty} have no labelled token in the training window and no top-up probes; give them "
+                "probe batches in top_up"
+            )
+        scores = self.stats.scores()
+        task_names = list(self.tasks)
+        check_finite_scores(scores, task_names, self.domain_names)
+        stderr, split_half, note = self.stats.finish(task_names, self.domain_names)
+        domain_tokens = {n: int(round(t)) for n, t in zip(self.domain_names, self.stats.dom[0].tolist())}
+        totals = {n: BatchSet("domain", n, [], [domain_tokens[n]]) for n in self.domain_names}
+        losses = finite_losses(self.loss_sums, totals, " over the training window")
+        self.rows = None
+        self.views = {}
+        return self.pass_.result(
+            started=self.started,
+            tasks=self.tasks,
+            scores=scores,
+            task_names=task_names,
+            domain_names=list(self.domain_names),
+            preconditioner=self.precond.name,
+            requested_preconditioner=self.preconditioner_name,
+            preconditioner_fallback=self.fallback,
+            damping=None,
+            projection_dim=None,
+            seed=int(seed),
+            domain_tokens=domain_tokens,
+            domain_losses=losses,
+            stderr=stderr,
+            split_half=split_half,
+            probe_batches=self.stats.batch_counts(self.domain_names),
+            uncertainty_note=note,
+            window={
+                "micro_batches": self.micro_batches,
+                "sequences": seen,
+                "probe_tokens": probe_tokens,
+                "validation_seconds": self.validation_seconds,
+                "hook_seconds": self.hook_seconds,
+                "parameters": self.layout.total,
+            },
+        )

@@ -1,0 +1,125 @@
+"""The training window: Group Influence read from the Trainer's own micro-batches, in hooks.
+
+The reference is the probes' engine, :func:`group_influence`, run on exactly the sequences the
+Trainer trained on during the window (each as its own batch, so that the standard errors have the
+same sampling units) plus the window's top-up probes, at the same parameters (learning rate 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.data import RecordingCollator, toy_domains, toy_validation
+from helpers.models import toy_model
+from transformers import Trainer, TrainingArguments
+
+from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, group_influence
+from tikmix_hf._loss import shifted_targets
+from tikmix_hf.influence.window import covered_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
+
+
+def token_mean_loss(logits, labels, vocab_size, num_items_in_batch=None, **kwargs):
+    """Hugging Face's causal-LM loss at the logits' own precision (it upcasts to float32 only)."""
+    targets = shifted_targets(labels).reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=-100, reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+
+
+def train(out, config, model, **args_kw):
+    mixture = DomainMixture(toy_domains(), weights=START, seed=3)
+    collator, probe_collator = RecordingCollator(), RecordingCollator()
+    probe_collator.recording = False
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
+    args = dict(output_dir=str(out), max_steps=7, per_device_train_batch_size=4, learning_rate=0.0, use_cpu=True,
+                report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
+                remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="constant")
+    args.update(args_kw)
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=mixture, data_collator=collator,
+                      callbacks=[callback])
+    callback.bind(trainer)
+    trainer.train()
+    return callback, collator, mixture, probe_collator
+
+
+def window_config(**kw):
+    return TiKMiXConfig(tikmix_stage_steps=6, tikmix_influence_source="training", tikmix_window_steps=4,
+                        tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_path, accumulation):
+    model = toy_model(0, torch.float64)
+    model.loss_function = token_mean_loss
+    callback, collator, mixture, collate = train(tmp_path, window_config(), model,
+                                                 gradient_accumulation_steps=accumulation)
+    stage = callback.history[0]
+    influence = stage["influence"]
+    # The window opens at the start of step 3 (4 steps before the boundary at 6): stream samples [lo, hi).
+    per_step = 4 * accumulation
+    lo, hi = 2 * per_step, 6 * per_step
+    seen = mixture.example_ids(lo, hi)
+    assert [f"{d}:{i}" for d, i in seen] == collator.seen[lo:hi]  # the ids the hooks used are what was trained
+    domains, val = toy_domains(), toy_validation()
+    rows = {d: [collate([domains[d][i]]) for dd, i in seen if dd == d] for d in mixture.domains}
+    window_counts = {d: len(r) for d, r in rows.items()}
+    assert influence["window"]["sequences"] == window_counts
+    assert influence["window"]["micro_batches"] == 4 * accumulation
+    for d in mixture.domains:  # a domain seen fewer than 8 times is topped up with that many probes
+        need = 8 - window_counts[d]
+        if need > 0:
+            probes = mixture.probe(d, need, round=0)
+            rows[d] += [collate(probes[k:k + 4]) for k in range(0, need, 4)]
+    assert any(8 - c > 0 for c in window_counts.values()) and any(c >= 8 for c in window_counts.values())
+    names = {n for n, _ in covered_parameters(model)}
+    assert not any("norm" in n for n in names) and any("embed_tokens" in n for n in names)
+    reference = group_influence(model, rows, {"held_out_pattern": [collate(val["held_out_pattern"])]},
+                                param_filter=lambda n, p: n in names, show_progress=False)
+    S = np.array(influence["scores"])
+    np.testing.assert_allclose(S, reference.scores, rtol=1e-10, atol=1e-12 * np.abs(reference.scores).max())
+    np.testing.assert_allclose(np.array(influence["stderr"]), reference.stderr, rtol=1e-8)
+    assert influence["domain_tokens"] == reference.domain_tokens
+    for d in mixture.domains:
+        assert influence["domain_losses"][d] == pytest.approx(reference.domain_losses[d], rel=1e-12)
+    assert stage["status"] in ("converged", "restarted")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(tikmix_influence_source="hooks"), r"tikmix_influence_source='hooks': use one of \('probes', "),
+        (dict(tikmix_window_steps=0), r"tikmix_window_steps=0: must be a positive number of optimizer steps"),
+        (dict(tikmix_window_steps=True), r"tikmix_window_steps=True"),
+        (dict(tikmix_influence_source="training", tikmix_solver="surrogate"), r"tikmix_solver='direct' only"),
+        (dict(tikmix_influence_source="training", tikmix_preconditioner="diag_fisher"), r"diag_fisher is built"),
+        (dict(tikmix_influence_source="training", tikmix_target_rse=0.3), r"tikmix_target_rse=0.3: the adaptive"),
+        (dict(tikmix_influence_source="training", tikmix_stage_tokens=1000), r"tikmix_stage_steps or tikmix_stage"),
+    ],
+)
+def test_bad_window_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TiKMiXConfig(**kwargs)
+
+
+def z_loss(logits, labels, vocab_size, num_items_in_batch=None, **kwargs):
+    """A token cross-entropy plus a z-loss on the log-partition: not the loss the window can read."""
+    return token_mean_loss(logits, labels, vocab_size, num_items_in_batch) + torch.logsumexp(logits, -1).pow(2).mean()
+
+
+@pytest.mark.parametrize("change,match", [
+    ("z_loss", r"differs from the next-token cross-entropy's by \d"),
+    ("label_smoothing", r"label smoother or a custom compute_loss pops them"),
+])
+def test_a_loss_the_window_cannot_read_is_refused_not_measured(tmp_path, change, match):
+    model = toy_model(0)
+    kw = {}
+    if change == "z_loss":
+        model.loss_function = z_loss
+    else:
+        kw["label_smoothing_factor"] = 0.1
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path, window_config(), model, learning_rate=1e-3, **kw)
