@@ -64,6 +64,8 @@ LABELS = {
     "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
     "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
     "hindsight_robust": "hindsight static of TiKMiX-D robust",
+    "tikmix_d_window": "TiKMiX-D, training window",
+    "tikmix_d_window_eq": "TiKMiX-D, training window (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
@@ -164,6 +166,11 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 # the default objective with its default schedule: an early first decision
                 job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
                 job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
+            elif arm in ("tikmix_d_window", "tikmix_d_window_eq"):
+                # the same, with S read from the training micro-batches before each boundary
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
+                                                          "tikmix_influence_source": "training"}
+                job["needs"] = ["tikmix_d_window"] if arm == "tikmix_d_window_eq" else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
@@ -190,8 +197,8 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq"):
-        plain = done[key + ("tikmix_d",)]
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_window_eq"):
+        plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]
         if job["arm"] == "robust_eq":

@@ -28,6 +28,16 @@ from .results import RESULTS_FORMAT, draw_results, summarize
 from .sizes import SIZES, DemoSize
 
 
+def measurement_tokens(influence: dict) -> int:
+    """Tokens a stage's measurement forwarded beyond training: its probes and its validation sequences.
+
+    A training window's domain tokens are training's own; only its top-up probes count.
+    """
+    window = influence.get("window")
+    domain = window["probe_tokens"] if window else influence["domain_tokens"]
+    return int(sum(domain.values()) + sum(influence["task_tokens"].values()))
+
+
 def train_arm(arm: str | Arm, seed: int, data: DemoData, size: DemoSize, base: str | os.PathLike, *,
               show_progress: bool = False, metric=None, reference_model=None, keep_model: bool = False):
     """Train one arm for one seed on ``data`` and score it; the row :func:`run_demo` reports.
@@ -119,10 +129,7 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         stages = history["stages"]
     tikmix_seconds = sum(s["seconds"]["total"] for s in stages)
     train_seconds = wall - evaluator.seconds
-    probe_tokens = sum(
-        sum(s["influence"]["domain_tokens"].values()) + sum(s["influence"]["task_tokens"].values())
-        for s in stages if s.get("influence")
-    )
+    probe_tokens = sum(measurement_tokens(s["influence"]) for s in stages if s.get("influence"))
     lookahead_tokens = sum(s["mixer"].get("lookahead_tokens", 0) for s in stages if s.get("mixer"))
     messages = sorted({str(w.message) for w in caught if "TiKMiX" in str(w.message)})
     return {
