@@ -8,8 +8,12 @@ For each corpus and seed:
    adam, diag_fisher) on ``--probe`` probe sequences per domain, and with adam again on the
    callback's default budget (the first ``--small-probe`` of them), all on the callback's
    validation budget (the bench size's ``validation_sequences`` per task); and with adam on all
-   ``--outcome-sequences`` validation sequences per task. Each ``S`` is also shrunk by one standard
-   error (``tikmix_shrink_z=1``).
+   ``--outcome-sequences`` validation sequences per task. And ``S`` without probes: read in hooks
+   from the training batches of the last ``--window`` base steps (``tikmix_influence_source=
+   "training"``; a domain those steps held fewer than ``--small-probe`` times is topped up with
+   probes of another round), beside adam on the small budget restricted to the ``Linear`` and
+   ``Embedding`` parameters the hooks see. Each ``S`` is also shrunk by one standard error
+   (``tikmix_shrink_z=1``).
 3. ``--mixtures`` perturbed mixtures ``w_k`` (half natural, half a Dirichlet(1) draw) are each
    trained for ``--horizon`` more steps from copies of the same model and optimizer, all on the
    same sample stream seed (common random numbers: domain choices and example orders are shared
@@ -56,12 +60,13 @@ def _batches(examples: list[dict], size: int, device="cpu") -> list[dict]:
 
 
 class Stream:
-    """Batches of a DomainMixture, in order."""
+    """Batches of a DomainMixture, in order; ``mixture.domain_ids(k * batch, ...)`` are batch ``k``'s domains."""
 
     def __init__(self, domains, weights, seed: int, batch_size: int):
         from tikmix_hf import DomainMixture
 
-        self.it = iter(DomainMixture(domains, weights=weights, seed=seed))
+        self.mixture = DomainMixture(domains, weights=weights, seed=seed)
+        self.it = iter(self.mixture)
         self.batch_size = batch_size
 
     def next(self) -> dict:
@@ -102,7 +107,8 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
 
     from tikmix_hf.demo import prepare_data
     from tikmix_hf.demo.corpora import tiny_llama
-    from tikmix_hf.influence import group_influence
+    from tikmix_hf.influence import TrainingWindow, group_influence
+    from tikmix_hf.influence.window import covered_parameters
     from tikmix_hf.solvers.uncertainty import shrink_influence
 
     data = _DATA.setdefault(corpus, prepare_data(corpus, size))
@@ -113,9 +119,25 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
                        block_size=size.block_size, seed=seed, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=size.learning_rate, betas=(0.9, 0.98), weight_decay=0.1)
+    # the outcome is measured on up to --outcome-sequences per task; S on the callback's budget
+    # (size.validation_sequences) unless a variant says otherwise
+    val_rows = {t: [dict(r) for r in list(v)[: args.outcome_sequences]] for t, v in data.validation.items()}
+    validation = {t: _batches(v[: size.validation_sequences], args.micro) for t, v in val_rows.items()}
+    validation_all = {t: _batches(v, args.micro) for t, v in val_rows.items()}
     started = time.perf_counter()
-    train_steps(model, opt, Stream(data.domains, "natural", seed, size.batch_size), args.base_steps,
-                lr=size.learning_rate, warmup=max(1, args.base_steps // 10))
+    stream = Stream(data.domains, "natural", seed, size.batch_size)
+    head = args.base_steps - args.window
+    train_steps(model, opt, stream, head, lr=size.learning_rate, warmup=max(1, args.base_steps // 10))
+    # The training window: S read in hooks from the last --window steps' own batches (the callback's
+    # tikmix_influence_source="training"), validation gradients and adam's scale taken as it opens.
+    window = TrainingWindow(model, validation, names, preconditioner="adam", optimizer=opt)
+    batch = size.batch_size
+    window.attach(lambda k, rows: stream.mixture.domain_ids((head + k) * batch, (head + k) * batch + rows))
+    window_started = time.perf_counter()
+    train_steps(model, opt, stream, args.window, lr=size.learning_rate, warmup=max(1, args.base_steps // 10),
+                start=head)
+    window_seconds = time.perf_counter() - window_started
+    seen = window.close()
     base_seconds = time.perf_counter() - started
 
     # the influence measurements
@@ -123,13 +145,18 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
 
     probe_mixture = DomainMixture(data.domains, weights="natural", seed=seed)
     probes = {d: probe_mixture.probe(d, args.probe, round=0) for d in names}
-    # the outcome is measured on up to --outcome-sequences per task; S on the callback's budget
-    # (size.validation_sequences) unless a variant says otherwise
-    val_rows = {t: [dict(r) for r in list(v)[: args.outcome_sequences]] for t, v in data.validation.items()}
-    validation = {t: _batches(v[: size.validation_sequences], args.micro) for t, v in val_rows.items()}
-    validation_all = {t: _batches(v, args.micro) for t, v in val_rows.items()}
     variants: dict[str, Any] = {}
     started = time.perf_counter()
+    # A domain the window saw fewer than the callback's budget times is topped up, as the callback does,
+    # from a probe round of its own (so that the top-up never shares sequences with the probe variants).
+    top_up = {d: _batches(probe_mixture.probe(d, args.small_probe - c["sequences"], round=1), args.micro)
+              for d, c in seen.items() if c["sequences"] < args.small_probe}
+    variants[f"adam (training window, {args.window} steps)"] = window.result(top_up)
+    covered = {n for n, _ in covered_parameters(model)}
+    result = group_influence(model, {d: _batches(p[: args.small_probe], args.micro) for d, p in probes.items()},
+                             validation, preconditioner="adam", optimizer=opt, show_progress=False,
+                             param_filter=lambda n, p: n in covered)
+    variants[f"adam ({args.small_probe}/domain, Linear and Embedding only)"] = result
     for pre in PRECONDITIONERS:
         result = group_influence(model, {d: _batches(p, args.micro) for d, p in probes.items()}, validation,
                                  preconditioner=pre, optimizer=opt, show_progress=False)
@@ -184,6 +211,9 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
     return {"corpus": corpus, "seed": seed, "rows": rows, "mixtures": W.tolist(),
             "actual": {str(h): v for h, v in actual.items()},
             "scores": {k: np.asarray(v.scores).tolist() for k, v in variants.items()},
+            "window": {"sequences": {d: c["sequences"] for d, c in seen.items()},
+                       "top_up_sequences": {d: args.small_probe - seen[d]["sequences"] for d in top_up},
+                       "seconds": window_seconds, "hook_seconds": window.hook_seconds},
             "seconds": {"base": base_seconds, "influence": influence_seconds, "continuations": continuation_seconds}}
 
 
@@ -254,6 +284,8 @@ def main(argv=None) -> dict:
     p.add_argument("--probe", type=int, default=None, help="probe sequences per domain (default 32)")
     p.add_argument("--small-probe", type=int, default=None, help="the callback's budget (default 8)")
     p.add_argument("--micro", type=int, default=4, help="sequences per probe micro-batch")
+    p.add_argument("--window", type=int, default=None,
+                   help="training-window steps before the checkpoint (default 32; quick: 8)")
     p.add_argument("--outcome-sequences", type=int, default=64,
                    help="validation sequences per task the actual loss change is measured on (and the "
                         "'all validation' variant's S)")
@@ -269,6 +301,9 @@ def main(argv=None) -> dict:
     args.horizon = args.horizon or ([4, 8] if args.quick else [10, 40])
     args.probe = args.probe or (8 if args.quick else 32)
     args.small_probe = args.small_probe or (4 if args.quick else size.probe_sequences)
+    args.window = args.window or (8 if args.quick else 32)
+    if not 0 < args.window < args.base_steps:
+        p.error(f"--window {args.window}: must lie between 1 and --base-steps - 1 ({args.base_steps - 1})")
     if args.quick:
         args.mixtures = min(args.mixtures, 5)
     if args.mixtures < 3:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers.data import RecordingCollator, toy_domains, toy_validation
 from helpers.models import toy_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, group_influence
 from tikmix_hf._loss import shifted_targets
@@ -51,12 +51,14 @@ def window_config(**kw):
                         tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_path, accumulation):
+@pytest.mark.parametrize("accumulation,checkpointing", [(1, False), (2, False), (1, True)])
+def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_path, accumulation, checkpointing):
     model = toy_model(0, torch.float64)
     model.loss_function = token_mean_loss
     callback, collator, mixture, collate = train(tmp_path, window_config(), model,
-                                                 gradient_accumulation_steps=accumulation)
+                                                 gradient_accumulation_steps=accumulation,
+                                                 activation_checkpointing=checkpointing)
+    assert model.is_activation_checkpointing == checkpointing
     stage = callback.history[0]
     influence = stage["influence"]
     # The window opens at the start of step 3 (4 steps before the boundary at 6): stream samples [lo, hi).
@@ -123,3 +125,45 @@ def test_a_loss_the_window_cannot_read_is_refused_not_measured(tmp_path, change,
         kw["label_smoothing_factor"] = 0.1
     with pytest.raises(ValueError, match=match):
         train(tmp_path, window_config(), model, learning_rate=1e-3, **kw)
+
+
+class StopAt(TrainerCallback):
+    """Save a checkpoint at the end of ``step`` and stop there: a run killed inside the window."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = control.should_training_stop = True
+
+
+def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
+    def run(out, resume=None, stop=None):
+        model = toy_model(0, torch.float64)
+        model.loss_function = token_mean_loss
+        mixture = DomainMixture(toy_domains(), weights=START, seed=3)
+        collate = RecordingCollator()
+        collate.recording = False
+        callback = TiKMiXCallback(mixture, toy_validation(), window_config(), collator=collate)
+        args = TrainingArguments(output_dir=str(out), max_steps=7, per_device_train_batch_size=4, learning_rate=3e-3,
+                                 use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                                 remove_unused_columns=False, lr_scheduler_type="constant")
+        trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=RecordingCollator(),
+                          callbacks=[callback] + ([StopAt(stop)] if stop else []))
+        callback.bind(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, model
+
+    full, _ = run(tmp_path / "full")
+    run(tmp_path / "split", stop=4)  # the window opened at step 2; the checkpoint at 4 is inside it
+    checkpoint = tmp_path / "split" / "checkpoint-4"
+    assert (checkpoint / "tikmix_window-rank0.safetensors").is_file()
+    resumed, model = run(tmp_path / "split", resume=str(checkpoint))
+    assert not model._forward_pre_hooks  # the window unhooked itself at its boundary
+    a, b = full.history[0]["influence"], resumed.history[0]["influence"]
+    assert a["window"]["sequences"] == b["window"]["sequences"] and a["window"]["micro_batches"] == 4
+    np.testing.assert_allclose(b["scores"], a["scores"], rtol=1e-12)
+    np.testing.assert_allclose(b["stderr"], a["stderr"], rtol=1e-10)
+    assert b["task_losses"] == a["task_losses"]
+    assert resumed.history[0]["weights_after"] == pytest.approx(full.history[0]["weights_after"], abs=1e-12)

@@ -1,4 +1,5 @@
-"""Small file helpers shared by the layers: atomic JSON writes, JSON reads with clear errors, strict-JSON values."""
+"""Small file helpers shared by the layers: atomic JSON and safetensors writes, reads with clear errors,
+strict-JSON values."""
 
 from __future__ import annotations
 
@@ -33,6 +34,32 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` as safetensors (with string ``metadata``) through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """The tensors and the metadata of a safetensors file written by :func:`save_tensors_atomic`."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+
+
 def load_json(path: str | os.PathLike, what: str) -> Any:
     """Read a JSON file; a missing or corrupt file raises an error that names ``what`` and the path."""
     path = os.fspath(path)
@@ -51,7 +78,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
-        if name.startswith(".tmp-") and name.endswith(".json"):
+        if name.startswith(".tmp-") and name.endswith((".json", ".safetensors")):
             try:
                 os.remove(os.path.join(directory, name))
             except OSError:

@@ -4,7 +4,10 @@ At each stage boundary (decided in ``on_step_end`` from the global step or the t
 identical on every rank) the callback
 
 1. draws probe examples of every domain from the mixture's probe stream and the fixed validation
-   examples of every task, collated by the Trainer's own collator;
+   examples of every task, collated by the Trainer's own collator (with
+   ``tikmix_influence_source="training"`` a :class:`~tikmix_hf.influence.TrainingWindow` opened
+   ``tikmix_window_steps`` steps earlier has read the training micro-batches instead, and probes
+   only top up the domains it saw too little of);
 2. measures the Group Influence matrix ``S`` (:func:`tikmix_hf.group_influence`, paper Eq. 8);
 3. solves for the next mixture (:func:`tikmix_hf.solve_direct` or :func:`tikmix_hf.solve_surrogate`,
    Eqs. 9-11 and Algorithm 1);
@@ -20,6 +23,7 @@ influence or solves anything.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -36,7 +40,7 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 from transformers.utils import logging
 
 from ._distributed import agree, rank_and_world
-from ._io import remove_stale_temporaries, save_json_atomic
+from ._io import load_tensors, remove_stale_temporaries, save_json_atomic, save_tensors_atomic
 from .config import DEFAULT_FRACTIONS, TiKMiXConfig
 from .history import HISTORY_FORMAT
 from .influence import TrainingWindow
@@ -49,6 +53,8 @@ from .training_args import config_from
 logger = logging.get_logger(__name__)
 
 STATE_FORMAT = "tikmix_hf.callback/1"
+#: A checkpoint taken inside a training window keeps each rank's part of it in this file of the checkpoint folder.
+WINDOW_FILE = "tikmix_window-rank{rank}.safetensors"
 STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3, "replayed": 4}
 
 
@@ -186,6 +192,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         cfg = self.config
+        self._drop_window()  # one an earlier train() call in this process left open when it failed
         self._check_binding(args, optimizer)
         if train_dataloader is None:
             raise RuntimeError("TiKMiXCallback needs the Trainer's training DataLoader (transformers >= 4.46)")
@@ -209,7 +216,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved.get("attributes", {}).get("tikmix") if isinstance(saved, Mapping) else None
         if state.global_step > 0 and saved:
-            self._restore(saved, args, state, train_dataloader)
+            self._restore(saved, args, state, train_dataloader, model)
         elif state.global_step > 0:
             warnings.warn(
                 f"resuming at step {state.global_step} from a checkpoint written without TiKMiXCallback: the TiKMiX "
@@ -390,7 +397,21 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             list(self.mixture.domains), preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
             show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
         )
-        first = self._consumed(state.global_step)
+        window.attach(self._domain_of(state.global_step))
+        self._window = window
+        self._window_step = state.global_step
+
+    def _drop_window(self) -> None:
+        if self._window is not None:
+            self._window.detach()
+            self._window = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._drop_window()  # every window closes at its boundary; this only unhooks one a stopped run left open
+
+    def _domain_of(self, opened_at: int):
+        """``(k, rows) -> domain ids`` of this rank's ``k``-th training micro-batch since step ``opened_at``."""
+        first = self._consumed(opened_at)
         rank, world = rank_and_world()
         rows = self._micro_global // max(world, 1)
 
@@ -406,9 +427,36 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             start = first + k * self._micro_global + rank * rows
             return self.mixture.domain_ids(start, start + rows)
 
-        window.attach(domain_of)
-        self._window = window
-        self._window_step = state.global_step
+        return domain_of
+
+    def _window_path(self, args, step: int) -> str:
+        return os.path.join(args.output_dir, f"checkpoint-{step}", WINDOW_FILE.format(rank=rank_and_world()[0]))
+
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint inside a window keeps the window (its validation gradients and sums) beside it."""
+        if self._window is not None:
+            meta, tensors = self._window.state()
+            save_tensors_atomic(self._window_path(args, state.global_step), tensors,
+                                {"tikmix": json.dumps(meta), "opened_at": str(self._window_step)})
+
+    def _resume_window(self, args, state, model, opened_at: int) -> None:
+        path = self._window_path(args, state.global_step)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"the checkpoint was taken inside a training window but its window state is not at {path}: the "
+                "coming stage is measured with probes",
+                stacklevel=3,
+            )
+            return
+        tensors, meta = load_tensors(path)
+        bs = self.config.tikmix_probe_batch_size or args.per_device_train_batch_size
+        window = TrainingWindow.restore(
+            self._measured_model(model), {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
+            list(self.mixture.domains), json.loads(meta["tikmix"]), tensors,
+            show_progress=self.config.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+        )
+        window.attach(self._domain_of(opened_at))
+        self._window, self._window_step = window, opened_at
 
     # ------------------------------------------------------------------ the stage
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -653,11 +701,12 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                     "initial_weights": self._initial_weights,
                     "mixer": {"name": self.mixer.name, "state": self.mixer.state_dict()},
                     "history": self.history,
+                    "window": None if self._window is None else {"opened_at": self._window_step},
                 }
             },
         }
 
-    def _restore(self, saved: Mapping, args, state, loader) -> None:
+    def _restore(self, saved: Mapping, args, state, loader, model=None) -> None:
         if not isinstance(saved, Mapping) or saved.get("format") != STATE_FORMAT:
             raise ValueError(
                 "the checkpoint's TiKMiXCallback state is not in format "
@@ -690,6 +739,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             )
         self.mixer.load_state_dict(mixer.get("state") or {})
         self.mixture.seek(self._resume_start(state.global_step, args, state, loader))
+        if saved.get("window"):
+            self._resume_window(args, state, model, int(saved["window"]["opened_at"]))
         if not args.ignore_data_skip and state.global_step > 0:
             logger.info("TiKMiX: set ignore_data_skip=True to resume without replaying the skipped batches")
         self._write_history()  # drops stages a killed run wrote after this checkpoint

@@ -43,6 +43,8 @@ COVERED = (torch.nn.Linear, torch.nn.Embedding)
 #: The largest misfit ``||G - c D|| / ||G||`` of the logits' gradient that still counts as the token
 #: cross-entropy; float32 rounding is far below it, bfloat16 logits about a tenth of it.
 LOSS_MISFIT = 0.05
+#: The format of a window's checkpoint state (:meth:`TrainingWindow.state`).
+WINDOW_FORMAT = "tikmix_hf.window/1"
 #: Per-sequence weight gradients are formed for at most this many values at a time.
 _CHUNK_VALUES = 1 << 24
 
@@ -83,6 +85,17 @@ class TrainingWindow:
                 "preconditioner='diag_fisher' needs the Fisher of probe batches before the window starts; use "
                 "'adam' or 'identity' with the training window, or measure with probes"
             )
+        self._setup(model, validation_batches, domain_names, show_progress)
+        self.preconditioner_name = preconditioner
+        n_batches = sum(self.pass_.local_count(t) for t in self.tasks.values())
+        with measurement_mode(self.module), self.pass_.progress(n_batches):
+            precond, self.fallback = self.pass_.preconditioner(preconditioner, optimizer, None, None)
+            self._hold(self.pass_.validation(self.tasks, precond, None))
+        self.preconditioner_used = precond.name
+        self.task_losses = dict(self.pass_.task_losses)
+        self.validation_seconds = time.perf_counter() - self.started
+
+    def _setup(self, model, validation_batches, domain_names, show_progress) -> None:
         self.started = time.perf_counter()
         self.module = unwrap(model, sharded=True)
         self.rank, self.world = rank_and_world()
@@ -99,18 +112,8 @@ class TrainingWindow:
             )
         self.layout = ParameterLayout([n for n, _ in chosen], [p for _, p in chosen])
         self.domain_names = list(domain_names)
-        self.preconditioner_name = preconditioner
         self.tasks = batch_sets(validation_batches, "validation_batches", "task", self.layout.device)
         self.pass_ = InfluencePass(self.module, self.layout, self.rank, self.world, show_progress)
-        n_batches = sum(self.pass_.local_count(t) for t in self.tasks.values())
-        with measurement_mode(self.module), self.pass_.progress(n_batches):
-            self.precond, self.fallback = self.pass_.preconditioner(preconditioner, optimizer, None, None)
-            self.rows = self.pass_.validation(self.tasks, self.precond, None)
-        dtype = self.layout.compute_dtype
-        self.views = {
-            id(p): self.rows[:, a:b].to(dtype).reshape(len(self.tasks), *p.shape)
-            for p, (a, b) in zip(self.layout.params, self.layout.spans)
-        }
         n, m = len(self.tasks), len(self.domain_names)
         self.stats = BatchStats(n, m, self.layout.device)
         self.loss_sums = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
@@ -120,7 +123,62 @@ class TrainingWindow:
         self._handles: list = []
         self._pending: dict | None = None
         self._units = 0
-        self.validation_seconds = time.perf_counter() - self.started
+
+    def _hold(self, rows: torch.Tensor) -> None:
+        """Keep the ``n`` preconditioned validation gradients, and each parameter's view of them."""
+        self.rows = rows
+        dtype = self.layout.compute_dtype
+        self.views = {
+            id(p): rows[:, a:b].to(dtype).reshape(len(self.tasks), *p.shape)
+            for p, (a, b) in zip(self.layout.params, self.layout.spans)
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a checkpoint inside the window must keep: JSON-ready facts and this rank's tensors.
+
+        Call between training steps (the last micro-batch's backward has run); :meth:`restore` with
+        both continues the window exactly where it stood.
+        """
+        self._flush()
+        meta = {
+            "format": WINDOW_FORMAT, "micro_batches": self.micro_batches, "units": self._units,
+            "hook_seconds": self.hook_seconds, "validation_seconds": self.validation_seconds,
+            "preconditioner": self.preconditioner_name, "preconditioner_used": self.preconditioner_used,
+            "fallback": self.fallback, "task_losses": self.task_losses, "parameters": list(self.layout.names),
+            "domains": list(self.domain_names), "tasks": list(self.tasks), "rank": self.rank, "world": self.world,
+        }
+        tensors = {"rows": self.rows, "cell": self.stats.cell, "dom": self.stats.dom, "loss_sums": self.loss_sums,
+                   "sequences": self.sequences}
+        return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def restore(cls, model, validation_batches: Batches, domain_names: list[str], meta: dict,
+                tensors: dict[str, torch.Tensor], *, show_progress: bool = False) -> "TrainingWindow":
+        """The window :meth:`state` described, on this model and these validation batches (not yet attached)."""
+        self = cls.__new__(cls)
+        self._setup(model, validation_batches, domain_names, show_progress)
+        expected = {"format": WINDOW_FORMAT, "parameters": list(self.layout.names), "domains": list(self.domain_names),
+                    "tasks": list(self.tasks), "rank": self.rank, "world": self.world}
+        wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        if wrong:
+            raise ValueError(
+                f"the saved training window does not belong to this run: {wrong} (saved, now); resume with the same "
+                "model, domains, validation tasks and number of processes"
+            )
+        device = self.layout.device
+        self._hold(tensors["rows"].to(device))
+        self.stats.cell.copy_(tensors["cell"])
+        self.stats.dom.copy_(tensors["dom"])
+        self.loss_sums.copy_(tensors["loss_sums"])
+        self.sequences.copy_(tensors["sequences"])
+        self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
+        self.hook_seconds, self.validation_seconds = float(meta["hook_seconds"]), float(meta["validation_seconds"])
+        self.preconditioner_name, self.preconditioner_used = meta["preconditioner"], meta["preconditioner_used"]
+        self.fallback, self.task_losses = meta["fallback"], dict(meta["task_losses"])
+        self.pass_.task_losses = dict(self.task_losses)
+        return self
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -249,18 +307,17 @@ class TrainingWindow:
         ids = np.asarray(self._domain_of(pending["k"], pending["rows"]), dtype=np.int64)
         if ids.shape != (pending["rows"],):
             raise RuntimeError(f"domain_of gave {ids.shape} ids for a micro-batch of {pending['rows']} sequences")
-        scale, tokens = pending["scale"], pending["tokens"]
+        scale = pending["scale"]
         # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
-        column = pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]
-        for b in range(pending["rows"]):
-            t = int(tokens[b])
-            if t == 0 or float(scale[b]) == 0:
-                continue
-            j = int(ids[b])
+        column = (pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
+        tokens, scales, losses = pending["tokens"].tolist(), scale.tolist(), pending["losses"].double()
+        for b, (t, c, j) in enumerate(zip(tokens, scales, ids.tolist())):
+            if t == 0 or c == 0:
+                continue  # no labelled token: no gradient, nothing to record
             # Sequences alternate between the even and the odd half on every rank.
-            self.stats.add(j, self._units, t, column[b].double(), 1)
+            self.stats.add(j, self._units, t, column[b], 1)
             self._units += 1
-            self.loss_sums[j] += pending["losses"][b].double()
+            self.loss_sums[j] += losses[b]
             self.sequences[j] += 1
 
     def close(self) -> dict[str, dict[str, int]]:
@@ -321,7 +378,7 @@ class TrainingWindow:
             scores=scores,
             task_names=task_names,
             domain_names=list(self.domain_names),
-            preconditioner=self.precond.name,
+            preconditioner=self.preconditioner_used,
             requested_preconditioner=self.preconditioner_name,
             preconditioner_fallback=self.fallback,
             damping=None,
