@@ -35,7 +35,7 @@ def train(out, config, model, **args_kw):
     collator, probe_collator = RecordingCollator(), RecordingCollator()
     probe_collator.recording = False
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
-    args = dict(output_dir=str(out), max_steps=7, per_device_train_batch_size=4, learning_rate=0.0, use_cpu=True,
+    args = dict(output_dir=str(out), max_steps=9, per_device_train_batch_size=4, learning_rate=0.0, use_cpu=True,
                 report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
                 remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="constant")
     args.update(args_kw)
@@ -47,7 +47,7 @@ def train(out, config, model, **args_kw):
 
 
 def window_config(**kw):
-    return TiKMiXConfig(tikmix_stage_steps=6, tikmix_influence_source="training", tikmix_window_steps=4,
+    return TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source="training", tikmix_window_steps=4,
                         tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
 
 
@@ -61,9 +61,9 @@ def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_pa
     assert model.is_activation_checkpointing == checkpointing
     stage = callback.history[0]
     influence = stage["influence"]
-    # The window opens at the start of step 3 (4 steps before the boundary at 6): stream samples [lo, hi).
+    # The window opens at the start of step 5 (4 steps before the boundary at 8): stream samples [lo, hi).
     per_step = 4 * accumulation
-    lo, hi = 2 * per_step, 6 * per_step
+    lo, hi = 4 * per_step, 8 * per_step
     seen = mixture.example_ids(lo, hi)
     assert [f"{d}:{i}" for d, i in seen] == collator.seen[lo:hi]  # the ids the hooks used are what was trained
     domains, val = toy_domains(), toy_validation()
@@ -93,7 +93,7 @@ def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_pa
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(tikmix_influence_source="hooks"), r"tikmix_influence_source='hooks': use one of \('probes', "),
+        (dict(tikmix_influence_source="hooks"), r"tikmix_influence_source='hooks': use one of \('auto', 'probes'"),
         (dict(tikmix_window_steps=0), r"tikmix_window_steps=0: must be a positive number of optimizer steps"),
         (dict(tikmix_window_steps=True), r"tikmix_window_steps=True"),
         (dict(tikmix_influence_source="training", tikmix_solver="surrogate"), r"tikmix_solver='direct' only"),
@@ -146,7 +146,7 @@ def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
         collate = RecordingCollator()
         collate.recording = False
         callback = TiKMiXCallback(mixture, toy_validation(), window_config(), collator=collate)
-        args = TrainingArguments(output_dir=str(out), max_steps=7, per_device_train_batch_size=4, learning_rate=3e-3,
+        args = TrainingArguments(output_dir=str(out), max_steps=9, per_device_train_batch_size=4, learning_rate=3e-3,
                                  use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
                                  remove_unused_columns=False, lr_scheduler_type="constant")
         trainer = Trainer(model=model, args=args, train_dataset=mixture, data_collator=RecordingCollator(),
@@ -156,8 +156,8 @@ def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
         return callback, model
 
     full, _ = run(tmp_path / "full")
-    run(tmp_path / "split", stop=4)  # the window opened at step 2; the checkpoint at 4 is inside it
-    checkpoint = tmp_path / "split" / "checkpoint-4"
+    run(tmp_path / "split", stop=6)  # the window opened at step 4; the checkpoint at 6 is inside it
+    checkpoint = tmp_path / "split" / "checkpoint-6"
     assert (checkpoint / "tikmix_window-rank0.safetensors").is_file()
     resumed, model = run(tmp_path / "split", resume=str(checkpoint))
     assert not model._forward_pre_hooks  # the window unhooked itself at its boundary
@@ -167,3 +167,30 @@ def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
     np.testing.assert_allclose(b["stderr"], a["stderr"], rtol=1e-10)
     assert b["task_losses"] == a["task_losses"]
     assert resumed.history[0]["weights_after"] == pytest.approx(full.history[0]["weights_after"], abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*collapsing onto few domains")
+def test_windows_cover_at_most_the_second_half_of_their_stage(tmp_path):
+    config = TiKMiXConfig(tikmix_stage_fractions=[0.05, 0.5, 0.75], tikmix_influence_source="training",
+                          tikmix_window_steps=32, tikmix_probe_sequences=4, tikmix_show_progress=False)
+    model = toy_model(0)
+    callback, *_ = train(tmp_path, config, model, max_steps=100, learning_rate=1e-3)
+    # boundaries 5, 50, 75: windows of 5 // 2 = 2, min(32, 45 // 2) = 22 and 25 // 2 = 12 steps
+    assert [s["step"] for s in callback.history] == [5, 50, 75]
+    assert [s["influence"]["window"]["micro_batches"] for s in callback.history] == [2, 22, 12]
+
+
+def test_auto_falls_back_to_probes_where_the_window_cannot_read_the_run(tmp_path):
+    model = toy_model(0)
+    model.loss_function = z_loss
+    config = TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source="auto", tikmix_window_steps=4,
+                          tikmix_probe_sequences=8, tikmix_show_progress=False)
+    with pytest.warns(UserWarning, match=r"training window cannot measure this run \(the training loss"):
+        callback, *_ = train(tmp_path, config, model, learning_rate=1e-3, max_steps=17)
+    first, second = callback.history
+    assert first["influence"]["window"] is None and first["influence"]["domain_tokens"]["noise"] > 0
+    assert any("measures with probes instead" in w for w in first["warnings"])
+    assert second["influence"]["window"] is None and not second["warnings"]  # probes from then on, said once
+    # where the config rules the window out, auto is probes from the start, without a word
+    assert TiKMiXConfig(tikmix_solver="surrogate").influence_source() == "probes"
+    assert TiKMiXConfig(tikmix_influence_source="auto").influence_source() == "training"

@@ -124,6 +124,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._count_input_tokens = False
         self._window: TrainingWindow | None = None  # open over the steps before a boundary (influence_source=training)
         self._window_opens: dict[int, int] = {}  # step at which a window opens -> the boundary it measures for
+        self._source = "probes"  # where this run measures S: the config's choice, resolved when training starts
         if trainer is not None:
             self.bind(trainer)
 
@@ -209,6 +210,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._check_first_batches(args, model)
         self._max_steps = int(state.max_steps)
         self._boundaries = self._plan_boundaries(state.max_steps)
+        self._source = cfg.influence_source() if self.mixer.measures else "probes"
         self._window_opens = self._plan_windows()
         if self.config.tikmix_stage_tokens or (self._plan is not None and self._plan.tokens):
             self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
@@ -308,13 +310,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         return bounds
 
     def _plan_windows(self) -> dict[int, int]:
-        """``{step at whose start a training window opens: its boundary}``; each window spans up to
-        ``tikmix_window_steps`` steps and never reaches back past the previous boundary."""
-        if self.config.tikmix_influence_source != "training" or not self.mixer.measures:
+        """``{step at whose start a training window opens: its boundary}``.
+
+        A window spans up to ``tikmix_window_steps`` steps and at most the second half of its stage:
+        the first steps after a decision still draw the old weights (the pipeline's lag) and move
+        fastest, and the first steps of training start from a random model.
+        """
+        if self._source != "training":
             return {}
         opens, previous = {}, 0
         for boundary in sorted(self._boundaries):
-            opens[max(boundary - self.config.tikmix_window_steps, previous)] = boundary
+            opens[boundary - max(1, min(self.config.tikmix_window_steps, (boundary - previous) // 2))] = boundary
             previous = boundary
         return opens
 
@@ -392,14 +398,26 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         """Measure the validation gradients now and hook the coming training micro-batches."""
         cfg = self.config
         bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
-        window = TrainingWindow(
-            model, {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
-            list(self.mixture.domains), preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
-            show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
-        )
-        window.attach(self._domain_of(state.global_step))
+        try:
+            window = TrainingWindow(
+                model, {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
+                list(self.mixture.domains), preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
+                show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+                strict=cfg.tikmix_influence_source == "training",
+            )
+            window.attach(self._domain_of(state.global_step))
+        except ValueError as error:  # this model cannot be read in hooks (FSDP, no nn.Linear output layer, ...)
+            if cfg.tikmix_influence_source == "training":
+                raise
+            warnings.warn(f"TiKMiX: {self._to_probes(str(error))}", stacklevel=3)
+            return
         self._window = window
         self._window_step = state.global_step
+
+    def _to_probes(self, why: str) -> str:
+        """``tikmix_influence_source="auto"`` on a run the window cannot read: probes from now on; the note to say."""
+        self._source, self._window_opens = "probes", {}
+        return f"the training window cannot measure this run ({why}): TiKMiX measures with probes instead"
 
     def _drop_window(self) -> None:
         if self._window is not None:
@@ -454,6 +472,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             self._measured_model(model), {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
             list(self.mixture.domains), json.loads(meta["tikmix"]), tensors,
             show_progress=self.config.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+            strict=self.config.tikmix_influence_source == "training",
         )
         window.attach(self._domain_of(opened_at))
         self._window, self._window_step = window, opened_at
@@ -607,14 +626,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def _close_window(self, state) -> tuple[tuple[TrainingWindow, dict] | None, str | None]:
         """The training window of this boundary, closed, with what each domain contributed; or why there is none."""
         window, self._window = self._window, None
-        if self.config.tikmix_influence_source != "training" or not self.mixer.measures:
-            return None, None
         if window is None:
+            if self._source != "training":
+                return None, None
             return None, (
-                "no training window was open before this boundary (the run was resumed inside it): this stage was "
-                "measured with probes"
+                "no training window was open before this boundary (the run was resumed from a checkpoint inside it "
+                "without its window file): this stage was measured with probes"
             )
-        return (window, window.close()), None
+        counts = window.close()
+        if window.failure is not None:
+            return None, self._to_probes(window.failure) + " (this stage included)"
+        return (window, counts), None
 
     def _next_boundary(self, state) -> int:
         """The step of the next decision, or the end of training (token-based stages: one period on)."""
@@ -702,6 +724,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                     "mixer": {"name": self.mixer.name, "state": self.mixer.state_dict()},
                     "history": self.history,
                     "window": None if self._window is None else {"opened_at": self._window_step},
+                    "influence_source": self._source,
                 }
             },
         }
@@ -739,6 +762,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             )
         self.mixer.load_state_dict(mixer.get("state") or {})
         self.mixture.seek(self._resume_start(state.global_step, args, state, loader))
+        if saved.get("influence_source") == "probes" and self._source == "training":
+            self._source, self._window_opens = "probes", {}  # the saved run had fallen back to probes
         if saved.get("window"):
             self._resume_window(args, state, model, int(saved["window"]["opened_at"]))
         if not args.ignore_data_skip and state.global_step > 0:

@@ -27,7 +27,7 @@ SOLVERS = tuple(MIXERS)
 #: ``--tikmix_objective`` choices of TiKMiX-D (and of TiKMiX-M's anchor).
 OBJECTIVES = ("trust_region", "paper")
 #: ``--tikmix_influence_source`` choices: probe sequences, or the training window's own micro-batches.
-INFLUENCE_SOURCES = ("probes", "training")
+INFLUENCE_SOURCES = ("auto", "probes", "training")
 #: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
 DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
 
@@ -277,6 +277,16 @@ class TiKMiXConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TiKMiXConfig)}
 
+    def influence_source(self) -> str:
+        """Where this run measures the domain side of ``S``: ``"training"`` (the window) or ``"probes"``.
+
+        ``auto`` takes the window wherever this config allows one (:func:`window_obstacle`), probes elsewhere.
+        """
+        source = self.tikmix_influence_source
+        if source == "auto":
+            return "training" if window_obstacle(self) is None else "probes"
+        return source
+
     def initial_weights(self) -> str | dict[str, float]:
         """``tikmix_initial_weights`` parsed: a keyword or a mapping."""
         value = self.tikmix_initial_weights
@@ -305,6 +315,26 @@ def _validate_replay(c) -> None:
     parse_domain_map(c.tikmix_schedule_domains)
 
 
+def window_obstacle(c) -> tuple[str, str] | None:
+    """Why a training window cannot measure for this config, as ``(field to name, fix)``; ``None`` when it can."""
+    if c.tikmix_solver != "direct":
+        return "tikmix_influence_source", (
+            f"the training window measures for tikmix_solver='direct' only (TiKMiX-M keeps every domain's whole "
+            f"gradient, which the hooks never form); use 'probes' with tikmix_solver={c.tikmix_solver!r}")
+    if c.tikmix_preconditioner == "diag_fisher":
+        return "tikmix_influence_source", (
+            "diag_fisher is built from probe batches before their gradients are scored; use "
+            "tikmix_preconditioner='identity' or 'adam' with the training window")
+    if c.tikmix_target_rse is not None:
+        return "tikmix_target_rse", (
+            "the adaptive probe budget draws probes, the training window reads training batches; unset one")
+    if c.tikmix_stage_tokens:
+        return "tikmix_influence_source", (
+            "the window opens tikmix_window_steps before a boundary, so boundaries must be known in steps; set "
+            "tikmix_stage_steps or tikmix_stage_fractions instead of tikmix_stage_tokens")
+    return None
+
+
 def _validate_window(c) -> None:
     """The training window's fields (docs/influence.md, Training window)."""
     source = c.tikmix_influence_source
@@ -313,23 +343,10 @@ def _validate_window(c) -> None:
     steps = c.tikmix_window_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         _fail("tikmix_window_steps", steps, "must be a positive number of optimizer steps, e.g. 32")
-    if source == "probes":
-        return
-    if c.tikmix_solver != "direct":
-        _fail("tikmix_influence_source", source,
-              f"the training window measures for tikmix_solver='direct' only (TiKMiX-M keeps every domain's whole "
-              f"gradient, which the hooks never form); use 'probes' with tikmix_solver={c.tikmix_solver!r}")
-    if c.tikmix_preconditioner == "diag_fisher":
-        _fail("tikmix_influence_source", source,
-              "diag_fisher is built from probe batches before their gradients are scored; use "
-              "tikmix_preconditioner='identity' or 'adam' with the training window")
-    if c.tikmix_target_rse is not None:
-        _fail("tikmix_target_rse", c.tikmix_target_rse,
-              "the adaptive probe budget draws probes, the training window reads training batches; unset one")
-    if c.tikmix_stage_tokens:
-        _fail("tikmix_influence_source", source,
-              "the window opens tikmix_window_steps before a boundary, so boundaries must be known in steps; set "
-              "tikmix_stage_steps or tikmix_stage_fractions instead of tikmix_stage_tokens")
+    obstacle = window_obstacle(c)
+    if source == "training" and obstacle is not None:
+        name, fix = obstacle
+        _fail(name, getattr(c, name), fix)
 
 
 def validate_config(c) -> None:

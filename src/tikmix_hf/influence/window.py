@@ -69,6 +69,9 @@ class TrainingWindow:
             measured now, at the window's start, and held (``n x P`` values) until :meth:`result`.
         domain_names: the mixture's domains, in the order of the ids ``domain_of`` returns.
         preconditioner: ``"identity"`` or ``"adam"`` (read from ``optimizer`` now, once).
+        strict: raise ``ValueError`` from the training step when a batch cannot be read (no labels,
+            a loss of another form, a row that is not one mixture example); with ``False`` the window
+            stops collecting instead and ``failure`` says why, so the caller can measure with probes.
 
     Use: ``attach(domain_of)`` before the window's first training step, where ``domain_of(k, rows)``
     gives the domain id of each of the ``rows`` sequences of this rank's ``k``-th training micro-batch
@@ -78,14 +81,15 @@ class TrainingWindow:
     """
 
     def __init__(self, model, validation_batches: Batches, domain_names: list[str], *,
-                 preconditioner: str = "identity", optimizer=None, show_progress: bool = False):
+                 preconditioner: str = "identity", optimizer=None, show_progress: bool = False,
+                 strict: bool = True):
         check_preconditioner_name(preconditioner)
         if preconditioner == "diag_fisher":
             raise ValueError(
                 "preconditioner='diag_fisher' needs the Fisher of probe batches before the window starts; use "
                 "'adam' or 'identity' with the training window, or measure with probes"
             )
-        self._setup(model, validation_batches, domain_names, show_progress)
+        self._setup(model, validation_batches, domain_names, show_progress, strict)
         self.preconditioner_name = preconditioner
         n_batches = sum(self.pass_.local_count(t) for t in self.tasks.values())
         with measurement_mode(self.module), self.pass_.progress(n_batches):
@@ -95,8 +99,9 @@ class TrainingWindow:
         self.task_losses = dict(self.pass_.task_losses)
         self.validation_seconds = time.perf_counter() - self.started
 
-    def _setup(self, model, validation_batches, domain_names, show_progress) -> None:
+    def _setup(self, model, validation_batches, domain_names, show_progress, strict) -> None:
         self.started = time.perf_counter()
+        self.strict, self.failure = bool(strict), None
         self.module = unwrap(model, sharded=True)
         self.rank, self.world = rank_and_world()
         if sharding_of(self.module, self.world) is not None:
@@ -155,10 +160,11 @@ class TrainingWindow:
 
     @classmethod
     def restore(cls, model, validation_batches: Batches, domain_names: list[str], meta: dict,
-                tensors: dict[str, torch.Tensor], *, show_progress: bool = False) -> "TrainingWindow":
+                tensors: dict[str, torch.Tensor], *, show_progress: bool = False,
+                strict: bool = True) -> "TrainingWindow":
         """The window :meth:`state` described, on this model and these validation batches (not yet attached)."""
         self = cls.__new__(cls)
-        self._setup(model, validation_batches, domain_names, show_progress)
+        self._setup(model, validation_batches, domain_names, show_progress, strict)
         expected = {"format": WINDOW_FORMAT, "parameters": list(self.layout.names), "domains": list(self.domain_names),
                     "tasks": list(self.tasks), "rank": self.rank, "world": self.world}
         wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
@@ -206,17 +212,30 @@ class TrainingWindow:
             handle.remove()
         self._handles = []
 
+    def _refuse(self, error: ValueError) -> None:
+        """A run the window cannot read: raise (``strict``), or stop collecting and keep why in ``failure``."""
+        if self.strict:
+            raise error
+        self.failure = str(error)
+        self._pending = None
+        self.detach()
+
     def _on_forward(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.failure is not None:
             return None  # evaluation and generation: no backward follows
         labels = kwargs.get("labels")
         if labels is None:
-            raise ValueError(
+            self._refuse(ValueError(
                 "the training window reads the labels from the model's forward, and this training forward got none "
                 "(a label smoother or a custom compute_loss pops them); measure with probes "
                 "(tikmix_influence_source='probes')"
-            )
-        self._flush()
+            ))
+            return None
+        try:
+            self._flush()
+        except ValueError as error:
+            self._refuse(error)
+            return None
         rows = int(labels.shape[0])
         self._pending = {
             "k": self.micro_batches, "rows": rows, "labels": labels.detach(),
@@ -235,10 +254,16 @@ class TrainingWindow:
             pending["logits"] = output.detach()
 
         def on_grad(grad, sub=sub, inp=inp, pending=pending):
+            if self.failure is not None:
+                return
             t0 = time.perf_counter()
             with torch.no_grad():
                 if sub is self._output:
-                    self._loss_scale(pending, grad)
+                    try:
+                        self._loss_scale(pending, grad)
+                    except ValueError as error:
+                        self._refuse(error)
+                        return
                 pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
             self.hook_seconds += time.perf_counter() - t0
 
@@ -321,9 +346,18 @@ class TrainingWindow:
             self.sequences[j] += 1
 
     def close(self) -> dict[str, dict[str, int]]:
-        """Stop collecting; the sequences and labelled tokens each domain contributed, summed over ranks."""
-        self._flush()
+        """Stop collecting; the sequences and labelled tokens each domain contributed, summed over ranks.
+
+        Not ``strict``: when any rank's window could not read its batches, ``failure`` says why on every rank.
+        """
+        try:
+            self._flush()
+        except ValueError as error:
+            self._refuse(error)
         self.detach()
+        failed = all_reduce(torch.tensor([float(self.failure is not None)], device=self.layout.device), self.world)
+        if failed.item() and self.failure is None:
+            self.failure = "another rank's training window could not read its batches (that rank's warning says why)"
         self.stats.reduce(self.world)
         all_reduce(self.loss_sums, self.world)
         all_reduce(self.sequences, self.world)
