@@ -55,6 +55,7 @@ ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 
           "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
 WARMUP_FRACTION = 0.05
 DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
+FINE_SCHEDULE = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -66,6 +67,8 @@ LABELS = {
     "hindsight_robust": "hindsight static of TiKMiX-D robust",
     "tikmix_d_window": "TiKMiX-D, training window",
     "tikmix_d_window_eq": "TiKMiX-D, training window (equal total tokens)",
+    "tikmix_d_window8": "TiKMiX-D, training window, 8 decisions",
+    "tikmix_d_window8_eq": "TiKMiX-D, training window, 8 decisions (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
@@ -166,11 +169,14 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 # the default objective with its default schedule: an early first decision
                 job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
                 job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
-            elif arm in ("tikmix_d_window", "tikmix_d_window_eq"):
-                # the same, with S read from the training micro-batches before each boundary
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
+            elif arm in ("tikmix_d_window", "tikmix_d_window_eq", "tikmix_d_window8", "tikmix_d_window8_eq"):
+                # the same, with S read from the training micro-batches before each boundary; the window
+                # costs no probe tokens, so decisions can come twice as often at the same total tokens
+                base = arm.removesuffix("_eq")
+                fractions = list(DEFAULT_SCHEDULE) if base == "tikmix_d_window" else FINE_SCHEDULE
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": fractions,
                                                           "tikmix_influence_source": "training"}
-                job["needs"] = ["tikmix_d_window"] if arm == "tikmix_d_window_eq" else []
+                job["needs"] = [base] if arm.endswith("_eq") else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
@@ -197,7 +203,7 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_window_eq"):
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_window_eq", "tikmix_d_window8_eq"):
         plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]
