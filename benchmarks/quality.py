@@ -10,14 +10,16 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
   renormalised); ``targets`` (local corpus only: half natural, half spread evenly over the
   domains the validation text was held out from, what a user who knows the tasks would try);
   ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
-- TiKMiX: ``tikmix_d`` and ``tikmix_m`` with the default, scale-aware trust-region objective at its
-  default schedule (5/25/50/75% of training), and ``tikmix_d_paper`` (the paper's Eq. 10) at the
-  bench's stage fractions 0.2/0.4/0.6/0.8; all from the natural start with the adam preconditioner;
+- TiKMiX: ``tikmix_d`` with the library's defaults (the scale-aware trust-region objective, S read
+  in the training window, eight decisions at 5/12.5/25/.../87.5% of training), ``tikmix_d_probes``
+  (the same objective measured on probes, at the probes' default 5/25/50/75%), ``tikmix_m`` (probes,
+  5/25/50/75%), and ``tikmix_d_paper`` (the paper's Eq. 10) at the bench's stage fractions
+  0.2/0.4/0.6/0.8; all from the natural start with the adam preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
 - at equal *total* tokens (the TiKMiX arms give up the training steps their probe
-  and validation passes cost): ``tikmix_d_eq`` (plain), ``robust_eq`` (two decisions where the
-  plain run takes four: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``,
+  and validation passes cost): ``tikmix_d_eq`` and ``tikmix_d_probes_eq``, ``robust_eq`` (probes,
+  two decisions: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``,
   ``tikmix_smoothing=0.5``, adaptive probe budget with target RSE 0.3 inside the same cap, probe
   micro-batches of 2 sequences so that every domain has the batches a standard error needs), and
   the hindsight static mixtures ``hindsight_d`` / ``hindsight_robust``: each run's own final weights used from step 0.
@@ -54,8 +56,8 @@ TEMPERATURE = 3.0
 ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
           "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
 WARMUP_FRACTION = 0.05
-DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
-FINE_SCHEDULE = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions
+WINDOW_SCHEDULE = DEFAULT_FRACTIONS["trust_region_window"]  # the default: S read in the training window
+PROBE_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's schedule when probes measure
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -65,17 +67,14 @@ LABELS = {
     "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
     "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
     "hindsight_robust": "hindsight static of TiKMiX-D robust",
-    "tikmix_d_window": "TiKMiX-D, training window",
-    "tikmix_d_window_eq": "TiKMiX-D, training window (equal total tokens)",
-    "tikmix_d_window8": "TiKMiX-D, training window, 8 decisions",
-    "tikmix_d_window8_eq": "TiKMiX-D, training window, 8 decisions (equal total tokens)",
+    "tikmix_d_probes": "TiKMiX-D on probes", "tikmix_d_probes_eq": "TiKMiX-D on probes (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
 #: and the default TiKMiX-D at equal total tokens beside its own hindsight static mixture. The other arms of ORDER
 #: (temperature, DoReMi, the robust settings) run with --arms.
-DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_paper", "tikmix_m", "odm", "doge",
-                "tikmix_d_eq", "hindsight_d"]
+DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_probes", "tikmix_d_paper", "tikmix_m",
+                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,27 +165,24 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 job["initial"] = arm
                 job["save_model"] = arm == "uniform" and "doremi" in arms
             elif arm in ("tikmix_d", "tikmix_d_eq"):
-                # the default objective with its default schedule: an early first decision
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
+                # the library's defaults: S from the training window, decisions on its default schedule
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(WINDOW_SCHEDULE)}
                 job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
-            elif arm in ("tikmix_d_window", "tikmix_d_window_eq", "tikmix_d_window8", "tikmix_d_window8_eq"):
-                # the same, with S read from the training micro-batches before each boundary; the window
-                # costs no probe tokens, so decisions can come twice as often at the same total tokens
-                base = arm.removesuffix("_eq")
-                fractions = list(DEFAULT_SCHEDULE) if base == "tikmix_d_window" else FINE_SCHEDULE
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": fractions,
-                                                          "tikmix_influence_source": "training"}
-                job["needs"] = [base] if arm.endswith("_eq") else []
+            elif arm in ("tikmix_d_probes", "tikmix_d_probes_eq"):
+                # the same objective measured on probes, on the probes' default schedule
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(PROBE_SCHEDULE),
+                                                          "tikmix_influence_source": "probes"}
+                job["needs"] = ["tikmix_d_probes"] if arm == "tikmix_d_probes_eq" else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
-                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
+                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(PROBE_SCHEDULE)}
             elif arm in ("odm", "doge"):
                 job["solver"] = arm
             elif arm == "doremi":
                 job["solver"], job["needs"] = "doremi", ["uniform"]
             elif arm == "robust_eq":
-                job["solver"], job["config"], job["needs"] = "direct", dict(ROBUST), ["tikmix_d"]
+                job["solver"], job["config"], job["needs"] = "direct", dict(ROBUST), ["tikmix_d_probes"]
             elif arm == "hindsight_d":
                 job["needs"] = ["tikmix_d_eq"]
             elif arm == "hindsight_robust":
@@ -203,7 +199,7 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_window_eq", "tikmix_d_window8_eq"):
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq"):
         plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]
@@ -404,7 +400,7 @@ def verdicts(corpus: str, entry: dict) -> str:
         if arm not in arms:
             continue
         e = arms[arm]
-        beaten = [arms[b]["label"] for b in arms if b not in ("tikmix_d", "tikmix_m", "tikmix_d_eq", "robust_eq")
+        beaten = [arms[b]["label"] for b in arms if not b.startswith(("tikmix_d", "tikmix_m", "robust"))
                   and arms[b]["average"][0] < e["average"][0]]
         lines.append(f"- **{e['label']}** {_pct(e['vs_uniform']['gain']) if 'vs_uniform' in e else ''} vs uniform; "
                      + (f"behind {', '.join(beaten)}." if beaten

@@ -49,11 +49,15 @@ def test_quality_plan_orders_dependants_and_matches_total_tokens():
     assert {a for a, j in jobs.items() if not j["needs"]} >= {"uniform", "natural", "tikmix_d", "tikmix_m", "odm"}
     assert jobs["doremi"]["needs"] == ["uniform"] and jobs["uniform"]["save_model"]
     assert jobs["hindsight_robust"]["needs"] == ["robust_eq"]
+    assert jobs["tikmix_d"]["config"].get("tikmix_influence_source") is None  # the library's default
+    assert jobs["tikmix_d_probes"]["config"]["tikmix_influence_source"] == "probes"
     per_step = size.batch_size * size.block_size
-    done = {("local", 0, "tikmix_d"): _done(10 * per_step + 1, 4, {"a": 1.0}),
-            ("local", 0, "tikmix_d_eq"): _done(0, 4, {"a": 0.25, "b": 0.75}),
+    done = {("local", 0, "tikmix_d"): _done(3 * per_step, 8, {"a": 1.0}),
+            ("local", 0, "tikmix_d_probes"): _done(10 * per_step + 1, 4, {"a": 1.0}),
+            ("local", 0, "tikmix_d_eq"): _done(0, 8, {"a": 0.25, "b": 0.75}),
             ("local", 0, "uniform"): _done(0, 0, {})}
-    eq = quality.resolve(jobs["tikmix_d_eq"], done, size)
+    assert quality.resolve(jobs["tikmix_d_eq"], done, size)["max_steps"] == size.max_steps - 3
+    eq = quality.resolve(jobs["tikmix_d_probes_eq"], done, size)
     assert eq["max_steps"] == size.max_steps - 11  # probe tokens cost whole training steps, rounded up
     robust = quality.resolve(jobs["robust_eq"], done, size)
     assert robust["config"]["tikmix_warmup_steps"] == round(quality.WARMUP_FRACTION * size.max_steps)

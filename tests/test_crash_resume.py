@@ -61,9 +61,10 @@ def test_sigkill_at_five_moments_then_resume_equals_uninterrupted(tmp_path):
     uninterrupted = start(clean)  # runs beside the crashed attempts: it shares nothing with them
     crashed = tmp_path / "crashed"
     # Each kill lies after the checkpoint the previous attempt resumes from (checkpoints every 4 steps,
-    # stages every 5): before any checkpoint, mid-influence, mid-checkpoint, mid-history-write,
-    # between boundaries, and in the influence pass of the last stage.
-    kills = ["step:3", "influence:2", "checkpoint:12", "history:3", "step:18", "influence:1"]
+    # stages every 5, S read in the training window of the 2 steps before each): mid-checkpoint, so that
+    # the next attempt resumes from checkpoint 4, inside a window; mid-measurement, mid-checkpoint,
+    # mid-history-write, between boundaries, and in the measurement of the last stage.
+    kills = ["checkpoint:8", "influence:2", "checkpoint:12", "history:3", "step:18", "influence:1"]
     for kill in kills:
         run(crashed, kill)
         check_files(crashed)
@@ -71,6 +72,7 @@ def test_sigkill_at_five_moments_then_resume_equals_uninterrupted(tmp_path):
     run(clean, proc=uninterrupted)
     reference = load_history(clean / "tikmix" / "history.json")
     assert latest_checkpoint(crashed).endswith("checkpoint-24")
+    assert (crashed / "checkpoint-4" / "tikmix_window-rank0.safetensors").is_file()
     got = load_history(crashed / "tikmix" / "history.json")
     assert [s["step"] for s in got["stages"]] == [s["step"] for s in reference["stages"]] == [5, 10, 15, 20]
     for a, b in zip(got["stages"], reference["stages"]):

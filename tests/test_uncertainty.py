@@ -333,7 +333,7 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
     collator = RecordingCollator()
     config = TiKMiXConfig(tikmix_stage_steps=10, tikmix_warmup_steps=3, tikmix_show_progress=False,
                           tikmix_probe_sequences=16, tikmix_probe_batch_size=4, tikmix_shrink_z=1.0,
-                          tikmix_smoothing=0.5)
+                          tikmix_smoothing=0.5, tikmix_influence_source="probes")  # 4 probe batches per domain
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=collator)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, use_cpu=True,

@@ -3,7 +3,7 @@
     python crash_run.py OUT [KILL]
 
 KILL is one of ``step:N`` (at the end of optimizer step N, before anything else sees it),
-``influence:K`` (inside the K-th influence pass), ``checkpoint:N`` (half-way through writing
+``influence:K`` (inside the K-th measurement of S, probes or the training window's), ``checkpoint:N`` (half-way through writing
 checkpoint N: model and optimizer written, trainer state not) or ``history:K`` (the K-th history
 write, after its temporary file is written and before it replaces history.json). Without KILL the
 run goes to the end. The run resumes from the latest complete checkpoint in OUT if there is one.
@@ -52,7 +52,7 @@ def arm(kill: str | None):
     if what == "step":
         return [Killer(n)]
     if what == "influence":
-        real, calls = tikmix_hf.mixers.tikmix.group_influence, [0]
+        real, calls = tikmix_hf.mixers.tikmix.measure_influence, [0]
 
         def influence(*args, **kwargs):
             calls[0] += 1
@@ -60,7 +60,7 @@ def arm(kill: str | None):
                 die()
             return real(*args, **kwargs)
 
-        tikmix_hf.mixers.tikmix.group_influence = influence
+        tikmix_hf.mixers.tikmix.measure_influence = influence
     elif what == "checkpoint":
         real_rng = Trainer._save_rng_state
 

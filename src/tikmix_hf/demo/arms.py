@@ -7,8 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: The default objective's default schedule (``tikmix_hf.config.DEFAULT_FRACTIONS``).
-EARLY = (0.05, 0.25, 0.5, 0.75)
+from ..config import DEFAULT_FRACTIONS
+
+#: The default objective's default schedules: TiKMiX-D measuring in the training window, TiKMiX-M on probes.
+WINDOWED = DEFAULT_FRACTIONS["trust_region_window"]
+EARLY = DEFAULT_FRACTIONS["trust_region"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ ARMS: dict[str, Arm] = {
         Arm("natural", "static (natural)"),
         Arm("uniform", "static (uniform)", initial="uniform"),
         # The default objective decides on its default, early schedule; the paper's arms at the preset's stages.
-        Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(EARLY)}),
+        Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(WINDOWED)}),
         Arm("tikmix_m", "TiKMiX-M", solver="surrogate", config={"tikmix_stage_fractions": list(EARLY)}),
         Arm("tikmix_d_paper", "TiKMiX-D (paper objective)", solver="direct", config={"tikmix_objective": "paper"}),
         Arm("tikmix_m_paper", "TiKMiX-M (paper objective)", solver="surrogate",
