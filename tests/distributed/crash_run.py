@@ -3,9 +3,10 @@
     python crash_run.py OUT [KILL]
 
 KILL is one of ``step:N`` (at the end of optimizer step N, before anything else sees it),
-``influence:K`` (inside the K-th measurement of S, probes or the training window's), ``checkpoint:N`` (half-way through writing
-checkpoint N: model and optimizer written, trainer state not) or ``history:K`` (the K-th history
-write, after its temporary file is written and before it replaces history.json). Without KILL the
+``influence:K`` (inside the K-th measurement of S, probes or the training window's),
+``checkpoint:N`` (half-way through writing checkpoint N: model and optimizer written, trainer state
+not) or ``history:K`` (the K-th history write, after its temporary file is written and before it
+replaces history.json). Without KILL the
 run goes to the end. The run resumes from the latest complete checkpoint in OUT if there is one.
 Every batch the model sees is appended to OUT/seen-<attempt>.jsonl with the step it resumed from.
 """
