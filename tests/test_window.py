@@ -167,6 +167,13 @@ def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
     np.testing.assert_allclose(b["stderr"], a["stderr"], rtol=1e-10)
     assert b["task_losses"] == a["task_losses"]
     assert resumed.history[0]["weights_after"] == pytest.approx(full.history[0]["weights_after"], abs=1e-12)
+    # a checkpoint copied without its window file resumes too, that stage measured on probes
+    (checkpoint / "tikmix_window-rank0.safetensors").unlink()
+    with pytest.warns(UserWarning) as caught:
+        bare, _ = run(tmp_path / "split", resume=str(checkpoint))
+    assert any("window state is not at" in str(w.message) for w in caught)
+    assert bare.history[0]["influence"]["window"] is None
+    assert any("measured with probes" in w for w in bare.history[0]["warnings"])
 
 
 @pytest.mark.filterwarnings("ignore:.*collapsing onto few domains")
@@ -194,3 +201,32 @@ def test_auto_falls_back_to_probes_where_the_window_cannot_read_the_run(tmp_path
     # where the config rules the window out, auto is probes from the start, without a word
     assert TiKMiXConfig(tikmix_solver="surrogate").influence_source() == "probes"
     assert TiKMiXConfig(tikmix_influence_source="auto").influence_source() == "training"
+
+
+class DropLast(RecordingCollator):
+    """A collator that returns one row fewer than it was given examples (as a packing collator may)."""
+
+    def __call__(self, examples):
+        return super().__call__(examples[:-1])
+
+
+@pytest.mark.parametrize("source", ["training", "auto"])
+def test_rows_that_are_not_one_example_each_are_refused_or_measured_on_probes(tmp_path, source):
+    mixture = DomainMixture(toy_domains(), weights=START, seed=3)
+    collate = RecordingCollator()
+    collate.recording = False
+    config = TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
+                          tikmix_probe_sequences=8, tikmix_show_progress=False)
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=collate)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=9, per_device_train_batch_size=4, use_cpu=True,
+                             report_to="none", save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=DropLast(),
+                      callbacks=[callback])
+    callback.bind(trainer)
+    if source == "training":
+        with pytest.raises(ValueError, match="has 3 sequences where the stream gives each rank 4"):
+            trainer.train()
+    else:
+        with pytest.warns(UserWarning, match="a collator that packs or splits examples"):
+            trainer.train()
+        assert callback.history[0]["influence"]["window"] is None
