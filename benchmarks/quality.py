@@ -11,14 +11,15 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
   domains the validation text was held out from, what a user who knows the tasks would try);
   ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
 - TiKMiX: ``tikmix_d`` with the library's defaults (the scale-aware trust-region objective, S read
-  in the training window, eight decisions at 5/12.5/25/.../87.5% of training), ``tikmix_d_probes``
-  (the same objective measured on probes, at the probes' default 5/25/50/75%), ``tikmix_m`` (probes,
-  5/25/50/75%), and ``tikmix_d_paper`` (the paper's Eq. 10) at the bench's stage fractions
-  0.2/0.4/0.6/0.8; all from the natural start with the adam preconditioner;
+  in the training window, decisions at 5/25/50/75% of training), ``tikmix_d_probes`` (the same
+  measured on probes, as the paper measures), ``tikmix_m`` (probes), ``tikmix_d_paper`` (the paper's
+  Eq. 10, on probes) at the bench's stage fractions 0.2/0.4/0.6/0.8, and ``tikmix_d_eight`` (not run
+  by default: the default with eight decisions); all from the natural start with the adam
+  preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
 - at equal *total* tokens (the TiKMiX arms give up the training steps their probe
-  and validation passes cost): ``tikmix_d_eq`` and ``tikmix_d_probes_eq``, ``robust_eq`` (probes,
+  and validation passes cost): ``tikmix_d_eq``, ``tikmix_d_probes_eq``, ``robust_eq`` (probes,
   two decisions: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``,
   ``tikmix_smoothing=0.5``, adaptive probe budget with target RSE 0.3 inside the same cap, probe
   micro-batches of 2 sequences so that every domain has the batches a standard error needs), and
@@ -56,8 +57,8 @@ TEMPERATURE = 3.0
 ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
           "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
 WARMUP_FRACTION = 0.05
-WINDOW_SCHEDULE = DEFAULT_FRACTIONS["trust_region_window"]  # the default: S read in the training window
-PROBE_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's schedule when probes measure
+DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
+EIGHT = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions (arm tikmix_d_eight)
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -68,6 +69,8 @@ LABELS = {
     "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
     "hindsight_robust": "hindsight static of TiKMiX-D robust",
     "tikmix_d_probes": "TiKMiX-D on probes", "tikmix_d_probes_eq": "TiKMiX-D on probes (equal total tokens)",
+    "tikmix_d_eight": "TiKMiX-D, eight decisions",
+    "tikmix_d_eight_eq": "TiKMiX-D, eight decisions (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
@@ -165,18 +168,22 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 job["initial"] = arm
                 job["save_model"] = arm == "uniform" and "doremi" in arms
             elif arm in ("tikmix_d", "tikmix_d_eq"):
-                # the library's defaults: S from the training window, decisions on its default schedule
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(WINDOW_SCHEDULE)}
+                # the library's defaults: S from the training window, decisions on the default schedule
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
                 job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
             elif arm in ("tikmix_d_probes", "tikmix_d_probes_eq"):
-                # the same objective measured on probes, on the probes' default schedule
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(PROBE_SCHEDULE),
+                # the same objective and schedule measured on probes, as the paper measures
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
                                                           "tikmix_influence_source": "probes"}
                 job["needs"] = ["tikmix_d_probes"] if arm == "tikmix_d_probes_eq" else []
+            elif arm in ("tikmix_d_eight", "tikmix_d_eight_eq"):
+                # the default with twice as many decisions
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": EIGHT}
+                job["needs"] = ["tikmix_d_eight"] if arm == "tikmix_d_eight_eq" else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
-                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(PROBE_SCHEDULE)}
+                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
             elif arm in ("odm", "doge"):
                 job["solver"] = arm
             elif arm == "doremi":
@@ -199,7 +206,7 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq"):
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq", "tikmix_d_eight_eq"):
         plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]

@@ -16,7 +16,7 @@ import pytest
 from helpers.launch import torchrun
 
 from tikmix_hf.cli import main
-from tikmix_hf.demo.arms import DEFAULT_ARMS, EARLY, WINDOWED
+from tikmix_hf.demo.arms import DEFAULT_ARMS, EARLY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,11 +84,10 @@ def _check_png(path: Path) -> np.ndarray:
 
 
 def stage_steps(arm: str, size: dict) -> set[int]:
-    """The steps an arm decides at: the default objective's schedules (TiKMiX-D measuring in the training
-    window, TiKMiX-M on probes), or the preset's stages for the paper's objective."""
+    """The steps an arm decides at: the default objective's early schedule, or the preset's stages."""
     if not arm.startswith("tikmix"):
         return set()
-    fractions = size["stage_fractions"] if arm.endswith("_paper") else WINDOWED if arm == "tikmix_d" else EARLY
+    fractions = size["stage_fractions"] if arm.endswith("_paper") else EARLY
     return {s for s in (round(f * size["max_steps"]) for f in fractions) if 0 < s < size["max_steps"]}
 
 

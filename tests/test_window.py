@@ -201,6 +201,7 @@ def test_auto_falls_back_to_probes_where_the_window_cannot_read_the_run(tmp_path
     # where the config rules the window out, auto is probes from the start, without a word
     assert TiKMiXConfig(tikmix_solver="surrogate").influence_source() == "probes"
     assert TiKMiXConfig(tikmix_influence_source="auto").influence_source() == "training"
+    assert TiKMiXConfig(tikmix_objective="paper").influence_source() == "probes"  # the paper's method, as it was
 
 
 class DropLast(RecordingCollator):
@@ -230,3 +231,25 @@ def test_rows_that_are_not_one_example_each_are_refused_or_measured_on_probes(tm
         with pytest.warns(UserWarning, match="a collator that packs or splits examples"):
             trainer.train()
         assert callback.history[0]["influence"]["window"] is None
+
+
+def test_a_layer_too_large_to_form_per_sequence_is_scored_task_by_task_to_the_same_value(monkeypatch):
+    from helpers.data import named_batches, token_batches
+
+    from tikmix_hf.influence import TrainingWindow
+    from tikmix_hf.influence import window as window_module
+
+    def scores():
+        model = toy_model(0, torch.float64)
+        window = TrainingWindow(model, named_batches(["a", "b"], 2, seed=5), ["x", "y"])
+        ids = [np.array([0, 1, 0]), np.array([1, 1, 0]), np.array([0, 0, 1])]
+        window.attach(lambda k, rows: ids[k])
+        for batch in token_batches(3, batch_size=3, seed=9):
+            out = model(**batch)
+            token_mean_loss(out.logits, batch["labels"], out.logits.shape[-1]).backward()
+        window.close()
+        return window.result().scores
+
+    per_sequence = scores()
+    monkeypatch.setattr(window_module, "_CHUNK_VALUES", 1)  # every layer is "too large" now
+    np.testing.assert_allclose(scores(), per_sequence, rtol=1e-12, atol=1e-14)

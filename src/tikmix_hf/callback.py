@@ -41,7 +41,7 @@ from transformers.utils import logging
 
 from ._distributed import agree, rank_and_world
 from ._io import load_tensors, remove_stale_temporaries, save_json_atomic, save_tensors_atomic
-from .config import TiKMiXConfig
+from .config import DEFAULT_FRACTIONS, TiKMiXConfig
 from .history import HISTORY_FORMAT
 from .influence import TrainingWindow
 from .influence.checks import check_batch
@@ -292,7 +292,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                     stacklevel=3,
                 )
         else:
-            fractions = cfg.tikmix_stage_fractions or list(cfg.default_fractions())
+            fractions = cfg.tikmix_stage_fractions or list(DEFAULT_FRACTIONS[cfg.tikmix_objective])
             bounds = {s for s in (round(f * max_steps) for f in fractions) if 0 < s < max_steps}
             if not bounds:
                 warnings.warn(

@@ -28,14 +28,8 @@ SOLVERS = tuple(MIXERS)
 OBJECTIVES = ("trust_region", "paper")
 #: ``--tikmix_influence_source`` choices: probe sequences, or the training window's own micro-batches.
 INFLUENCE_SOURCES = ("auto", "probes", "training")
-#: Where decisions fall when no schedule is given (``TiKMiXConfig.default_fractions``): for the default objective
-#: early, and twice as often when the training window measures (a decision then spends no probe tokens); the
-#: paper's three otherwise.
-DEFAULT_FRACTIONS = {
-    "trust_region": (0.05, 0.25, 0.5, 0.75),
-    "trust_region_window": (0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875),
-    "paper": (0.25, 0.5, 0.75),
-}
+#: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
+DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
 
 
 def _help(text: str) -> dict:
@@ -51,8 +45,7 @@ class TiKMiXConfig:
     - **The mixer**: ``tikmix_solver`` (any registered mixer: TiKMiX-D, TiKMiX-M or a baseline),
       ``tikmix_initial_weights``, ``tikmix_seed``.
     - **When**: ``tikmix_stage_steps``, ``tikmix_stage_tokens`` or ``tikmix_stage_fractions`` (exactly
-      one; with none, at 5, 12.5, 25, 37.5, 50, 62.5, 75 and 87.5 percent of training when the training
-      window measures, at 5, 25, 50 and 75 when probes do, or 25, 50 and 75 with
+      one; with none, at 5, 25, 50 and 75 percent of training, or 25, 50 and 75 with
       ``tikmix_objective="paper"``), and
       ``tikmix_warmup_steps`` for an earlier first decision.
     - **What is measured**: ``tikmix_probe_sequences``, ``tikmix_validation_sequences``,
@@ -108,7 +101,7 @@ class TiKMiXConfig:
             "Where TiKMiX-D takes the domain gradients of S from: probes (sequences drawn for the purpose at each "
             "boundary) or training (the training micro-batches of the tikmix_window_steps steps before it, read in "
             "hooks; a domain the window saw fewer than tikmix_probe_sequences times is topped up with probes). "
-            "auto: training wherever the run allows it, probes elsewhere."
+            "auto: training wherever the run allows it, probes elsewhere and with tikmix_objective=paper."
         ),
     )
     tikmix_window_steps: int = field(
@@ -288,18 +281,14 @@ class TiKMiXConfig:
     def influence_source(self) -> str:
         """Where this run measures the domain side of ``S``: ``"training"`` (the window) or ``"probes"``.
 
-        ``auto`` takes the window wherever this config allows one (:func:`window_obstacle`), probes elsewhere.
+        ``auto`` takes the window wherever this config allows one (:func:`window_obstacle`), and probes
+        elsewhere and with ``tikmix_objective="paper"``, which reproduces the paper's method.
         """
         source = self.tikmix_influence_source
         if source == "auto":
-            return "training" if window_obstacle(self) is None else "probes"
+            usable = window_obstacle(self) is None and self.tikmix_objective != "paper"
+            return "training" if usable else "probes"
         return source
-
-    def default_fractions(self) -> tuple[float, ...]:
-        """The decisions' fractions of training when no ``tikmix_stage_*`` is given (:data:`DEFAULT_FRACTIONS`)."""
-        if self.tikmix_objective == "paper":
-            return DEFAULT_FRACTIONS["paper"]
-        return DEFAULT_FRACTIONS["trust_region_window" if self.influence_source() == "training" else "trust_region"]
 
     def initial_weights(self) -> str | dict[str, float]:
         """``tikmix_initial_weights`` parsed: a keyword or a mapping."""

@@ -9,8 +9,7 @@ from typing import Any
 
 from ..config import DEFAULT_FRACTIONS
 
-#: The default objective's default schedules: TiKMiX-D measuring in the training window, TiKMiX-M on probes.
-WINDOWED = DEFAULT_FRACTIONS["trust_region_window"]
+#: The default objective's default schedule.
 EARLY = DEFAULT_FRACTIONS["trust_region"]
 
 
@@ -38,7 +37,7 @@ ARMS: dict[str, Arm] = {
         Arm("natural", "static (natural)"),
         Arm("uniform", "static (uniform)", initial="uniform"),
         # The default objective decides on its default, early schedule; the paper's arms at the preset's stages.
-        Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(WINDOWED)}),
+        Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(EARLY)}),
         Arm("tikmix_m", "TiKMiX-M", solver="surrogate", config={"tikmix_stage_fractions": list(EARLY)}),
         Arm("tikmix_d_paper", "TiKMiX-D (paper objective)", solver="direct", config={"tikmix_objective": "paper"}),
         Arm("tikmix_m_paper", "TiKMiX-M (paper objective)", solver="surrogate",

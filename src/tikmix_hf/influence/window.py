@@ -45,7 +45,8 @@ COVERED = (torch.nn.Linear, torch.nn.Embedding)
 LOSS_MISFIT = 0.05
 #: The format of a window's checkpoint state (:meth:`TrainingWindow.state`).
 WINDOW_FORMAT = "tikmix_hf.window/1"
-#: Per-sequence weight gradients are formed for at most this many values at a time.
+#: Per-sequence weight gradients are formed for at most this many values at a time; a layer whose weight
+#: alone is larger is scored task by task instead.
 _CHUNK_VALUES = 1 << 24
 
 
@@ -279,18 +280,24 @@ class TrainingWindow:
         if isinstance(sub, torch.nn.Embedding):
             ids = inp.reshape(rows, -1)
             if weight is not None:
-                picked = weight[:, ids]  # (n, rows, T, d)
                 if sub.padding_idx is not None:  # the padding row gets no gradient
-                    picked = picked * (ids != sub.padding_idx)[None, :, :, None]
-                dots += torch.einsum("btd,nbtd->bn", g, picked)
+                    g = g * (ids != sub.padding_idx)[:, :, None]
+                for i in range(weight.shape[0]):  # one task at a time: (rows, T, d), the activations' size
+                    dots[:, i] += (g * weight[i][ids]).sum(dim=(1, 2))
             return dots
         a = inp.reshape(rows, -1, inp.shape[-1]).to(dtype)
-        if weight is not None:
+        if weight is not None and weight[0].numel() <= _CHUNK_VALUES:
+            # G_b^T A_b per sequence (the cost of the layer's weight gradient), then n dot products
             flat = weight.reshape(weight.shape[0], -1)
-            step = max(1, _CHUNK_VALUES // max(weight[0].numel(), 1))
+            step = max(1, _CHUNK_VALUES // weight[0].numel())
             for lo in range(0, rows, step):
                 per_sequence = torch.einsum("bto,bti->boi", g[lo:lo + step], a[lo:lo + step])
                 dots[lo:lo + step] += per_sequence.reshape(per_sequence.shape[0], -1) @ flat.T
+        elif weight is not None:
+            # A weight too large to form per sequence (a big output layer): sum_t <G_bt, V_i A_bt>, task by
+            # task, in the activations' size (n times the weight gradient's cost instead of once)
+            for i in range(weight.shape[0]):
+                dots[:, i] += ((a @ weight[i].T) * g).sum(dim=(1, 2))
         bias = self.views.get(id(sub.bias)) if sub.bias is not None else None
         if bias is not None:
             dots += g.sum(dim=1) @ bias.T
