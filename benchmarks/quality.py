@@ -454,12 +454,15 @@ def main(argv=None) -> dict:
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds (default 0 1 2; quick: 0)")
     p.add_argument("--corpora", nargs="+", default=["synthetic", "local"], choices=["synthetic", "local"])
-    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ORDER)
+    p.add_argument("--arms", nargs="+", default=None, choices=ORDER,
+                   help="default: DEFAULT_ARMS (--quick leaves out tikmix_d_probes_eq: tikmix_d_eq runs its code)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers}: give at least 1")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    if args.arms is None:
+        args.arms = [a for a in DEFAULT_ARMS if not (args.quick and a == "tikmix_d_probes_eq")]
     size = bench_size(args.quick)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tikmix-quality-") as base:
