@@ -28,8 +28,8 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
 The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`` of the average
 held-out loss.
 
-Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x the 11 default arms of a 400-step
-model took 29 minutes on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model) about a minute.
+Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x the 13 default arms of a 400-step
+model took 38 minutes on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model) about a minute.
 
     python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--corpora synthetic local] [--workers 2]
 """
