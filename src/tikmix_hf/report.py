@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_FRACTIONS
+
 __all__ = [
     "demo_report",
     "demo_tables",
@@ -203,10 +205,13 @@ def _setup_line(results: Mapping[str, Any]) -> str:
         f"Llama with {size['layers']} layer(s) of width {size['hidden_size']}, trained from the same initialisation "
         f"per seed for {size['max_steps']} steps × {size['batch_size']} blocks of {size['block_size']} tokens = "
         f"**{results['training_tokens_per_arm']:,} training tokens per arm** (AdamW, lr {size['learning_rate']}, "
-        f"cosine schedule). TiKMiX re-decides the mixture at "
-        f"{', '.join(f'{f:.0%}' for f in size['stage_fractions'])} of training from {size['probe_sequences']} probe "
-        f"blocks per domain and {size['validation_sequences']} sequences per task (Adam-preconditioned influence); "
-        f"TiKMiX-M evaluates {size['surrogate_candidates']} look-ahead candidates per stage."
+        f"cosine schedule). TiKMiX measures Adam-preconditioned influence on {size['validation_sequences']} "
+        f"sequences per task: TiKMiX-D with its defaults reads the domains from the training micro-batches before "
+        f"each decision (topped up to {size['probe_sequences']} sequences per domain with probes), the paper's "
+        f"objective and TiKMiX-M from {size['probe_sequences']} probe blocks per domain. The default objective "
+        f"decides at {', '.join(f'{f:.0%}' for f in DEFAULT_FRACTIONS['trust_region'])} of training, the paper's at "
+        f"{', '.join(f'{f:.0%}' for f in size['stage_fractions'])}; TiKMiX-M evaluates "
+        f"{size['surrogate_candidates']} look-ahead candidates per stage."
     )
 
 
@@ -260,8 +265,10 @@ def demo_report(results: Mapping[str, Any]) -> str:
         "",
         "`train s` is the wall time of training without the periodic held-out evaluation and `CPU s` the CPU time "
         "of the whole arm (evaluation included; on a busy machine it is the steadier number); `TiKMiX s` and "
-        "`TiKMiX share` are the wall time of all stages (influence, solve) and its share of `train s`. `probe "
-        "tokens` are the tokens of the influence passes (forward and backward, not training).",
+        "`TiKMiX share` are the wall time of all stages (influence, solve; for a training window its validation "
+        "pass and hooks) and its share of `train s`. `probe tokens` are the tokens the measurement read beyond "
+        "training, forward and backward (probes and validation sequences; for a training window its validation "
+        "sequences and top-up probes).",
     ]
     weights = _final_weights_table(results)
     if weights:
