@@ -124,6 +124,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._count_input_tokens = False
         self._window: TrainingWindow | None = None  # open over the steps before a boundary (influence_source=training)
         self._window_opens: dict[int, int] = {}  # step at which a window opens -> the boundary it measures for
+        self._window_step = 0  # the step at whose start the open window opened
         self._source = "probes"  # where this run measures S: the config's choice, resolved when training starts
         if trainer is not None:
             self.bind(trainer)
