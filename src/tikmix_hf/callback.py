@@ -398,14 +398,11 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def _open_window(self, args, state, model, optimizer) -> None:
         """Measure the validation gradients now and hook the coming training micro-batches."""
         cfg = self.config
-        bs = cfg.tikmix_probe_batch_size or args.per_device_train_batch_size
         try:
-            window = TrainingWindow(
-                model, {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
-                list(self.mixture.domains), preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
-                show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
-                strict=cfg.tikmix_influence_source == "training",
-            )
+            window = TrainingWindow(model, self._validation_batches(args), list(self.mixture.domains),
+                                    preconditioner=cfg.tikmix_preconditioner, optimizer=optimizer,
+                                    show_progress=self._shows_progress(args),
+                                    strict=cfg.tikmix_influence_source == "training")
             window.attach(self._domain_of(state.global_step))
         except ValueError as error:  # this model cannot be read in hooks (FSDP, no nn.Linear output layer, ...)
             if cfg.tikmix_influence_source == "training":
@@ -448,6 +445,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
 
         return domain_of
 
+    def _validation_batches(self, args) -> dict[str, list]:
+        bs = self.config.tikmix_probe_batch_size or args.per_device_train_batch_size
+        return {name: self._batches(ex, bs) for name, ex in self._val_examples.items()}
+
+    def _shows_progress(self, args) -> bool:
+        return bool(self.config.tikmix_show_progress and not args.disable_tqdm and self._is_main)
+
     def _window_path(self, args, step: int) -> str:
         return os.path.join(args.output_dir, f"checkpoint-{step}", WINDOW_FILE.format(rank=rank_and_world()[0]))
 
@@ -468,12 +472,10 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             )
             return
         tensors, meta = load_tensors(path)
-        bs = self.config.tikmix_probe_batch_size or args.per_device_train_batch_size
         window = TrainingWindow.restore(
-            self._measured_model(model), {name: self._batches(ex, bs) for name, ex in self._val_examples.items()},
-            list(self.mixture.domains), json.loads(meta["tikmix"]), tensors,
-            show_progress=self.config.tikmix_show_progress and not args.disable_tqdm and self._is_main,
-            strict=self.config.tikmix_influence_source == "training",
+            self._measured_model(model), self._validation_batches(args), list(self.mixture.domains),
+            json.loads(meta["tikmix"]), tensors,
+            show_progress=self._shows_progress(args), strict=self.config.tikmix_influence_source == "training",
         )
         window.attach(self._domain_of(opened_at))
         self._window, self._window_step = window, opened_at
@@ -567,10 +569,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             domain_batches={d: self._batches(drawn[d][:n_probe], bs) for d in domains_drawn},
             domain_sources=sources,
             max_probe_batches=-(-cap // bs) if sources is not None else None,
-            validation_batches={name: self._batches(ex, bs) for name, ex in self._val_examples.items()} if measures
-            else {},
+            validation_batches=self._validation_batches(args) if measures else {},
             config=cfg,
-            show_progress=cfg.tikmix_show_progress and not args.disable_tqdm and self._is_main,
+            show_progress=self._shows_progress(args),
             learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
             stage_steps=self._next_boundary(state) - state.global_step,
             remaining_samples=self._consumed(state.max_steps) - self._consumed(state.global_step),
