@@ -311,13 +311,19 @@ class TrainingWindow:
         z = logits.reshape(rows, -1, logits.shape[-1]).to(dtype)
         g = grad.reshape(z.shape).to(dtype)
         mask = targets != IGNORE_INDEX
-        safe = targets.clamp(min=0)
-        log_p = torch.log_softmax(z, dim=-1)
-        d = log_p.exp() * mask[..., None]
-        d.scatter_add_(-1, safe[..., None], -mask[..., None].to(dtype))
-        num = (g * d).sum(dim=(1, 2))
-        den = (d * d).sum(dim=(1, 2))
-        gg = float((g * g).sum())
+        safe = targets.clamp(min=0)[..., None]
+        # With p = softmax(z) and d = p - onehot on labelled tokens: <g, d> and <d, d> per token, from
+        # vocabulary-wide dot products (one probability tensor, no product tensor of the logits' size).
+        lse = torch.logsumexp(z, dim=-1)
+        p = (z - lse[..., None]).exp_()
+        p_t, g_t = p.gather(-1, safe)[..., 0], g.gather(-1, safe)[..., 0]
+        width = z.shape[-1]
+        gp = torch.einsum("nv,nv->n", g.reshape(-1, width), p.reshape(-1, width)).view(lse.shape)
+        pp = torch.einsum("nv,nv->n", p.reshape(-1, width), p.reshape(-1, width)).view(lse.shape)
+        on = mask.to(dtype)
+        num = ((gp - g_t) * on).sum(dim=1)
+        den = ((pp - p_t * p_t + (1 - p_t) ** 2) * on).sum(dim=1)
+        gg = float(torch.dot(g.reshape(-1), g.reshape(-1)))
         scale = torch.where(den > 0, num / den.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(num))
         misfit = max(gg - float((num * scale).sum()), 0.0)
         if gg > 0 and (misfit / gg) ** 0.5 > LOSS_MISFIT:
@@ -329,7 +335,7 @@ class TrainingWindow:
             )
         pending["scale"] = scale
         pending["tokens"] = mask.sum(dim=1)
-        pending["losses"] = -(log_p.gather(-1, safe[..., None])[..., 0] * mask).sum(dim=1)
+        pending["losses"] = ((lse - z.gather(-1, safe)[..., 0]) * on).sum(dim=1)
 
     def _flush(self) -> None:
         """Record the last micro-batch, whose backward has run by now, sequence by sequence."""
