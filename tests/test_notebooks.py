@@ -4,6 +4,8 @@ The execution tests start a fresh ``python3`` kernel per notebook with its worki
 temporary folder, so nothing is written into the repository. ``01``-``03`` run in order in one
 folder (``03_solvers`` then reads the influence matrix and checkpoint that ``02`` saved); ``03`` also
 runs alone in an empty folder, where it falls back to its built-in matrix and a synthetic target.
+The suite runs them at the smaller sizes of ``SUITE_PARAMETERS``, set after the tagged parameters
+cell as papermill would: every cell runs, on less data and fewer steps.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_group_influence.ipynb", "03_solvers.ipynb"]  # 03 reads what 02 saved
 CELL_TIMEOUT_S = 600
+#: Each notebook's parameters for the suite: every stage, plot and check still happens, in half the time.
+SUITE_PARAMETERS = {
+    "01_quickstart": {"MAX_STEPS": 60, "STAGE_STEPS": 15},
+    "02_group_influence": {"TRAIN_STEPS": 20, "N_MIXTURES": 6, "FIDELITY_STEPS": 8},
+    "03_solvers": {"N_CANDIDATES": 48, "ROUNDS": 4, "SAMPLES": 500},
+}
 
 # Besides the standard library, the notebooks may import only these.
 ALLOWED_TOP_LEVEL = {"tikmix_hf", "transformers", "torch", "numpy", "matplotlib", "scipy"}
@@ -101,6 +109,10 @@ def _execute(path: Path, cwd: Path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    parameters = next(cell for cell in nb.cells if cell.cell_type == "code")
+    for name, value in SUITE_PARAMETERS.get(path.stem, {}).items():
+        assert re.search(rf"^{name} = ", parameters.source, re.M), f"{path.name} has no parameter {name}"
+        parameters.source += f"\n{name} = {value!r}"
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute()
