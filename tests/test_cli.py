@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.launch import torchrun
 
 from tikmix_hf.cli import main
 from tikmix_hf.demo.arms import DEFAULT_ARMS, EARLY
@@ -207,24 +206,9 @@ def test_train_from_yaml_mapping_and_saved_model(text_data, trained_run, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_train_torchrun_two_ranks(text_data, tmp_path):
-    out = tmp_path / "ddp"
-    proc = torchrun("dist_train_cli.py", *_train_argv(text_data, out)[1:], timeout=600)
-    from tikmix_hf.history import load_history
-
-    history = load_history(out / "tikmix" / "history.json")
-    assert [s["step"] for s in history["stages"]] == [4, 8]
-    # two ranks of 4 sequences: 8 samples per step from the shared stream
-    assert all(s["samples_consumed"] == s["step"] * 8 for s in history["stages"])
-    assert all(s["influence"]["world_size"] == 2 for s in history["stages"])
-    assert (out / "model.safetensors").is_file()
-    assert proc.stdout.count("tikmix train: final mixture") == 1  # printed by rank 0 only
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_train_accelerate_launch_two_processes(text_data, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` starts two CPU ranks through torch's elastic launcher."""
+    """`accelerate launch --multi_gpu --num_processes 2` starts two CPU ranks through torch's elastic launcher,
+    the one `torchrun` is (one launch covers both ways in)."""
     from helpers.launch import free_port
 
     out = tmp_path / "acc"
@@ -237,8 +221,12 @@ def test_train_accelerate_launch_two_processes(text_data, tmp_path):
 
     history = load_history(out / "tikmix" / "history.json")
     assert [s["step"] for s in history["stages"]] == [4, 8]
+    # two ranks of 4 sequences: 8 samples per step from the shared stream
+    assert all(s["samples_consumed"] == s["step"] * 8 for s in history["stages"])
     assert all(s["influence"]["world_size"] == 2 for s in history["stages"])
     assert "world size 2" in proc.stdout
+    assert (out / "model.safetensors").is_file()
+    assert proc.stdout.count("tikmix train: final mixture") == 1  # printed by rank 0 only
 
 
 def test_plot_saved_run(trained_run, tmp_path, capsys):
