@@ -13,8 +13,9 @@ Arms (all at the same training tokens unless marked "equal total tokens"):
 - TiKMiX: ``tikmix_d`` with the library's defaults (the scale-aware trust-region objective, S read
   in the training window, decisions at 5/25/50/75% of training), ``tikmix_d_probes`` (the same
   measured on probes, as the paper measures), ``tikmix_m`` (probes), ``tikmix_d_paper`` (the paper's
-  Eq. 10, on probes) at the bench's stage fractions 0.2/0.4/0.6/0.8, and ``tikmix_d_eight`` (not run
-  by default: the default with eight decisions); all from the natural start with the adam
+  Eq. 10, on probes) at the bench's stage fractions 0.2/0.4/0.6/0.8, and, not run by default,
+  ``tikmix_d_eight`` (the default with eight decisions) and ``tikmix_d_short`` (a window of 10 steps,
+  about the probes' 152 sequences, instead of 32); all from the natural start with the adam
   preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
@@ -59,6 +60,7 @@ ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 
 WARMUP_FRACTION = 0.05
 DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
 EIGHT = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions (arm tikmix_d_eight)
+SHORT_WINDOW = 10  # arm tikmix_d_short: steps holding about the probes' sequences (19 domains x 8 / 16 a step)
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -71,6 +73,8 @@ LABELS = {
     "tikmix_d_probes": "TiKMiX-D on probes", "tikmix_d_probes_eq": "TiKMiX-D on probes (equal total tokens)",
     "tikmix_d_eight": "TiKMiX-D, eight decisions",
     "tikmix_d_eight_eq": "TiKMiX-D, eight decisions (equal total tokens)",
+    "tikmix_d_short": "TiKMiX-D, window of the probe budget",
+    "tikmix_d_short_eq": "TiKMiX-D, window of the probe budget (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
@@ -180,6 +184,11 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 # the default with twice as many decisions
                 job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": EIGHT}
                 job["needs"] = ["tikmix_d_eight"] if arm == "tikmix_d_eight_eq" else []
+            elif arm in ("tikmix_d_short", "tikmix_d_short_eq"):
+                # the default with a window that holds about as many sequences as the probes would draw
+                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
+                                                          "tikmix_window_steps": SHORT_WINDOW}
+                job["needs"] = ["tikmix_d_short"] if arm == "tikmix_d_short_eq" else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
@@ -206,7 +215,7 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq", "tikmix_d_eight_eq"):
+    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq", "tikmix_d_eight_eq", "tikmix_d_short_eq"):
         plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]
