@@ -33,7 +33,7 @@ demo: $(STAMP)
 	sh scripts/install_corpora.sh || true
 	$(PY) -m tikmix_hf.cli demo
 
-# Every benchmark, then its tables pasted into benchmarks/RESULTS.md (about an hour on 2 CPU cores; quality alone 38 min).
+# Every benchmark, then its tables pasted into benchmarks/RESULTS.md (about 75 minutes on 2 CPU cores; quality alone about 55).
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
