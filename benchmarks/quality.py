@@ -77,6 +77,9 @@ LABELS = {
     "tikmix_d_short_eq": "TiKMiX-D, window of the probe budget (equal total tokens)",
 }
 ORDER = list(LABELS)
+#: Left out of --quick: code other arms run (tikmix_d_eq the equal-total-token path, tikmix_d_paper the probes,
+#: doge the baseline mixers' path through the same engine).
+QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm")
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
 #: and the default TiKMiX-D at equal total tokens beside its own hindsight static mixture. The other arms of ORDER
 #: (temperature, DoReMi, the robust settings) run with --arms.
@@ -464,14 +467,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds (default 0 1 2; quick: 0)")
     p.add_argument("--corpora", nargs="+", default=["synthetic", "local"], choices=["synthetic", "local"])
     p.add_argument("--arms", nargs="+", default=None, choices=ORDER,
-                   help="default: DEFAULT_ARMS (--quick leaves out tikmix_d_probes_eq: tikmix_d_eq runs its code)")
+                   help="default: DEFAULT_ARMS (--quick leaves out the arms of QUICK_SKIPS, whose code others run)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers}: give at least 1")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if args.arms is None:
-        args.arms = [a for a in DEFAULT_ARMS if not (args.quick and a == "tikmix_d_probes_eq")]
+        args.arms = [a for a in DEFAULT_ARMS if not (args.quick and a in QUICK_SKIPS)]
     size = bench_size(args.quick)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tikmix-quality-") as base:
