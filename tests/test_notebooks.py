@@ -24,7 +24,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_group_influence.ipynb", "03_solvers.ipynb"]  # 03 reads what 02 saved
 CELL_TIMEOUT_S = 600
-#: Each notebook's parameters for the suite: every stage, plot and check still happens, in half the time.
+#: Each notebook's parameters for the suite: every stage, plot and check still happens, on less work.
 SUITE_PARAMETERS = {
     "01_quickstart": {"MAX_STEPS": 60, "STAGE_STEPS": 15},
     "02_group_influence": {"TRAIN_STEPS": 20, "N_MIXTURES": 6, "FIDELITY_STEPS": 8},
