@@ -30,7 +30,8 @@ The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`
 held-out loss.
 
 Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x the 13 default arms of a 400-step
-model took 38 minutes on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model) about a minute.
+model take about 55 minutes on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model, without the
+arms of ``QUICK_SKIPS``) under a minute.
 
     python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--corpora synthetic local] [--workers 2]
 """
@@ -61,6 +62,13 @@ WARMUP_FRACTION = 0.05
 DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
 EIGHT = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions (arm tikmix_d_eight)
 SHORT_WINDOW = 10  # arm tikmix_d_short: steps holding about the probes' sequences (19 domains x 8 / 16 a step)
+#: The default TiKMiX-D and its variants: what each changes in the defaults (each also has an ``_eq`` arm).
+DEFAULT_VARIANTS = {
+    "tikmix_d": {},
+    "tikmix_d_probes": {"tikmix_influence_source": "probes"},  # measured on probes, as the paper measures
+    "tikmix_d_eight": {"tikmix_stage_fractions": EIGHT},  # twice as many decisions
+    "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a window of about the probes' sequences
+}
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -174,24 +182,13 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
             if arm in ("uniform", "natural", "temperature", "targets", "oracle"):
                 job["initial"] = arm
                 job["save_model"] = arm == "uniform" and "doremi" in arms
-            elif arm in ("tikmix_d", "tikmix_d_eq"):
-                # the library's defaults: S from the training window, decisions on the default schedule
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
-                job["needs"] = ["tikmix_d"] if arm == "tikmix_d_eq" else []
-            elif arm in ("tikmix_d_probes", "tikmix_d_probes_eq"):
-                # the same objective and schedule measured on probes, as the paper measures
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
-                                                          "tikmix_influence_source": "probes"}
-                job["needs"] = ["tikmix_d_probes"] if arm == "tikmix_d_probes_eq" else []
-            elif arm in ("tikmix_d_eight", "tikmix_d_eight_eq"):
-                # the default with twice as many decisions
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": EIGHT}
-                job["needs"] = ["tikmix_d_eight"] if arm == "tikmix_d_eight_eq" else []
-            elif arm in ("tikmix_d_short", "tikmix_d_short_eq"):
-                # the default with a window that holds about as many sequences as the probes would draw
-                job["solver"], job["config"] = "direct", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE),
-                                                          "tikmix_window_steps": SHORT_WINDOW}
-                job["needs"] = ["tikmix_d_short"] if arm == "tikmix_d_short_eq" else []
+            elif arm.removesuffix("_eq") in DEFAULT_VARIANTS:
+                # TiKMiX-D with the library's defaults (S from the training window, the default schedule), or a
+                # variant of them; each "_eq" arm waits for its plain arm, whose extra tokens it gives up
+                plain = arm.removesuffix("_eq")
+                job["solver"] = "direct"
+                job["config"] = {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE), **DEFAULT_VARIANTS[plain]}
+                job["needs"] = [plain] if arm != plain else []
             elif arm == "tikmix_d_paper":
                 job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
             elif arm == "tikmix_m":
@@ -218,7 +215,7 @@ def resolve(job: dict, done: dict, size) -> dict:
     key = (job["corpus"], job["seed"])
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
-    elif job["arm"] in ("tikmix_d_eq", "robust_eq", "tikmix_d_probes_eq", "tikmix_d_eight_eq", "tikmix_d_short_eq"):
+    elif job["arm"].endswith("_eq"):
         plain = done[key + (job["needs"][0],)]
         stages = plain["stages"]
         probe = plain["probe_tokens"]
