@@ -202,10 +202,10 @@ def test_nothing_we_save_or_load_is_a_pickle():
 def test_non_finite_lookahead_in_tikmix_m_skips_the_stage_and_training_goes_on(tmp_path, monkeypatch):
     import tikmix_hf.mixers.tikmix as tikmix_mixers
 
-    def diverging(*args, **kwargs):
+    def diverging(self, *args, **kwargs):
         raise FloatingPointError("look-ahead loss is nan")
 
-    monkeypatch.setattr(tikmix_mixers, "lookahead_gain", diverging)
+    monkeypatch.setattr(tikmix_mixers.Lookahead, "gains", diverging)
     config = TiKMiXConfig(tikmix_solver="surrogate", tikmix_stage_steps=5, tikmix_surrogate_candidates=16,
                           tikmix_show_progress=False)
     trainer, callback, *_ = build(tmp_path, config, args_kw=dict(max_steps=12))

@@ -21,6 +21,7 @@ from helpers.models import tiny_llama
 
 from tikmix_hf.influence import (
     InfluenceResult,
+    Lookahead,
     PreconditionerFallbackWarning,
     group_influence,
     lookahead_gain,
@@ -408,6 +409,30 @@ def test_lookahead_on_the_first_sequences_scores_exactly_those_rows(model, data)
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match=rf"max_sequences must be a positive integer.*got {bad!r}"):
             lookahead_gain(model, result, tasks, W, step_size=0.5, max_sequences=bad, show_progress=False)
+
+
+def test_one_lookahead_scores_like_separate_calls_and_runs_each_forward_once(model, data):
+    domains, tasks = data
+    result = run(model, domains, tasks, keep_domain_gradients=True)
+    W = np.array([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stepper = Lookahead(model, result, tasks, show_progress=False)
+    first = stepper.gains(W[:1], step_size=0.5)
+    assert stepper.forwards == 2  # the unmoved model, then the step
+    other_step = stepper.gains(W[:1], step_size=0.25)
+    assert stepper.forwards == 3  # the unmoved model is not scored again
+    rows = stepper.gains(np.vstack([W, W[1:2]]), step_size=0.5)  # row 0 scored before, the last one twice
+    assert stepper.forwards == 5
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored bitwise"
+    np.testing.assert_array_equal(
+        first, lookahead_gain(model, result, tasks, W[:1], step_size=0.5, show_progress=False))
+    np.testing.assert_array_equal(
+        other_step, lookahead_gain(model, result, tasks, W[:1], step_size=0.25, show_progress=False))
+    np.testing.assert_array_equal(rows[:3], lookahead_gain(model, result, tasks, W, step_size=0.5, show_progress=False))
+    np.testing.assert_array_equal(rows[3], rows[1])
+    with pytest.raises(ValueError, match="step_size must be a finite positive number, got 0.0"):
+        stepper.gains(W, step_size=0.0)
 
 
 def test_lookahead_is_first_order_s_w_for_small_steps_and_nonlinear_for_large(model, data):

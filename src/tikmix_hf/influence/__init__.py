@@ -29,12 +29,12 @@ the preconditioners, one concept each.
 
 from .adaptive import adaptive_group_influence
 from .group import group_influence
-from .lookahead import lookahead_gain
+from .lookahead import Lookahead, lookahead_gain
 from .preconditioners import PRECONDITIONERS, PreconditionerFallbackWarning
 from .result import InfluenceResult
 from .window import TrainingWindow
 
 __all__ = [
-    "PRECONDITIONERS", "InfluenceResult", "PreconditionerFallbackWarning", "TrainingWindow",
+    "PRECONDITIONERS", "InfluenceResult", "Lookahead", "PreconditionerFallbackWarning", "TrainingWindow",
     "adaptive_group_influence", "group_influence", "lookahead_gain",
 ]

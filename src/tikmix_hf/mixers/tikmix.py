@@ -11,7 +11,7 @@ import numpy as np
 
 from .._io import jsonable
 from .._loss import labelled_targets
-from ..influence import InfluenceResult, adaptive_group_influence, group_influence, lookahead_gain
+from ..influence import InfluenceResult, Lookahead, adaptive_group_influence, group_influence
 from ..influence.checks import first_sequences
 from ..solvers import solve_direct, solve_surrogate
 from ..solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
@@ -247,7 +247,7 @@ class TiKMiXSurrogate(UncertaintyAware):
             # obeys it too and both measure the Pareto constraint from the same reference.
             direct, more, kwargs["upper"] = self.trust_region_answer(inputs, result, scores)
             uncertainty = {**uncertainty, **more}
-        lookahead_seconds, forwards = [0.0], [0]
+        lookahead_seconds = [0.0]
         step, grid = cfg.tikmix_lookahead_lr, None
         scored = first_sequences(inputs.validation_batches, cfg.tikmix_lookahead_sequences,
                                  "tikmix_lookahead_sequences")
@@ -256,8 +256,7 @@ class TiKMiXSurrogate(UncertaintyAware):
         def lookahead(W: np.ndarray, step_size: float) -> np.ndarray:
             t0 = time.perf_counter()
             try:
-                forwards[0] += W.shape[0] + 1  # the unmoved model, then one forward per candidate
-                return lookahead_gain(inputs.model, result, scored, W, step_size=step_size, show_progress=False)
+                return stepper.gains(W, step_size=step_size)
             finally:
                 lookahead_seconds[0] += time.perf_counter() - t0
 
@@ -267,6 +266,9 @@ class TiKMiXSurrogate(UncertaintyAware):
             return (gains / scale).sum(axis=1)
 
         try:
+            # One Lookahead for the decision: the unmoved model is scored once, and the anchor at the chosen
+            # step (the climb's last look-ahead) is not run again as the candidates' first row.
+            stepper = Lookahead(inputs.model, result, scored, show_progress=False)
             if step is None:
                 step, grid = self.calibrate_step(
                     inputs.learning_rate, lambda size: float(lookahead(direct.weights[None, :], size).sum()))
@@ -286,8 +288,8 @@ class TiKMiXSurrogate(UncertaintyAware):
                         seconds_measure=measured - started + lookahead_seconds[0],
                         seconds_solve=solve - lookahead_seconds[0],
                         extra={"lookahead_step": step, "lookahead_step_grid": grid,
-                               "lookahead_seconds": lookahead_seconds[0], "lookahead_forwards": forwards[0],
-                               "lookahead_tokens": forwards[0] * tokens_per_forward, **uncertainty})
+                               "lookahead_seconds": lookahead_seconds[0], "lookahead_forwards": stepper.forwards,
+                               "lookahead_tokens": stepper.forwards * tokens_per_forward, **uncertainty})
 
     def calibrate_step(self, learning_rate: float | None, drop: Callable[[float], float]) -> tuple[float, dict]:
         """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
