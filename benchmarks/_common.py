@@ -33,6 +33,27 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def one_thread() -> None:
+    """Set up a worker process (or this one) for the benchmarks' runs: one torch thread, quiet transformers."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+
+
+def process_pool(workers: int):
+    """``workers`` fresh processes (spawned, so no torch state is forked), each set up by :func:`one_thread`.
+
+    The scripts whose runs are independent trainings (quality, fidelity, transfer) run them two at a
+    time on the two cores; the timing benchmarks never do.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=one_thread)
+
+
 def bench_size(quick: bool, **changes):
     """The model and run size of the quality, fidelity and cost benchmarks (a ``DemoSize``).
 

@@ -43,8 +43,7 @@ import math
 import sys
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ import numpy as np
 from tikmix_hf.config import DEFAULT_FRACTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_size, parser, table, write  # noqa: E402
+from _common import bench_size, parser, process_pool, table, write  # noqa: E402
 
 TEMPERATURE = 3.0
 ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
@@ -108,14 +107,6 @@ def _data(corpus: str, size):
 
         _DATA[corpus] = prepare_data(corpus, size)
     return _DATA[corpus]
-
-
-def _init_worker() -> None:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
 
 
 def static_weights(corpus: str, size, kind: str) -> dict[str, float]:
@@ -247,8 +238,7 @@ def run_all(corpora: list[str], seeds: list[int], arms: list[str], size, workers
     size_dict = dataclasses.asdict(size)
     size_dict["stage_fractions"] = tuple(size_dict["stage_fractions"])
     bar = tqdm(total=len(pending), desc="quality arms", unit="run", disable=not show_progress, dynamic_ncols=True)
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with process_pool(workers) as pool:
         running = {}
         while pending or running:
             ready = [j for j in pending

@@ -28,15 +28,13 @@ import dataclasses
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_size, parser, table, write  # noqa: E402
+from _common import bench_size, parser, process_pool, table, write  # noqa: E402
 
 CORPUS = "synthetic"
 LABELS = {
@@ -62,14 +60,6 @@ def sizes(quick: bool):
     proxy = dataclasses.replace(SIZES["quick"], name="transfer-proxy", hidden_size=24, layers=1, heads=2,
                                 max_steps=150, eval_every=50)
     return proxy, dataclasses.replace(proxy, name="transfer-large", hidden_size=64, layers=2, heads=4)
-
-
-def _init_worker() -> None:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
 
 
 def run_job(job: dict) -> dict:
@@ -107,7 +97,7 @@ def run_all(seeds: list[int], proxy, large, workers: int, base: Path) -> list[di
 
     rows: list[dict] = []
     bar = tqdm(total=len(seeds) * (1 + len(LARGE_ARMS)), desc="transfer runs", unit="run", dynamic_ncols=True)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with process_pool(workers) as pool:
         # The proxies first (they are cheap and the replays wait for them), with the runs that need nothing.
         first = [pool.submit(run_job, job("proxy", s, proxy, "proxy")) for s in seeds]
         rest = [pool.submit(run_job, job(a, s, large, "large")) for s in seeds for a in ("uniform", "direct")]
