@@ -18,14 +18,12 @@ Every copy walks every index, so all copies agree on domains, cursors and the sc
 change applies from one declared sample index on every copy, and a saved position resumes the stream
 without replaying it.
 
-The schedule lives in shared-memory tensors, so DataLoader workers (persistent ones too) see a
-:meth:`DomainMixture.set_weights` made in the main process after they started.
+The schedule (:mod:`.schedule`) lives in shared-memory tensors, so DataLoader workers (persistent
+ones too) see a :meth:`DomainMixture.set_weights` made in the main process after they started.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import threading
 import time
 import warnings
@@ -36,9 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .checkpoints import ReaderCheckpoints
+from .choices import DomainChoices, draw_numbers
+from .schedule import WeightSchedule
 from .sharded import ShardedSource
 from .sources import (
-    TAG_CHOICE,
     ForOtherRank,
     MapSource,
     SequentialSource,
@@ -49,13 +49,9 @@ from .sources import (
 
 STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
-_U_BLOCK = 8192  # uniforms are generated in blocks of this many sample indices
 _HW_SLOTS = 257  # slot 0: the main process; slot 1 + i: DataLoader worker i
-_RING = 32  # block checkpoints kept per (reader, sharded domain): the consumer lags a few blocks at most
-_RING_BYTES = 4096  # room for one shard's datasets state_dict as JSON
 # _ctrl slots
-(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _VERSION, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS,
- _SEEN_CHUNK) = range(12)
+(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK) = range(11)
 # A lock taken and released at once is a full memory fence: it orders a worker's "reserve" store before
 # its "swap pending?" load, and the main process's "swap pending" store before its "reserved?" load.
 _FENCE = threading.Lock()
@@ -164,136 +160,45 @@ class DomainMixture(IterableDataset):
         self._sharded = [d for d, s in enumerate(self._sources) if s.sharded]
 
         m = len(self.domains)
-        # Shared memory: visible to DataLoader workers (also persistent ones) after they started.
-        self._sched_start = torch.zeros(max_stages, dtype=torch.int64).share_memory_()
-        self._sched_weights = torch.zeros(max_stages, m, dtype=torch.float64).share_memory_()
-        self._sched_len = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._ctrl = torch.zeros(12, dtype=torch.int64).share_memory_()
+        self._schedule = WeightSchedule(self.domains, max_stages)
+        self._choices = DomainChoices(seed, self._schedule)
+        self._ctrl = torch.zeros(11, dtype=torch.int64).share_memory_()
         self._ctrl[_PREFETCH], self._ctrl[_RANKS] = 2, 1
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
         # Per slot: the end of the samples that copy has drawn (main process) or reserved (workers).
         self._high_water = torch.zeros(_HW_SLOTS, dtype=torch.int64).share_memory_()
-        self._alloc_ring(1)
+        self._checkpoints = ReaderCheckpoints(len(self._sharded), 1)
         self._position = 0  # samples yielded by the last in-process iterator (exact with num_workers=0)
-        self._count_cache: tuple[int, np.ndarray] = (0, np.zeros(m, dtype=np.int64))
-        self._reader_cache: tuple[tuple, int, np.ndarray | None] = ((), 0, None)
-        self._u_cache: tuple[int, np.ndarray | None] = (-1, None)
-        self._resume: dict | None = None  # reader checkpoints of a loaded state
 
-        self._publish(0, self._resolve_initial(weights, sizes))
-
-    def _alloc_ring(self, workers: int) -> None:
-        """Shared block checkpoints of the sharded readers: ``[logical worker, sharded domain, entry]``.
-        Meta columns: sequence (odd while written), draws, pass, shard position, block, JSON length
-        (-1: too long to keep), readers per domain when it was written."""
-        e = max(len(self._sharded), 1) if self._sharded else 0
-        self._ring_meta = torch.zeros(workers, e, _RING, 7, dtype=torch.int64).share_memory_()
-        self._ring_json = torch.zeros(workers, e, _RING, _RING_BYTES if e else 0, dtype=torch.uint8).share_memory_()
-        self._ring_head = torch.zeros(workers, e, dtype=torch.int64).share_memory_()
+        self._publish(0, self._schedule.resolve(weights, self._sources, sizes))
 
     # ------------------------------------------------------------------ weights
-    def _resolve_initial(self, weights: Any, sizes: Mapping[str, float] | None) -> np.ndarray:
-        if isinstance(weights, str):
-            if weights == "uniform":
-                return np.full(len(self.domains), 1.0 / len(self.domains))
-            if weights == "natural":
-                return self._natural(sizes)
-            raise ValueError(f"weights={weights!r}: use 'natural', 'uniform' or a mapping domain -> weight")
-        return self._validate(weights, "weights")
-
     def resolve_weights(self, spec: str | Mapping[str, float]) -> dict[str, float]:
         """``"natural"``, ``"uniform"`` or a mapping, as normalised weights per domain (nothing is changed)."""
-        return dict(zip(self.domains, map(float, self._resolve_initial(spec, self._sizes))))
-
-    def _natural(self, sizes: Mapping[str, float] | None) -> np.ndarray:
-        if sizes is not None:
-            vec = self._validate(sizes, "sizes", normalise=False)
-        elif all(s.num_tokens is not None for s in self._sources):
-            vec = np.array([s.num_tokens for s in self._sources], dtype=np.float64)
-        elif all(s.num_examples is not None for s in self._sources):
-            vec = np.array([s.num_examples for s in self._sources], dtype=np.float64)
-        else:
-            unknown = [s.name for s in self._sources if s.num_examples is None]
-            raise ValueError(
-                f"weights='natural' needs the size of every domain, but {unknown} have no known length; "
-                "pass sizes={domain: tokens_or_examples}, or weights='uniform' or an explicit mapping"
-            )
-        if vec.sum() <= 0:
-            raise ValueError(f"weights='natural': every domain has size 0 ({dict(zip(self.domains, vec))})")
-        return vec / vec.sum()
-
-    def _validate(self, weights: Any, arg: str, normalise: bool = True) -> np.ndarray:
-        if not isinstance(weights, Mapping):
-            raise TypeError(f"{arg} must be a mapping domain -> weight, got {type(weights).__name__}")
-        unknown = sorted(set(weights) - set(self.domains))
-        if unknown:
-            raise ValueError(f"{arg} names unknown domains {unknown}; the domains are {self.domains}")
-        missing = [d for d in self.domains if d not in weights]
-        if missing:
-            raise ValueError(f"{arg} must give a weight for every domain; missing {missing} (use 0.0 to drop one)")
-        vec = np.empty(len(self.domains), dtype=np.float64)
-        for i, d in enumerate(self.domains):
-            try:
-                vec[i] = float(weights[d])
-            except (TypeError, ValueError):
-                raise ValueError(f"{arg}[{d!r}] = {weights[d]!r} is not a number") from None
-            if not math.isfinite(vec[i]):
-                raise ValueError(f"{arg}[{d!r}] = {vec[i]} is not finite; weights must be finite and >= 0")
-            if vec[i] < 0:
-                raise ValueError(f"{arg}[{d!r}] = {vec[i]} is negative; weights must be >= 0")
-        total = vec.sum()
-        if total <= 0:
-            raise ValueError(f"{arg} are all zero ({dict(weights)}); at least one domain needs a positive weight")
-        return vec / total if normalise else vec
+        return dict(zip(self.domains, map(float, self._schedule.resolve(spec, self._sources, self._sizes))))
 
     def _publish(self, start: int, vec: np.ndarray) -> None:
-        n = int(self._sched_len[0])
-        if n and start < int(self._sched_start[n - 1]):
-            raise ValueError(
-                f"a weight change must start at or after the previous one (index {int(self._sched_start[n - 1])}), "
-                f"got {start}"
-            )
-        if n and start == int(self._sched_start[n - 1]):
-            n -= 1  # replace an entry that has not taken effect yet
-        if n >= self._sched_start.numel():
-            raise RuntimeError(
-                f"the weight schedule is full ({self._sched_start.numel()} entries); "
-                "create the DomainMixture with a larger max_stages"
-            )
-        self._sched_start[n] = start
-        self._sched_weights[n] = torch.from_numpy(vec)
-        self._sched_len[0] = n + 1  # published last: readers never see a half-written entry
-        self._ctrl[_VERSION] += 1
-        if start < self._count_cache[0]:
-            self._count_cache = (0, np.zeros(len(self.domains), dtype=np.int64))
-
-    def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        n = int(self._sched_len[0])
-        return self._sched_start[:n].numpy().copy(), self._sched_weights[:n].numpy().copy()
+        self._schedule.publish(start, vec)
+        self._choices.forget_from(start)
 
     @property
     def weights(self) -> dict[str, float]:
         """The most recently set weights (in effect from :attr:`weights_from` on)."""
-        _, w = self._schedule_arrays()
-        return dict(zip(self.domains, map(float, w[-1])))
+        return self._schedule.latest()
 
     @property
     def weights_from(self) -> int:
         """The sample index from which :attr:`weights` apply."""
-        starts, _ = self._schedule_arrays()
-        return int(starts[-1])
+        return self._schedule.latest_start()
 
     @property
     def schedule(self) -> list[tuple[int, dict[str, float]]]:
         """Every weight change as ``(first sample index, weights)``, oldest first."""
-        starts, w = self._schedule_arrays()
-        return [(int(s), dict(zip(self.domains, map(float, row)))) for s, row in zip(starts, w)]
+        return self._schedule.entries()
 
     def weights_at(self, index: int) -> dict[str, float]:
         """The weights that sample ``index`` is drawn with."""
-        starts, w = self._schedule_arrays()
-        entry = int(np.searchsorted(starts, index, side="right")) - 1
-        return dict(zip(self.domains, map(float, w[entry])))
+        return self._schedule.at(index)
 
     def lag_samples(self) -> int:
         """How many samples past the consumer the data pipeline can have drawn already.
@@ -321,7 +226,7 @@ class DomainMixture(IterableDataset):
             ValueError: ``at`` lies before samples that were already drawn with the old weights, or
                 before an earlier scheduled change.
         """
-        vec = self._validate(weights, "weights")
+        vec = self._schedule.validate(weights, "weights")
         if at is not None and (not isinstance(at, (int, np.integer)) or at < 0):
             raise ValueError(f"at must be a non-negative int sample index, got {at!r}")
         # Announce the swap before reading the reservations: a worker that reserves after this point
@@ -344,57 +249,20 @@ class DomainMixture(IterableDataset):
         return int(at)
 
     # ------------------------------------------------------------------ the pure stream
-    def _uniforms(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty(stop - start, dtype=np.float64)
-        k = start
-        while k < stop:
-            block, offset = divmod(k, _U_BLOCK)
-            take = min(_U_BLOCK - offset, stop - k)
-            if self._u_cache[0] != block:
-                self._u_cache = (block, np.random.default_rng([self.seed, TAG_CHOICE, block]).random(_U_BLOCK))
-            u = self._u_cache[1]
-            out[k - start : k - start + take] = u[offset : offset + take]
-            k += take
-        return out
-
     def domain_ids(self, start: int, stop: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Domain index of every sample in ``[start, stop)`` (a pure function of seed and schedule)."""
-        starts, weights = schedule if schedule is not None else self._schedule_arrays()
-        u = self._uniforms(start, stop)
-        idx = np.arange(start, stop)
-        entry = np.searchsorted(starts, idx, side="right") - 1
-        out = np.empty(stop - start, dtype=np.int64)
-        for e in np.unique(entry):
-            mask = entry == e
-            cum = np.cumsum(weights[e])
-            out[mask] = np.minimum(np.searchsorted(cum, u[mask] * cum[-1], side="right"), len(cum) - 1)
-        return out
+        return self._choices.domain_ids(start, stop, schedule)
 
     def counts(self, upto: int) -> dict[str, int]:
         """Examples drawn from each domain by samples ``[0, upto)``."""
-        return dict(zip(self.domains, map(int, self._counts(upto))))
-
-    def _counts(self, upto: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        if upto < 0:
-            raise ValueError(f"upto must be >= 0, got {upto}")
-        cached_at, cached = self._count_cache if schedule is None else (0, None)
-        if cached is None or upto < cached_at:
-            cached_at, cached = 0, np.zeros(len(self.domains), dtype=np.int64)
-        counts = cached.copy()
-        step = 1 << 20
-        for a in range(cached_at, upto, step):
-            b = min(a + step, upto)
-            counts += np.bincount(self.domain_ids(a, b, schedule), minlength=len(self.domains))
-        if schedule is None:
-            self._count_cache = (upto, counts.copy())
-        return counts
+        return dict(zip(self.domains, map(int, self._choices.counts(upto))))
 
     def exhausted_domains(self, upto: int) -> list[str]:
         """Map-style domains that samples ``[0, upto)`` would draw past their end (policy ``"stop"``).
 
         Iterable domains are not listed: their length is only known once they were read to the end.
         """
-        counts = self._counts(upto)
+        counts = self._choices.counts(upto)
         return [s.name for s, c in zip(self._sources, counts) if s.random_access and c > s.n]
 
     def drawn(self, upto: int) -> dict[str, dict[str, int | None]]:
@@ -403,7 +271,7 @@ class DomainMixture(IterableDataset):
         Tokens are exact for map-style domains whose examples carry ``input_ids`` and ``None`` where
         the length of an example is unknown without reading it.
         """
-        counts = self._counts(upto)
+        counts = self._choices.counts(upto)
         return {
             s.name: {"examples": int(c), "tokens": s.tokens_drawn(int(c)) if s.random_access else None}
             for s, c in zip(self._sources, counts)
@@ -413,7 +281,7 @@ class DomainMixture(IterableDataset):
         """``(domain, draw number)`` of each sample in ``[start, stop)``; for map-style domains the
         draw number is mapped to the source index. A cheap identity for tests and audits."""
         ids = self.domain_ids(start, stop)
-        draw = self._draw_numbers(ids, self._counts(start).copy())
+        draw = draw_numbers(ids, self._choices.counts(start).copy())
         out: list[Any] = [None] * len(ids)
         for d in np.unique(ids):
             where = np.flatnonzero(ids == d)
@@ -422,70 +290,6 @@ class DomainMixture(IterableDataset):
             for i, v in zip(where.tolist(), values.tolist()):
                 out[i] = (src.name, int(v))
         return out
-
-    # ------------------------------------------------------------------ readers of sharded domains
-    @staticmethod
-    def _reader_of(index: np.ndarray, layout: tuple[int, int, int]) -> np.ndarray:
-        """Logical reader of each sample: chunk ``k // chunk`` goes to worker ``(k // chunk) % W``, and
-        within it rank ``p`` keeps the ``p``-th of ``P`` equal slices (accelerate's IterableDatasetShard)."""
-        workers, ranks, chunk = layout
-        if workers * ranks == 1:
-            return np.zeros(len(index), dtype=np.int64)
-        return ((index // chunk) % workers) * ranks + (index % chunk) // (chunk // ranks)
-
-    def _reader_counts(self, upto: int, layout: tuple[int, int, int]) -> np.ndarray:
-        """Draws of each (reader, domain) by samples ``[0, upto)``: a pure function of the layout."""
-        readers, m = layout[0] * layout[1], len(self.domains)
-        cached_layout, cached_at, cached = self._reader_cache
-        if cached_layout != layout or cached is None or upto < cached_at:
-            cached_at, cached = 0, np.zeros(readers * m, dtype=np.int64)
-        counts = cached.copy()
-        step = 1 << 20
-        for a in range(cached_at, upto, step):
-            b = min(a + step, upto)
-            key = self._reader_of(np.arange(a, b), layout) * m + self.domain_ids(a, b)
-            counts += np.bincount(key, minlength=readers * m)
-        self._reader_cache = (layout, upto, counts.copy())
-        return counts.reshape(readers, m)
-
-    def _recorder(self, row: int, e: int, readers: int):
-        meta, data = self._ring_meta[row, e].numpy(), self._ring_json[row, e].numpy()
-        head = self._ring_head[row].numpy()
-
-        def record(draws: int, pass_: int, pos: int, block: int, snapshot: str | None) -> None:
-            entry = meta[int(head[e]) % _RING]
-            raw = b"" if snapshot is None else snapshot.encode()
-            entry[0] += 1  # odd: being written
-            if len(raw) > _RING_BYTES:
-                entry[5] = -1
-            else:
-                data[int(head[e]) % _RING, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-                entry[5] = len(raw)
-            entry[1:5] = draws, pass_, pos, block
-            entry[6] = readers
-            entry[0] += 1
-            head[e] += 1
-
-        return record
-
-    def _checkpoint(self, row: int, e: int, readers: int, draws: int) -> dict | None:
-        """The latest recorded block start of a reader at or before draw ``draws``, or ``None``."""
-        if row >= self._ring_meta.shape[0]:
-            return None
-        meta, data = self._ring_meta[row, e].numpy(), self._ring_json[row, e].numpy()
-        best = None
-        for slot in range(_RING):
-            seq = int(meta[slot, 0])
-            entry = meta[slot].copy()
-            raw = bytes(data[slot, : max(int(entry[5]), 0)])
-            if seq == 0 or seq % 2 or int(meta[slot, 0]) != seq:  # empty, or being written: skip it
-                continue
-            if entry[6] != readers or entry[5] < 0 or entry[1] > draws:
-                continue
-            if best is None or entry[1] >= best["draws"]:
-                best = {"draws": int(entry[1]), "pass": int(entry[2]), "shard_pos": int(entry[3]),
-                        "block": int(entry[4]), "state": raw.decode() if entry[5] else None}
-        return best
 
     # ------------------------------------------------------------------ position, epochs, loaders
     def bind_loader(
@@ -532,8 +336,8 @@ class DomainMixture(IterableDataset):
         self._ctrl[_PREFETCH] = 2 if prefetch_factor is None else int(prefetch_factor)
         self._ctrl[_GLOBAL] = samples_per_batch if global_batch is None else global_batch
         self._ctrl[_RANKS], self._ctrl[_RANK] = ranks, rank
-        if self._sharded and num_workers > self._ring_meta.shape[0]:
-            self._alloc_ring(num_workers)
+        if self._sharded:
+            self._checkpoints.grow(num_workers)
         readers = max(num_workers, 1) * ranks
         for d in self._sharded:  # warned here, in the main process, where users see it
             if self._sources[d].n_shards < readers:
@@ -549,7 +353,7 @@ class DomainMixture(IterableDataset):
         """Make the next iterator start at sample ``index`` (cursors computed, nothing replayed)."""
         if not isinstance(index, (int, np.integer)) or index < 0:
             raise ValueError(f"index must be a non-negative int, got {index!r}")
-        self._set_seek(int(index), self._counts(int(index)))
+        self._set_seek(int(index), self._choices.counts(int(index)))
 
     def _set_seek(self, index: int, cursors: np.ndarray) -> None:
         self._seek_cursors.copy_(torch.as_tensor(cursors, dtype=torch.int64))
@@ -609,7 +413,7 @@ class DomainMixture(IterableDataset):
         if int(self._ctrl[_SEEK]) == start:
             cursors = self._seek_cursors.numpy().copy()
         else:
-            cursors = self._counts(start)
+            cursors = self._choices.counts(start)
         # This copy is logical worker w of every chunk grid it serves, and reader q = w * ranks + rank.
         logical = (start // chunk + worker) % workers
         yield from self._generate(start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank)
@@ -622,7 +426,7 @@ class DomainMixture(IterableDataset):
                 f"the stream starts at sample {start}, inside a batch of {chunk}: domains {names} are read by "
                 f"shard per (rank, worker) batch, so seek to a multiple of {chunk}"
             )
-        saved = None if self._resume is None else tuple(self._resume["layout"])
+        saved = self._checkpoints.loaded_layout
         if start > 0 and saved is not None and saved != layout:
             raise RuntimeError(
                 f"this state was saved with a reader layout of (workers, ranks, batch) = {saved} and the stream now "
@@ -646,15 +450,16 @@ class DomainMixture(IterableDataset):
         sizes = np.array([src.n if src.random_access else never for src in self._sources])
         high_water = self._high_water.numpy()  # shared memory; a numpy view is cheap to write
         ctrl = self._ctrl.numpy()
+        version = self._schedule.version.numpy()
         span = chunk * max(1, 2048 // chunk)
         k = start
         while stop is None or k < stop:
             span_end = k + span - (k - start) % chunk
             if stop is not None:
                 span_end = min(span_end, stop)
-            seen = int(ctrl[_VERSION])
+            seen = int(version[0])
             ids = self.domain_ids(k, span_end)
-            draw = self._draw_numbers(ids, cursors)
+            draw = draw_numbers(ids, cursors)
             pos, redraw = k, False
             while pos < span_end and not redraw:
                 j = (pos - start) // chunk
@@ -668,7 +473,7 @@ class DomainMixture(IterableDataset):
                     _fence()
                     while ctrl[_SWAP]:
                         time.sleep(0)
-                if int(ctrl[_VERSION]) != seen:
+                if int(version[0]) != seen:
                     break  # new weights were published: redraw from here under them
                 if not mine and not sequential:  # nothing to read: advance the cursors in one go
                     seg_ids, seg_draw = ids[a:b], draw[a:b]
@@ -684,7 +489,7 @@ class DomainMixture(IterableDataset):
                 # This copy's map-style rows are fetched together: one Arrow read, not one per row.
                 fetched = self._fetch(ids[a:b], draw[a:b], keep)
                 for i in range(a, b):
-                    if slot == 0 and int(ctrl[_VERSION]) != seen:
+                    if slot == 0 and int(version[0]) != seen:
                         redraw = True  # new weights were published mid-chunk: redraw the rest under them
                         break
                     d, c = int(ids[i]), int(draw[i])
@@ -716,17 +521,16 @@ class DomainMixture(IterableDataset):
         if not by_shard:
             return {}
         readers = layout[0] * layout[1]
-        draws = self._reader_counts(start, layout)[reader]
-        saved = self._resume if self._resume is not None and tuple(self._resume["layout"]) == layout else None
+        draws = self._choices.reader_counts(start, layout)[reader]
         out = {}
         for e, d in enumerate(self._sharded):
             if d not in by_shard:
                 continue
             src = self._sources[d]
             want = int(draws[d])
-            ckpt = self._checkpoint(row, e, readers, want)
-            stored = None if saved is None else saved["checkpoints"].get(f"{self.domains[d]}/{reader}")
-            if stored is not None and stored["draws"] <= want and (ckpt is None or stored["draws"] > ckpt["draws"]):
+            ckpt = self._checkpoints.checkpoint(row, e, readers, want)
+            stored = self._checkpoints.stored(self.domains[d], reader, layout, want)
+            if stored is not None and (ckpt is None or stored["draws"] > ckpt["draws"]):
                 ckpt = stored
             if want and (ckpt is None or want - ckpt["draws"] > 4 * src.block):
                 warnings.warn(
@@ -734,18 +538,9 @@ class DomainMixture(IterableDataset):
                     f"re-reads {want - (ckpt['draws'] if ckpt else 0)} rows of its share to get there",
                     stacklevel=3,
                 )
-            record = self._recorder(row, e, readers) if row < self._ring_meta.shape[0] else None
+            record = self._checkpoints.recorder(row, e, readers)
             out[d] = src.reader(reader, readers, want, ckpt, cycle, record)
         return out
-
-    @staticmethod
-    def _draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:
-        """The per-domain draw number of each sample, continuing from ``cursors``."""
-        draw = np.empty(len(ids), dtype=np.int64)
-        for d in np.unique(ids):
-            where = np.flatnonzero(ids == d)
-            draw[where] = cursors[d] + np.arange(len(where))
-        return draw
 
     def _fetch(self, ids: np.ndarray, draw: np.ndarray, keep: np.ndarray) -> dict[int, Any]:
         out: dict[int, Any] = {}
@@ -790,7 +585,7 @@ class DomainMixture(IterableDataset):
                 the Trainer's count.
         """
         position = self._position if position is None else int(position)
-        starts, w = self._schedule_arrays()
+        starts, w = self._schedule.arrays()
         state = {
             "format": STATE_FORMAT,
             "domains": list(self.domains),
@@ -799,21 +594,20 @@ class DomainMixture(IterableDataset):
             "shuffle": self.shuffle,
             "schedule": [[int(s), [float(x) for x in row]] for s, row in zip(starts, w)],
             "position": position,
-            "cursors": [int(c) for c in self._counts(position)],
+            "cursors": [int(c) for c in self._choices.counts(position)],
             "epoch": int(self._ctrl[_EPOCH]),
         }
         if self._sharded:
             layout = self._layout()
             readers, ranks, rank = layout[0] * layout[1], layout[1], int(self._ctrl[_RANK])
-            draws = self._reader_counts(position, layout)
+            draws = self._choices.reader_counts(position, layout)
             checkpoints = {}
             for e, d in enumerate(self._sharded):
                 for w in range(layout[0]):
                     q = w * ranks + rank
-                    ckpt = self._checkpoint(w, e, readers, int(draws[q, d]))
-                    if ckpt is None and self._resume is not None and tuple(self._resume["layout"]) == layout:
-                        ckpt = self._resume["checkpoints"].get(f"{self.domains[d]}/{q}")
-                        ckpt = ckpt if ckpt is not None and ckpt["draws"] <= draws[q, d] else None
+                    ckpt = self._checkpoints.checkpoint(w, e, readers, int(draws[q, d]))
+                    if ckpt is None:
+                        ckpt = self._checkpoints.stored(self.domains[d], q, layout, int(draws[q, d]))
                     if ckpt is not None:
                         checkpoints[f"{self.domains[d]}/{q}"] = ckpt
             state["readers"] = {
@@ -847,38 +641,14 @@ class DomainMixture(IterableDataset):
             schedule = [(int(s), np.asarray(row, dtype=np.float64)) for s, row in state["schedule"]]
             position, cursors = int(state["position"]), np.asarray(state["cursors"], dtype=np.int64)
             epoch = int(state.get("epoch", 0))
-            readers = state.get("readers")
-            resume = None
-            if self._sharded:
-                if not isinstance(readers, Mapping):
-                    raise KeyError("readers")
-                layout = tuple(int(x) for x in readers["layout"])
-                checkpoints = {
-                    str(key): {"draws": int(c["draws"]), "pass": int(c["pass"]), "shard_pos": int(c["shard_pos"]),
-                               "block": int(c["block"]), "state": None if c.get("state") is None else str(c["state"])}
-                    for key, c in dict(readers["checkpoints"]).items()
-                }
-                draws = {str(k): [int(x) for x in v] for k, v in dict(readers["draws"]).items()}
-                if len(layout) != 3 or min(layout[:2]) < 1 or layout[2] < 0:
-                    raise ValueError(f"reader layout {list(layout)}")
-                resume = {"layout": layout, "checkpoints": checkpoints, "draws": draws}
+            resume = ReaderCheckpoints.parse(state.get("readers")) if self._sharded else None
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"corrupt DomainMixture state: {err}") from None
         m = len(self.domains)
         if not schedule or cursors.shape != (m,) or position < 0 or any(r.shape != (m,) for _, r in schedule):
             raise ValueError("corrupt DomainMixture state: schedule, position or cursors have the wrong shape")
-        if any(not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-6 for _, r in schedule):
-            raise ValueError("corrupt DomainMixture state: a scheduled weight vector is not on the simplex")
-        starts_list = [s for s, _ in schedule]
-        if starts_list[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts_list)):
-            raise ValueError("corrupt DomainMixture state: schedule starts must begin at 0 and strictly increase")
-        if len(schedule) > self._sched_start.numel():
-            raise ValueError(
-                f"the state has {len(schedule)} schedule entries; create the mixture with max_stages >= that"
-            )
-        starts = np.array([s for s, _ in schedule], dtype=np.int64)
-        rows = np.stack([r for _, r in schedule])  # bit-exact: no renormalisation
-        expected = self._counts(position, (starts, rows))
+        starts, rows = self._schedule.check_saved(schedule)
+        expected = self._choices.counts(position, (starts, rows))
         if not np.array_equal(expected, cursors):
             raise ValueError(
                 f"corrupt DomainMixture state: the cursors {cursors.tolist()} do not match the schedule at "
@@ -892,12 +662,10 @@ class DomainMixture(IterableDataset):
                     f"corrupt DomainMixture state: the readers' draws {sums} do not add up to the cursors {want}"
                 )
         # Everything is validated: only now change the mixture, so a bad state leaves it untouched.
-        self._sched_len[0] = 0
-        for s, row in zip(starts, rows):
-            self._publish(int(s), row)
-        self._count_cache = (position, expected)
+        self._schedule.replace(starts, rows)
+        self._choices.remember(position, expected)
         self._ctrl[_EPOCH] = epoch
-        self._resume = resume
+        self._checkpoints.load(resume)
         self._set_seek(position, cursors)
 
     def domain_sizes(self) -> dict[str, int | None]:

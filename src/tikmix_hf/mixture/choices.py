@@ -1,0 +1,117 @@
+"""The domain choice of every sample index of a mixture's stream, and the draws it adds up to.
+
+Sample ``k`` draws a uniform number ``u_k`` from a counter-based generator keyed by
+``(seed, k // 8192)`` and takes the domain whose cumulative weight interval holds ``u_k``, under
+the schedule entry in effect at ``k``: a pure function of ``(seed, k, weight schedule)``, so every
+copy of the stream computes the same choices without talking to the others. From the choices follow
+each domain's draw count by an index and, for streamed domains read by shard, each reader's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .schedule import WeightSchedule
+from .sources import TAG_CHOICE
+
+_U_BLOCK = 8192  # uniforms are generated in blocks of this many sample indices
+
+
+def reader_of(index: np.ndarray, layout: tuple[int, int, int]) -> np.ndarray:
+    """Logical reader of each sample: chunk ``k // chunk`` goes to worker ``(k // chunk) % W``, and
+    within it rank ``p`` keeps the ``p``-th of ``P`` equal slices (accelerate's IterableDatasetShard)."""
+    workers, ranks, chunk = layout
+    if workers * ranks == 1:
+        return np.zeros(len(index), dtype=np.int64)
+    return ((index // chunk) % workers) * ranks + (index % chunk) // (chunk // ranks)
+
+
+def draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:
+    """The per-domain draw number of each sample, continuing from ``cursors``."""
+    draw = np.empty(len(ids), dtype=np.int64)
+    for d in np.unique(ids):
+        where = np.flatnonzero(ids == d)
+        draw[where] = cursors[d] + np.arange(len(where))
+    return draw
+
+
+class DomainChoices:
+    """The domain of every sample index under ``schedule``, with the counts it implies (cached).
+
+    Args:
+        seed: the mixture's seed.
+        schedule: the mixture's weight schedule, read at every call that is not given one.
+    """
+
+    def __init__(self, seed: int, schedule: WeightSchedule):
+        self.seed, self.schedule = seed, schedule
+        m = len(schedule.domains)
+        self._count_cache: tuple[int, np.ndarray] = (0, np.zeros(m, dtype=np.int64))
+        self._reader_cache: tuple[tuple, int, np.ndarray | None] = ((), 0, None)
+        self._u_cache: tuple[int, np.ndarray | None] = (-1, None)
+
+    def _uniforms(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=np.float64)
+        k = start
+        while k < stop:
+            block, offset = divmod(k, _U_BLOCK)
+            take = min(_U_BLOCK - offset, stop - k)
+            if self._u_cache[0] != block:
+                self._u_cache = (block, np.random.default_rng([self.seed, TAG_CHOICE, block]).random(_U_BLOCK))
+            u = self._u_cache[1]
+            out[k - start : k - start + take] = u[offset : offset + take]
+            k += take
+        return out
+
+    def domain_ids(self, start: int, stop: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Domain index of every sample in ``[start, stop)`` (a pure function of seed and schedule)."""
+        starts, weights = schedule if schedule is not None else self.schedule.arrays()
+        u = self._uniforms(start, stop)
+        idx = np.arange(start, stop)
+        entry = np.searchsorted(starts, idx, side="right") - 1
+        out = np.empty(stop - start, dtype=np.int64)
+        for e in np.unique(entry):
+            mask = entry == e
+            cum = np.cumsum(weights[e])
+            out[mask] = np.minimum(np.searchsorted(cum, u[mask] * cum[-1], side="right"), len(cum) - 1)
+        return out
+
+    def counts(self, upto: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Draws of each domain by samples ``[0, upto)``, under ``schedule`` (default: the current one)."""
+        if upto < 0:
+            raise ValueError(f"upto must be >= 0, got {upto}")
+        cached_at, cached = self._count_cache if schedule is None else (0, None)
+        if cached is None or upto < cached_at:
+            cached_at, cached = 0, np.zeros(len(self.schedule.domains), dtype=np.int64)
+        counts = cached.copy()
+        step = 1 << 20
+        for a in range(cached_at, upto, step):
+            b = min(a + step, upto)
+            counts += np.bincount(self.domain_ids(a, b, schedule), minlength=len(self.schedule.domains))
+        if schedule is None:
+            self._count_cache = (upto, counts.copy())
+        return counts
+
+    def reader_counts(self, upto: int, layout: tuple[int, int, int]) -> np.ndarray:
+        """Draws of each (reader, domain) by samples ``[0, upto)``: a pure function of the layout."""
+        readers, m = layout[0] * layout[1], len(self.schedule.domains)
+        cached_layout, cached_at, cached = self._reader_cache
+        if cached_layout != layout or cached is None or upto < cached_at:
+            cached_at, cached = 0, np.zeros(readers * m, dtype=np.int64)
+        counts = cached.copy()
+        step = 1 << 20
+        for a in range(cached_at, upto, step):
+            b = min(a + step, upto)
+            key = reader_of(np.arange(a, b), layout) * m + self.domain_ids(a, b)
+            counts += np.bincount(key, minlength=readers * m)
+        self._reader_cache = (layout, upto, counts.copy())
+        return counts.reshape(readers, m)
+
+    def forget_from(self, start: int) -> None:
+        """The schedule changed from sample ``start`` on: drop cached counts that reach past it."""
+        if start < self._count_cache[0]:
+            self._count_cache = (0, np.zeros(len(self.schedule.domains), dtype=np.int64))
+
+    def remember(self, upto: int, counts: np.ndarray) -> None:
+        """Cache ``counts``, known to be the draws of samples ``[0, upto)`` under the current schedule."""
+        self._count_cache = (upto, counts)
