@@ -352,3 +352,24 @@ def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
         assert [tuple(x) for x in stream] == expected, mode
         assert all(d != 0 for d, _ in stream[r0["at"]:])
         assert len(stream) == 15 * 2 * BATCH
+
+
+def test_cached_draw_counts_follow_a_schedule_change_behind_them():
+    from tikmix_hf.mixture.choices import DomainChoices, reader_of
+    from tikmix_hf.mixture.schedule import WeightSchedule
+
+    schedule = WeightSchedule(["a", "b", "c"], max_stages=4)
+    schedule.publish(0, np.array([0.2, 0.3, 0.5]))
+    choices = DomainChoices(7, schedule)
+    layout = (2, 2, 8)  # 2 workers x 2 ranks, chunks of 8
+    choices.counts(5000)
+    choices.reader_counts(5000, layout)  # both caches now reach sample 5000
+    schedule.publish(1000, np.array([0.7, 0.2, 0.1]))
+    choices.forget_from(1000)
+
+    ids = DomainChoices(7, schedule).domain_ids(0, 5000)  # a fresh copy: nothing cached
+    assert choices.counts(5000).tolist() == np.bincount(ids, minlength=3).tolist()
+    readers = reader_of(np.arange(5000), layout)
+    brute = np.zeros((4, 3), dtype=np.int64)
+    np.add.at(brute, (readers, ids), 1)
+    assert choices.reader_counts(5000, layout).tolist() == brute.tolist()

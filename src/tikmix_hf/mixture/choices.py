@@ -111,6 +111,8 @@ class DomainChoices:
         """The schedule changed from sample ``start`` on: drop cached counts that reach past it."""
         if start < self._count_cache[0]:
             self._count_cache = (0, np.zeros(len(self.schedule.domains), dtype=np.int64))
+        if start < self._reader_cache[1]:
+            self._reader_cache = ((), 0, None)
 
     def remember(self, upto: int, counts: np.ndarray) -> None:
         """Cache ``counts``, known to be the draws of samples ``[0, upto)`` under the current schedule."""
