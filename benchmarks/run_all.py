@@ -5,7 +5,7 @@ the two cores with anything). Its markdown (``<out>/<name>.md``, or what it prin
 text between ``<!-- begin: <name> -->`` and ``<!-- end: <name> -->`` in the results file; the
 prose around the markers is written by hand and cites no number that a rerun could change.
 
-    python benchmarks/run_all.py                 # everything, about 40 minutes on 2 CPU cores
+    python benchmarks/run_all.py                 # everything, about 80 minutes on 2 CPU cores
     python benchmarks/run_all.py --quick --out /tmp/bench   # every script's --quick, a few minutes;
                                                  # writes /tmp/bench/RESULTS.md, not the repository's
     python benchmarks/run_all.py --only quality fidelity
@@ -40,7 +40,10 @@ SCRIPTS: dict[str, str] = {
     "fidelity": "dir",
     "cost": "dir",
     "transfer": "dir",
+    "mixture_scale": "dir",
 }
+#: the tables a script writes beside its own (``<out>/<name>.md``), pasted with it
+EXTRA_TABLES: dict[str, list[str]] = {"influence_speed": ["influence_speed_fsdp"]}
 
 
 def run_script(name: str, out: Path, quick: bool) -> dict:
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
         summary = "\n".join(lines)
         (args.out / "run_all.md").write_text(("Quick run (`--quick`).\n\n" if args.quick else "") + summary + "\n")
     done = [r["name"] for r in runs if r["returncode"] == 0]
-    text = render(RESULTS.read_text(), args.out, done + (["run_all"] if set(done) == set(SCRIPTS) else []))
+    tables = [t for name in done for t in [name, *EXTRA_TABLES.get(name, [])]]
+    text = render(RESULTS.read_text(), args.out, tables + (["run_all"] if set(done) == set(SCRIPTS) else []))
     if not in_place:
         # pictures: the copy sits next to them
         text = text.replace("](out/", "](")

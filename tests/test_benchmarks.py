@@ -73,7 +73,7 @@ def test_quality_plan_orders_dependants_and_matches_total_tokens():
 IN_SUITE = ["mixture_throughput", "solver_speed", "quality"]
 
 
-@pytest.mark.parametrize("name", sorted(set(run_all.SCRIPTS) - set(IN_SUITE)) + ["mixture_scale"])
+@pytest.mark.parametrize("name", sorted(set(run_all.SCRIPTS) - set(IN_SUITE)))
 def test_the_other_scripts_import_and_have_a_main(name):
     module = importlib.import_module(name)
     assert callable(module.main), name
