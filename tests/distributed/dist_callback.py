@@ -16,10 +16,10 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers.data import RecordingCollator, toy_domains, toy_validation  # noqa: E402
+from helpers.launch import exit_rank  # noqa: E402
 from helpers.models import toy_model  # noqa: E402
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
-from tikmix_hf.cli import shutdown_distributed  # noqa: E402
 
 
 def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> None:
@@ -48,8 +48,8 @@ def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> No
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:
         json.dump({"seen": collator.seen, "schedule": mixture.schedule}, fh)
-    shutdown_distributed()  # a gloo group left to interpreter teardown can abort a finished rank
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    exit_rank()

@@ -6,14 +6,17 @@ on every rank, as the callback does), reads more, and writes what this rank rece
 """
 
 import json
+import os
 import sys
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers.launch import exit_rank  # noqa: E402
+
 from tikmix_hf import DomainMixture
-from tikmix_hf.cli import shutdown_distributed
 
 BATCH = 4
 
@@ -64,4 +67,4 @@ if __name__ == "__main__":
     rank = out["dispatch=True,workers=0"]["rank"]
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as fh:
         json.dump(out, fh)
-    shutdown_distributed()  # a gloo group left to interpreter teardown can abort a finished rank
+    exit_rank()

@@ -32,6 +32,24 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> sub
     raise AssertionError("unreachable")
 
 
+def exit_rank() -> None:
+    """End a finished rank of a script above: wait for every rank, flush, and leave without teardown.
+
+    After its output is written, a rank whose gloo group (or its destruction) is left to the
+    interpreter's own teardown can still abort ("terminate called without an active exception",
+    SIGABRT), and torchrun then reports a failed run; destroying the group first made that rare, not
+    impossible. ``os._exit`` skips that teardown. The barrier keeps a rank from leaving while another
+    is still in a collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def load_script(name: str):
     """Import ``tests/distributed/<name>.py`` as a module (to run its measurement in one process)."""
     import importlib.util
