@@ -17,13 +17,19 @@ from .sources import TAG_CHOICE
 _U_BLOCK = 8192  # uniforms are generated in blocks of this many sample indices
 
 
+def rank_of(index: np.ndarray, ranks: int, chunk: int) -> np.ndarray:
+    """The rank that keeps each sample: rank ``p`` keeps the ``p``-th of ``ranks`` equal slices of
+    every chunk of ``chunk`` samples (accelerate's IterableDatasetShard)."""
+    return (index % chunk) // (chunk // ranks)
+
+
 def reader_of(index: np.ndarray, layout: tuple[int, int, int]) -> np.ndarray:
     """Logical reader of each sample: chunk ``k // chunk`` goes to worker ``(k // chunk) % W``, and
-    within it rank ``p`` keeps the ``p``-th of ``P`` equal slices (accelerate's IterableDatasetShard)."""
+    within it to the rank of :func:`rank_of`."""
     workers, ranks, chunk = layout
     if workers * ranks == 1:
         return np.zeros(len(index), dtype=np.int64)
-    return ((index // chunk) % workers) * ranks + (index % chunk) // (chunk // ranks)
+    return ((index // chunk) % workers) * ranks + rank_of(index, ranks, chunk)
 
 
 def draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:

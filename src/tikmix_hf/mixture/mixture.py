@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .checkpoints import ReaderCheckpoints
-from .choices import DomainChoices, draw_numbers
+from .choices import DomainChoices, draw_numbers, rank_of
 from .schedule import WeightSchedule
 from .sharded import ShardedSource
 from .sources import (
@@ -484,8 +484,7 @@ class DomainMixture(IterableDataset):
                     continue
                 keep = np.zeros(b - a, dtype=bool)
                 if mine:
-                    idx = np.arange(k + a, k + b)
-                    keep[:] = True if ranks == 1 else (idx % chunk) // (chunk // ranks) == rank
+                    keep[:] = True if ranks == 1 else rank_of(np.arange(k + a, k + b), ranks, chunk) == rank
                 # This copy's map-style rows are fetched together: one Arrow read, not one per row.
                 fetched = self._fetch(ids[a:b], draw[a:b], keep)
                 for i in range(a, b):
