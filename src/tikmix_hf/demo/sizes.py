@@ -34,7 +34,7 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         name="default", max_chars_per_domain=400_000, synthetic_docs=300, vocab_size=1024, block_size=128,
         hidden_size=96, layers=3, heads=4, batch_size=16, max_steps=1000, learning_rate=3e-3, eval_every=100,
-        test_blocks=32, choice_items=120, validation_sequences=32, probe_sequences=16, surrogate_candidates=24,
+        test_blocks=32, choice_items=120, validation_sequences=32, probe_sequences=8, surrogate_candidates=24,
         stage_fractions=(0.2, 0.4, 0.6, 0.8), all_domain_blocks=8,
     ),
     "quick": DemoSize(
