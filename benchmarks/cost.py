@@ -9,12 +9,15 @@ trained for the same steps of the same batch, hence on the same tokens, from the
 
 Arms:
 
-- **TiKMiX-D**: the natural mixture, re-decided by ``solver="direct"`` at the bench stage
-  boundaries (20/40/60/80 % of training; one at 50 % in ``--quick``). Its mixing cost is every
-  stage's influence pass: one forward and one backward per *processed* token of the domain probes
-  and the validation sequences. The history counts labelled tokens (``probe_tokens``); they are
-  scaled to processed tokens per set (a 128-token block has 127 labelled tokens, a continuation
-  item only its 8 continuation tokens), so the count is never in TiKMiX's favour. All stages are
+- **TiKMiX-D**: the natural mixture, re-decided by ``solver="direct"`` with the library's defaults
+  at the bench stage boundaries (20/40/60/80 % of training; one at 50 % in ``--quick``). Its mixing
+  cost is every stage's influence pass: one forward and one backward per *processed* token of the
+  probes and the validation sequences. Where it reads the domain side in the training window (the
+  default), the window's sequences are training's own; its hooks are charged at twice the covered
+  parameters per window token (``tikmix_cost``), and its top-up probes as probes. The history
+  counts labelled tokens (``probe_tokens``); they are scaled to processed tokens per set (a
+  128-token block has 127 labelled tokens, a continuation item only its 8 continuation tokens), so
+  the count is never in TiKMiX's favour. All stages are
   charged (the paper's 7.2e17 is one decision), the per-decision ratio is given as well. Wall time:
   ``seconds.tikmix`` (influence plus solver, all stages).
 - **RegMix** (sail-sg/regmix, followed where it can be at this size):
@@ -107,29 +110,52 @@ def _labelled(example) -> int:
     return int(sum(1 for t in list(example["labels"])[1:] if t != -100))
 
 
+def _window_note(cost: dict) -> str:
+    if not cost["window_tokens"]:
+        return ""
+    return (f", and the hooks of its training window on {cost['window_tokens']:,} training tokens "
+            f"({_fmt_flops(cost['hook_flops'])} FLOPs of the total)")
+
+
 def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
-    """FLOPs of every influence pass of a TiKMiX run: 3 x forward per processed probe/validation token."""
+    """FLOPs of every influence pass of a TiKMiX run.
+
+    Probe and validation sequences: 3 x forward per processed token. A training window's own
+    sequences are training's forward and backward; what the window adds on them is its hooks, charged
+    at ``2 x`` the covered parameters per processed token (the per-sequence weight gradient each hook
+    forms is one more product of every covered weight's size per token; the dot products with the few
+    validation gradients and the loss-scale fit are left out, they are smaller).
+    """
     sets: dict[str, tuple[int, int]] = {}  # name -> (sequence length, labelled tokens per sequence)
     for name, ds in {**data.domains, **data.validation}.items():
         ex = ds[0]
         sets[name] = (len(ex["input_ids"]), _labelled(ex))
-    labelled = processed = flops = 0.0
+    labelled = processed = flops = hook_flops = window_tokens = 0.0
     decisions = 0
     for stage in history["stages"]:
         inf = stage.get("influence")
         if not inf:
             continue
         decisions += 1
-        for name, lab in {**inf["domain_tokens"], **inf["task_tokens"]}.items():
+        window = inf.get("window")
+        passes = dict(window["probe_tokens"] if window else inf["domain_tokens"])
+        for name, lab in {**passes, **inf["task_tokens"]}.items():
             length, per_seq = sets[name]
             tokens = lab * length / per_seq
             labelled += lab
             processed += tokens
             flops += 3.0 * forward_flops(shape, tokens, length)
+        if window:
+            for name, lab in inf["domain_tokens"].items():
+                length, per_seq = sets[name]
+                tokens = (lab - window["probe_tokens"].get(name, 0)) * length / per_seq
+                window_tokens += tokens
+                hook_flops += 2.0 * window["parameters"] * tokens
     if int(labelled) != row["probe_tokens"]:
         raise RuntimeError(f"history counts {labelled} labelled tokens, the row {row['probe_tokens']}")
-    return {"flops": flops, "wall": row["seconds"]["tikmix"], "labelled_tokens": int(labelled),
-            "processed_tokens": int(round(processed)), "decisions": decisions}
+    return {"flops": flops + hook_flops, "hook_flops": hook_flops, "wall": row["seconds"]["tikmix"],
+            "labelled_tokens": int(labelled), "processed_tokens": int(round(processed)),
+            "window_tokens": int(round(window_tokens)), "decisions": decisions}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +378,8 @@ def main() -> None:
         f"{_n(proxy_size.layers, 'layer')}), "
         f"{proxy_size.max_steps} steps = {proxies[0]['training_tokens']:,} tokens each; "
         f"{len(candidates):,} candidates, top-{top_k}; TiKMiX-D: {_n(decisions, 'decision')}, "
-        f"{tikmix_rows[0]['cost']['processed_tokens']:,} influence tokens; seeds {seeds}; held-out loss = mean "
+        f"{tikmix_rows[0]['cost']['processed_tokens']:,} probe and validation tokens"
+        f"{_window_note(tikmix_rows[0]['cost'])}; seeds {seeds}; held-out loss = mean "
         f"test loss over {len(data.test)} tasks (lower is better)."
     )
     header = ["proxies", "RegMix FLOPs", "RegMix wall s", "RegMix-mixture held-out loss", "TiKMiX-D held-out loss",

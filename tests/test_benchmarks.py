@@ -109,3 +109,31 @@ def test_run_all_quick(tmp_path):
         assert set(runs[(corpus, "hindsight_d")]["final_weights"]) == set(eq["final_weights"])
         assert runs[(corpus, "hindsight_d")]["final_weights"] == pytest.approx(eq["final_weights"])
     assert (tmp_path / "quality_synthetic.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cost_charges_a_training_window_its_hooks_and_only_its_extra_passes(tmp_path):
+    """The cost bench's TiKMiX-D arm reads S in the training window by default: its sequences are training's,
+    so only the validation and top-up passes count as passes, and the hooks are charged per window token."""
+    import cost
+
+    from tikmix_hf.demo import Arm, prepare_data, train_arm
+    from tikmix_hf.history import load_history
+
+    size = bench_size(True)
+    data = prepare_data("local", size)
+    shape = cost.model_shape(data, size)
+    for source in ("training", "probes"):
+        arm = Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_influence_source": source})
+        row = train_arm(arm, 0, data, size, tmp_path / source)
+        history = load_history(tmp_path / source / row["history"])
+        spent = cost.tikmix_cost(row, history, data, shape)
+        assert spent["labelled_tokens"] == row["probe_tokens"] > 0
+        windows = [s["influence"]["window"] for s in history["stages"] if s["influence"].get("window")]
+        assert bool(windows) == (source == "training")
+        # every window sequence is one training block of block_size tokens
+        blocks = sum(sum(w["sequences"].values()) for w in windows)
+        assert spent["window_tokens"] == blocks * size.block_size
+        assert spent["hook_flops"] == pytest.approx(sum(2.0 * w["parameters"] * sum(w["sequences"].values())
+                                                        * size.block_size for w in windows), rel=1e-12)
+        assert spent["flops"] > spent["hook_flops"]
