@@ -126,6 +126,8 @@ def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
     forms is one more product of every covered weight's size per token; the dot products with the few
     validation gradients and the loss-scale fit are left out, they are smaller).
     """
+    from tikmix_hf.demo.engine import measurement_passes
+
     sets: dict[str, tuple[int, int]] = {}  # name -> (sequence length, labelled tokens per sequence)
     for name, ds in {**data.domains, **data.validation}.items():
         ex = ds[0]
@@ -138,8 +140,7 @@ def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
             continue
         decisions += 1
         window = inf.get("window")
-        passes = dict(window["probe_tokens"] if window else inf["domain_tokens"])
-        for name, lab in {**passes, **inf["task_tokens"]}.items():
+        for name, lab in measurement_passes(inf).items():
             length, per_seq = sets[name]
             tokens = lab * length / per_seq
             labelled += lab

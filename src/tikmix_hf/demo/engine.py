@@ -28,14 +28,20 @@ from .results import RESULTS_FORMAT, draw_results, summarize
 from .sizes import SIZES, DemoSize
 
 
-def measurement_tokens(influence: dict) -> int:
-    """Tokens a stage's measurement forwarded beyond training: its probes and its validation sequences.
+def measurement_passes(influence: dict) -> dict[str, int]:
+    """Labelled tokens a stage's measurement forwarded beyond training, per domain and per task.
 
-    A training window's domain tokens are training's own; only its top-up probes count.
+    Its probes and its validation sequences; a training window's domain tokens are training's own,
+    so only its top-up probes count.
     """
     window = influence.get("window")
     domain = window["probe_tokens"] if window else influence["domain_tokens"]
-    return int(sum(domain.values()) + sum(influence["task_tokens"].values()))
+    return {**domain, **influence["task_tokens"]}
+
+
+def measurement_tokens(influence: dict) -> int:
+    """Tokens a stage's measurement forwarded beyond training (:func:`measurement_passes`, summed)."""
+    return int(sum(measurement_passes(influence).values()))
 
 
 def train_arm(arm: str | Arm, seed: int, data: DemoData, size: DemoSize, base: str | os.PathLike, *,
