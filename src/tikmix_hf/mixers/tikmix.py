@@ -95,7 +95,7 @@ class UncertaintyAware(Mixer):
 
     def decision_scores(self, inputs: StageInputs, result: InfluenceResult) -> tuple[np.ndarray, dict]:
         cfg = inputs.config
-        z, decay = float(cfg.tikmix_shrink_z), float(cfg.tikmix_smoothing)
+        z, decay = float(cfg.tikmix_shrink_z), cfg.smoothing()
         adaptive = {"adaptive_budget": result.adaptive} if result.adaptive is not None else {}
         if z == 0 and decay == 0:
             return result.scores, ({"uncertainty": adaptive} if adaptive else {})
@@ -134,7 +134,8 @@ class UncertaintyAware(Mixer):
                                        cfg.tikmix_trust_radius_max)
         losses = [result.task_losses[t] for t in result.task_names]
         radius, controller = self._radius.update(
-            losses, gain_direction(scores, inputs.prior), matrix_rse(result.scores, result.stderr)
+            losses, gain_direction(result.scores, inputs.prior), matrix_rse(result.scores, result.stderr),
+            accumulated=gain_direction(scores, inputs.prior),
         )
         step = (inputs.learning_rate or 1.0) * max(int(inputs.stage_steps or 1), 1)
         upper, cap_note = repetition_cap(inputs, cfg.tikmix_max_epochs)

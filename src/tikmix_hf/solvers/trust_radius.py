@@ -6,9 +6,11 @@ since, and looks at how consistent the new evidence is with the old:
 - **realised ratio** ``r = sum_i realised_i / sum_i predicted_i``: the validation-loss drop each
   task actually had since the last decision (measured by the influence pass, which computes those
   losses anyway) over the first-order drop ``h S w`` the last decision predicted for it;
-- **consistency** ``c``: the cosine between this stage's and the last stage's direction of gain over
-  domains (``sum_i S_i``, centred under the mixture), so a direction that flips from stage to stage
-  counts as noise.
+- **consistency** ``c``: the cosine between this stage's own direction of gain over domains
+  (``sum_i S_i`` of its measurement, centred under the mixture) and the direction of the evidence the
+  last decision acted on (``S`` smoothed over the stages up to it), so a direction that flips from
+  stage to stage counts as noise. A smoothed ``S`` is never compared with the next smoothed one: the
+  two share their past and would agree even on pure noise.
 
 Then the radius ``rho`` (KL, nats) is updated multiplicatively and kept within its bounds::
 
@@ -46,11 +48,16 @@ class TrustRadius:
         self.losses: list[float] | None = None  # per task, the validation losses at the last decision
         self.direction: list[float] | None = None  # per domain, the last stage's direction of gain
 
-    def update(self, losses, direction, rse: float | None = None) -> tuple[float, dict]:
+    def update(self, losses, direction, rse: float | None = None, accumulated=None) -> tuple[float, dict]:
         """The radius for this decision, from the losses now and this stage's direction; and why.
 
-        ``losses``: validation loss per task now; ``direction``: the direction of gain per domain;
-        ``rse``: the relative standard error of ``S`` (``None`` when unknown).
+        ``losses``: validation loss per task now; ``direction``: the direction of gain per domain of
+        this stage's own measurement; ``rse``: the relative standard error of ``S`` (``None`` when
+        unknown); ``accumulated``: the direction of the evidence accumulated up to this stage (``S``
+        smoothed over stages), which the next stage's own direction is compared with. Without it,
+        ``direction`` is kept. Comparing a measurement only with evidence that does not contain it
+        keeps the test honest: two smoothed averages share their past, so they agree even when every
+        stage measures noise.
         """
         losses = np.asarray(losses, dtype=np.float64)
         direction = np.asarray(direction, dtype=np.float64)
@@ -75,7 +82,7 @@ class TrustRadius:
         factor = 1.0 if rse is None or not math.isfinite(rse) else 1.0 / (1.0 + rse * rse)
         info.update(radius=self.radius, uncertainty_factor=factor, radius_used=self.radius * factor,
                     rse=None if rse is None or not math.isfinite(rse) else float(rse))
-        self.direction = direction.tolist()
+        self.direction = (direction if accumulated is None else np.asarray(accumulated, dtype=np.float64)).tolist()
         return self.radius * factor, info
 
     def record(self, predicted, losses) -> None:
