@@ -67,6 +67,7 @@ DEFAULT_VARIANTS = {
     "tikmix_d_probes": {"tikmix_influence_source": "probes"},  # measured on probes, as the paper measures
     "tikmix_d_eight": {"tikmix_stage_fractions": EIGHT},  # twice as many decisions
     "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a window of about the probes' sequences
+    "tikmix_d_unsmoothed": {"tikmix_smoothing": 0.0},  # each stage's own S, not averaged over stages
 }
 
 LABELS = {
@@ -82,16 +83,18 @@ LABELS = {
     "tikmix_d_eight_eq": "TiKMiX-D, eight decisions (equal total tokens)",
     "tikmix_d_short": "TiKMiX-D, window of the probe budget",
     "tikmix_d_short_eq": "TiKMiX-D, window of the probe budget (equal total tokens)",
+    "tikmix_d_unsmoothed": "TiKMiX-D, S not averaged over stages",
+    "tikmix_d_unsmoothed_eq": "TiKMiX-D, S not averaged over stages (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: Left out of --quick: code other arms run (tikmix_d_eq the equal-total-token path, tikmix_d_paper the probes,
 #: doge the baseline mixers' path through the same engine).
-QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm")
+QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm", "tikmix_d_unsmoothed")
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
-#: and the default TiKMiX-D at equal total tokens beside its own hindsight static mixture. The other arms of ORDER
-#: (temperature, DoReMi, the robust settings) run with --arms.
+#: the default TiKMiX-D at equal total tokens beside its own hindsight static mixture, and the default without its
+#: average of S over stages. The other arms of ORDER (temperature, DoReMi, the robust settings) run with --arms.
 DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_probes", "tikmix_d_paper", "tikmix_m",
-                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d"]
+                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d", "tikmix_d_unsmoothed"]
 
 
 # ------------------------------------------------------------------------------------------------

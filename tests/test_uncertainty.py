@@ -189,7 +189,7 @@ def stage_inputs(model, config, *, stage=0, seed=1, prior=None, n_batches=4):
 def test_switches_off_reproduce_plain_tikmix_d_bitwise():
     model = tiny_llama(seed=0)
     plain_cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_objective="paper")
-    assert plain_cfg.tikmix_shrink_z == 0 and plain_cfg.tikmix_smoothing == 0 and plain_cfg.tikmix_target_rse is None
+    assert plain_cfg.tikmix_shrink_z == 0 and plain_cfg.smoothing() == 0 and plain_cfg.tikmix_target_rse is None
     mixer = TiKMiXDirect()
     prior = None
     for stage in range(2):
@@ -295,6 +295,51 @@ def test_smoothing_state_round_trips_through_json_and_resume_is_identical():
     assert resumed.state_dict() == full.state_dict()
     with pytest.raises(ValueError, match="unknown mixer state"):
         TiKMiXDirect().load_state_dict({"bogus": 1})
+
+
+def test_smoothing_defaults_to_the_objective_and_a_given_value_wins():
+    from transformers import HfArgumentParser
+
+    assert TiKMiXConfig().smoothing() == 0.5  # the default objective accumulates evidence over stages
+    assert TiKMiXConfig(tikmix_objective="paper").smoothing() == 0.0  # the paper's: each stage's own S
+    assert TiKMiXConfig(tikmix_smoothing=0.0).smoothing() == 0.0
+    assert TiKMiXConfig(tikmix_objective="paper", tikmix_smoothing=0.25).smoothing() == 0.25
+    (parsed,) = HfArgumentParser(TiKMiXConfig).parse_args_into_dataclasses(["--tikmix_smoothing", "0"])
+    assert parsed.tikmix_smoothing == 0.0 and parsed.smoothing() == 0.0
+
+
+def test_smoothed_evidence_does_not_look_consistent_when_every_stage_measures_noise(monkeypatch):
+    """The radius controller's consistency compares each stage's own S with the evidence before it.
+
+    Two smoothed averages share their past, so over stages of pure noise their directions agree
+    with a cosine of about the decay (0.5 here), at the controller's threshold for growing. The
+    mixer compares the new stage's raw direction with the accumulated one instead, which averages 0.
+    """
+    import dataclasses
+
+    import tikmix_hf.mixers.tikmix as mixers
+    from tikmix_hf.solvers.trust_radius import gain_direction
+
+    rng = np.random.default_rng(3)
+    cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_smoothing=0.5)
+    mixer, prior = TiKMiXDirect(), np.full(4, 0.25)
+    seen, smoothed_pairs, last_smoothed = [], [], None
+    for stage in range(60):
+        result = dataclasses.replace(noise_result(rng, m=4), task_losses={"t0": 3.0 - 0.01 * stage, "t1": 3.0})
+        monkeypatch.setattr(mixers, "measure_influence", lambda inputs, result=result, **kw: (result, ""))
+        inputs = StageInputs(stage=stage, step=stage, domains=result.domain_names, prior=prior, model=None,
+                             optimizer=None, domain_batches={}, validation_batches={}, config=cfg)
+        decision = mixer.decide(inputs)
+        smoothed = gain_direction(np.asarray(decision.extra["uncertainty"]["smoothed_scores"]), prior)
+        if stage > 0:
+            consistency = decision.extra["trust_region"]["consistency"]
+            expected = float(last_smoothed @ gain_direction(result.scores, prior))
+            assert consistency == pytest.approx(expected, abs=1e-12)  # own S against the accumulated S
+            seen.append(consistency)
+            smoothed_pairs.append(float(last_smoothed @ smoothed))
+        last_smoothed = smoothed
+    assert abs(np.mean(seen)) < 0.2, np.mean(seen)
+    assert np.mean(smoothed_pairs) > 0.3  # what comparing two smoothed directions would have seen
 
 
 @pytest.mark.parametrize(

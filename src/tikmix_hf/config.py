@@ -30,6 +30,9 @@ OBJECTIVES = ("trust_region", "paper")
 INFLUENCE_SOURCES = ("auto", "probes", "training")
 #: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
 DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
+#: The decay of S's average over stages when none is given: evidence accumulates under the default objective;
+#: the paper's uses each stage's own S.
+DEFAULT_SMOOTHING = {"trust_region": 0.5, "paper": 0.0}
 
 
 def _help(text: str) -> dict:
@@ -190,11 +193,12 @@ class TiKMiXConfig:
             "S (1.0 is a sensible choice). Needs >= 2 probe micro-batches per domain."
         ),
     )
-    tikmix_smoothing: float = field(
-        default=0.0,
+    tikmix_smoothing: float | None = field(
+        default=None,
         metadata=_help(
             "direct/surrogate: decay in [0, 1) of a precision-weighted (1/SE^2) average of S over stages, kept in "
-            "the checkpoint; 0 = off (each stage uses its own S)."
+            "the checkpoint; 0 = off (each stage uses its own S). Unset: 0.5 with tikmix_objective=trust_region, "
+            "0 with paper."
         ),
     )
     tikmix_target_rse: float | None = field(
@@ -289,6 +293,12 @@ class TiKMiXConfig:
             usable = window_obstacle(self) is None and self.tikmix_objective != "paper"
             return "training" if usable else "probes"
         return source
+
+    def smoothing(self) -> float:
+        """``tikmix_smoothing``, or the objective's default (:data:`DEFAULT_SMOOTHING`) when it is unset."""
+        if self.tikmix_smoothing is None:
+            return DEFAULT_SMOOTHING[self.tikmix_objective]
+        return float(self.tikmix_smoothing)
 
     def initial_weights(self) -> str | dict[str, float]:
         """``tikmix_initial_weights`` parsed: a keyword or a mapping."""
@@ -417,8 +427,9 @@ def validate_config(c) -> None:
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
         _fail("tikmix_shrink_z", z, "must be a finite number >= 0 (standard errors; 0 = no shrinkage)")
     decay = c.tikmix_smoothing
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        _fail("tikmix_smoothing", decay, "must lie in [0, 1) (0 = off; 1 would never forget a stage)")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1):
+        _fail("tikmix_smoothing", decay, "must lie in [0, 1) (0 = off; 1 would never forget a stage), or be unset "
+              "for the objective's default")
     rse = c.tikmix_target_rse
     if rse is not None and (
         isinstance(rse, bool) or not isinstance(rse, (int, float)) or not math.isfinite(rse) or rse <= 0
