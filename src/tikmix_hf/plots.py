@@ -338,11 +338,14 @@ def plot_history(
     """All pictures of one history: ``<prefix>weights.png``, ``<prefix>influence_stage<k>.png`` and, for the
     trust-region objective, ``<prefix>gains.png`` (predicted against realised loss drops).
 
+    ``title`` names the run (e.g. ``"TiKMiX-D, seed 0"``); each picture adds what it shows.
     Stages without an influence matrix (status ``skipped``) get no heatmap.
     """
     output_dir = Path(output_dir)
-    paths = [plot_weights(history, output_dir / f"{prefix}weights.png", total_steps=total_steps, title=title)]
-    gains = plot_gains(history, output_dir / f"{prefix}gains.png", title=title)
+    paths = [plot_weights(history, output_dir / f"{prefix}weights.png", total_steps=total_steps,
+                          title=title and f"{title}: mixture over training")]
+    gains = plot_gains(history, output_dir / f"{prefix}gains.png",
+                       title=title and f"{title}: predicted and realised gains")
     if gains is not None:
         paths.append(gains)
     for stage in history.get("stages") or []:

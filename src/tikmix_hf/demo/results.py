@@ -69,6 +69,6 @@ def draw_results(results: Mapping[str, Any], plot_dir: str | os.PathLike, *, bas
             history = load_history(Path(base) / r["history"])
             paths.extend(P.plot_history(
                 history, plot_dir, prefix=f"seed{seed}_{r['arm']}_", total_steps=size["max_steps"],
-                title=f"{r['label']} mixture over training, {results['corpus']} corpus, seed {seed}",
+                title=f"{r['label']}, {results['corpus']} corpus, seed {seed}",
             ))
     return paths
