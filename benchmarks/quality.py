@@ -68,7 +68,10 @@ DEFAULT_VARIANTS = {
     "tikmix_d_eight": {"tikmix_stage_fractions": EIGHT},  # twice as many decisions
     "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a window of about the probes' sequences
     "tikmix_d_unsmoothed": {"tikmix_smoothing": 0.0},  # each stage's own S, not averaged over stages
+    "tikmix_d_tilted": {},  # the defaults, started from the target-tilted mixture (local corpus only)
 }
+#: Variants that start from a static mixture other than the natural one.
+VARIANT_INITIAL = {"tikmix_d_tilted": "targets"}
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
@@ -85,16 +88,21 @@ LABELS = {
     "tikmix_d_short_eq": "TiKMiX-D, window of the probe budget (equal total tokens)",
     "tikmix_d_unsmoothed": "TiKMiX-D, S not averaged over stages",
     "tikmix_d_unsmoothed_eq": "TiKMiX-D, S not averaged over stages (equal total tokens)",
+    "tikmix_d_tilted": "TiKMiX-D from the target-tilted mixture",
+    "tikmix_d_tilted_eq": "TiKMiX-D from the target-tilted mixture (equal total tokens)",
 }
 ORDER = list(LABELS)
 #: Left out of --quick: code other arms run (tikmix_d_eq the equal-total-token path, tikmix_d_paper the probes,
 #: doge the baseline mixers' path through the same engine).
-QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm", "tikmix_d_unsmoothed")
+QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm", "tikmix_d_unsmoothed", "tikmix_d_tilted",
+               "tikmix_d_tilted_eq")
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
-#: the default TiKMiX-D at equal total tokens beside its own hindsight static mixture, and the default without its
-#: average of S over stages. The other arms of ORDER (temperature, DoReMi, the robust settings) run with --arms.
+#: the default TiKMiX-D at equal total tokens beside its own hindsight static mixture, the default without its
+#: average of S over stages, and the default started from the mixture a user who knows the targets would pick. The
+#: other arms of ORDER (temperature, DoReMi, the robust settings) run with --arms.
 DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_probes", "tikmix_d_paper", "tikmix_m",
-                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d", "tikmix_d_unsmoothed"]
+                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d", "tikmix_d_unsmoothed",
+                "tikmix_d_tilted", "tikmix_d_tilted_eq"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +177,8 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
     jobs = []
     for seed in seeds:
         for arm in arms:
-            if arm == "oracle" and corpus != "synthetic" or arm == "targets" and corpus != "local":
+            tilted = arm == "targets" or VARIANT_INITIAL.get(arm.removesuffix("_eq")) == "targets"
+            if arm == "oracle" and corpus != "synthetic" or tilted and corpus != "local":
                 continue
             job = {"corpus": corpus, "seed": seed, "arm": arm, "initial": "natural", "solver": None, "config": {},
                    "needs": []}
@@ -181,6 +190,7 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 # variant of them; each "_eq" arm waits for its plain arm, whose extra tokens it gives up
                 plain = arm.removesuffix("_eq")
                 job["solver"] = "direct"
+                job["initial"] = VARIANT_INITIAL.get(plain, "natural")
                 job["config"] = {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE), **DEFAULT_VARIANTS[plain]}
                 job["needs"] = [plain] if arm != plain else []
             elif arm == "tikmix_d_paper":

@@ -51,6 +51,11 @@ def test_quality_plan_orders_dependants_and_matches_total_tokens():
     assert jobs["hindsight_robust"]["needs"] == ["robust_eq"]
     assert jobs["tikmix_d"]["config"].get("tikmix_influence_source") is None  # the library's default
     assert jobs["tikmix_d_probes"]["config"]["tikmix_influence_source"] == "probes"
+    # the defaults started from the mixture a user who knows the targets would pick, on the corpus that has one
+    assert jobs["tikmix_d_tilted"]["initial"] == "targets" and jobs["tikmix_d"]["initial"] == "natural"
+    assert jobs["tikmix_d_tilted_eq"]["needs"] == ["tikmix_d_tilted"]
+    assert not {"tikmix_d_tilted", "tikmix_d_tilted_eq", "targets"} & {j["arm"] for j in quality.plan(
+        "synthetic", [0], quality.ORDER)}
     per_step = size.batch_size * size.block_size
     done = {("local", 0, "tikmix_d"): _done(3 * per_step, 8, {"a": 1.0}),
             ("local", 0, "tikmix_d_probes"): _done(10 * per_step + 1, 4, {"a": 1.0}),
