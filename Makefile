@@ -33,7 +33,7 @@ demo: $(STAMP)
 	sh scripts/install_corpora.sh || true
 	$(PY) -m tikmix_hf.cli demo
 
-# Every benchmark, then its tables pasted into benchmarks/RESULTS.md (about 30 minutes on 2 CPU cores, up to 80 on a busy day; quality alone 17).
+# Every benchmark, then its tables pasted into benchmarks/RESULTS.md (about 45 minutes on 2 CPU cores, up to 80 on a busy day; quality alone 17-29).
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 

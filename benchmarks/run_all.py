@@ -5,7 +5,7 @@ the two cores with anything). Its markdown (``<out>/<name>.md``, or what it prin
 text between ``<!-- begin: <name> -->`` and ``<!-- end: <name> -->`` in the results file; the
 prose around the markers is written by hand and cites no number that a rerun could change.
 
-    python benchmarks/run_all.py                 # everything, about 30 minutes on 2 CPU cores (up to 80 on a busy day)
+    python benchmarks/run_all.py                 # everything, about 45 minutes on 2 CPU cores (up to 80 on a busy day)
     python benchmarks/run_all.py --quick --out /tmp/bench   # every script's --quick, a few minutes;
                                                  # writes /tmp/bench/RESULTS.md, not the repository's
     python benchmarks/run_all.py --only quality fidelity
