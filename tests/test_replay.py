@@ -264,6 +264,25 @@ def test_export_and_plot_a_replayed_run(tmp_path, source):
     assert (tmp_path / "plots" / "weights.png").stat().st_size > 0
 
 
+def test_exporting_the_final_mixture_replays_as_that_static_mixture(tmp_path, source):
+    """``--final``: one entry, the run's last weights from the first sample, which draws what a static run
+    started at those weights draws."""
+    history, cb_src, *_ = source
+    out = tmp_path / "final.json"
+    assert tikmix(["schedule", "export", str(history), "--final", "-o", str(out)]) == 0
+    final = cb_src.history[-1]["weights_after"]
+    assert json.loads(out.read_text()) == [{"at": 0.0, "weights": final}]
+    assert final != START and not list(tmp_path.glob(".tmp-*"))  # the run moved; no temporary file left
+    cb, col, probes, mix = _run(tmp_path / "replay", tikmix_schedule=str(out))
+    _, col_static, _, mix_static = _run(tmp_path / "static", tikmix_solver="static",
+                                        tikmix_initial_weights=json.dumps(final))
+    assert col.seen == col_static.seen
+    assert mix.weights == pytest.approx(mix_static.weights, abs=1e-15)
+    assert probes.calls == _first_batch_checks()  # no influence pass
+    assert tikmix(["schedule", "export", str(history), "--final", "-o", str(tmp_path / "f.yaml")]) == 0
+    assert load_schedule(tmp_path / "f.yaml").to_list() == load_schedule(out).to_list()
+
+
 def test_replay_flags_parse_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 

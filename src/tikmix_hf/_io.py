@@ -1,4 +1,4 @@
-"""Small file helpers shared by the layers: atomic JSON and safetensors writes, reads with clear errors,
+"""Small file helpers shared by the layers: atomic text, JSON and safetensors writes, reads with clear errors,
 strict-JSON values."""
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 
 
-def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON through a temporary file in the same folder and a rename.
+def save_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) through a temporary file in the same folder and a rename.
 
     A crash or a full disk leaves either the previous file or the new one, never half of one.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, allow_nan=False)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -32,6 +32,11 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (no NaN) with :func:`save_text_atomic`."""
+    save_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str]) -> None:

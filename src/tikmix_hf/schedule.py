@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import save_text_atomic
 from .history import HISTORY_FORMAT
 
 __all__ = ["KINDS", "Phase", "Schedule", "export_schedule", "load_schedule", "parse_domain_map",
@@ -328,11 +329,14 @@ def parse_domain_map(value: str | Mapping | None) -> dict[str, str]:
 
 
 def export_schedule(history: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                    total_steps: int | None = None) -> Path:
+                    total_steps: int | None = None, final: bool = False) -> Path:
     """Write the schedule a run followed (its ``history.json``, or the run's ``output_dir``) as a file to edit.
 
     ``output`` ends in ``.yaml``/``.yml`` (needs pyyaml) or ``.json``; default ``schedule.yaml`` beside
-    the history. Returns the path written. Raises ``ValueError`` for a file that is not a history.
+    the history. With ``final``, the file holds one entry: the run's last weights from the first sample
+    on, the static mixture of what the run found (``docs/schedules.md`` says when that beats replaying the
+    whole schedule). The file is written through a temporary file and a rename. Returns the path written.
+    Raises ``ValueError`` for a file that is not a history.
     """
     src = Path(history)
     if src.is_dir():
@@ -345,14 +349,18 @@ def export_schedule(history: str | os.PathLike, output: str | os.PathLike | None
     schedule = schedule_from_history(doc, str(src), total_steps=total_steps)
     out = Path(output) if output is not None else src.parent / "schedule.yaml"
     entries = schedule.to_list()
+    what = "mixture schedule"
+    if final:
+        entries = [{"at": 0.0 if schedule.phases[0].kind == "fraction" else {"steps": 0},
+                    "weights": entries[-1]["weights"]}]
+        what = "last mixture, from the first sample on,"
     if out.suffix.lower() in (".yaml", ".yml"):
         text = _yaml(f"-o {out}").safe_dump(entries, sort_keys=False, default_flow_style=None)
-        note = f"# The mixture schedule of {src}\n# at: fraction of training, or {{steps: N}} / {{tokens: N}}\n"
+        note = f"# The {what} of {src}\n# at: fraction of training, or {{steps: N}} / {{tokens: N}}\n"
         text = note + text
     elif out.suffix.lower() == ".json":
         text = json.dumps(entries, indent=1) + "\n"
     else:
         raise ValueError(f"-o {out}: name the file *.yaml, *.yml or *.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    save_text_atomic(out, text)
     return out

@@ -15,6 +15,8 @@ def add_schedule_parser(sub) -> None:
     export.add_argument("-o", "--output", default=None, help="*.yaml or *.json (default: schedule.yaml beside it)")
     export.add_argument("--total-steps", "--total_steps", dest="total_steps", type=int, default=None,
                         help="the run's max_steps, for histories that do not record it")
+    export.add_argument("--final", action="store_true",
+                        help="write only the run's last weights, from the first sample on: its static mixture")
     export.set_defaults(func=cmd_schedule_export)
 
 
@@ -22,7 +24,7 @@ def cmd_schedule_export(args: argparse.Namespace) -> int:
     from ..schedule import export_schedule
 
     try:
-        print(export_schedule(args.history, args.output, total_steps=args.total_steps))
+        print(export_schedule(args.history, args.output, total_steps=args.total_steps, final=args.final))
     except (ValueError, ImportError, OSError) as err:
         raise UsageError(str(err)) from None
     return 0
