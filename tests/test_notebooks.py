@@ -19,6 +19,7 @@ import nbformat
 import pytest
 
 import tikmix_hf
+import tikmix_hf.influence
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -33,9 +34,10 @@ SUITE_PARAMETERS = {
 
 # Besides the standard library, the notebooks may import only these.
 ALLOWED_TOP_LEVEL = {"tikmix_hf", "transformers", "torch", "numpy", "matplotlib", "scipy"}
-ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora"}
-# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the demo corpora module.
-PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!demo\.corpora\b)\w+")
+ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora", "tikmix_hf.influence"}
+# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the demo corpora module, or the
+# influence layer, whose package exports its own public functions (TiKMiX-M's look-ahead among them).
+PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!demo\.corpora\b|influence\b(?!\.))\w+")
 
 
 def _code_cells(nb) -> list[str]:
@@ -90,9 +92,10 @@ def test_imports_only_the_public_api(path):
             elif isinstance(node, ast.ImportFrom):
                 assert node.level == 0, f"{path.name} code cell {index}: relative import"
                 modules = [node.module]
-                if node.module == "tikmix_hf":
+                if node.module in ("tikmix_hf", "tikmix_hf.influence"):
                     names = {alias.name for alias in node.names}
-                    assert names <= public, f"{path.name} imports non-public {sorted(names - public)} from tikmix_hf"
+                    exported = public if node.module == "tikmix_hf" else set(tikmix_hf.influence.__all__)
+                    assert names <= exported, f"{path.name} imports non-public {sorted(names - exported)}"
             else:
                 continue
             for module in modules:

@@ -219,7 +219,7 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     callback = TiKMiXCallback(mixture, toy_validation(), config)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=18, per_device_train_batch_size=8, learning_rate=3e-3, use_cpu=True,
-        report_to=["tensorboard"], save_strategy="no", logging_steps=100,
+        report_to=["tensorboard"], save_strategy="no", logging_steps=3,
         disable_tqdm=True, seed=0, remove_unused_columns=False, lr_scheduler_type="constant",
     )
     trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=RecordingCollator())
@@ -241,6 +241,8 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     np.testing.assert_allclose(weights, [s["weights_after"]["pattern"] for s in stages], rtol=1e-6)
     radii = [e.value for e in events.Scalars("train/tikmix/trust_radius")]
     np.testing.assert_allclose(radii, [s["mixer"]["trust_region"]["radius_used"] for s in stages], rtol=1e-6)
+    # the Trainer's own loss log is kept at the boundaries, which are logging steps too
+    assert {e.step for e in events.Scalars("train/loss")} == {3, 6, 9, 12, 15, 18}
     # the realised gain is logged from the second decision on: the first has nothing to compare with
     assert len(events.Scalars("train/tikmix/realised_gain/held_out_pattern")) == 1
     assert stages[1]["mixer"]["trust_region"]["action"] in ("grow", "keep", "shrink")

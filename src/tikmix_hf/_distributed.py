@@ -103,3 +103,16 @@ def unwrap(model, *, sharded: bool = False):
                     f"supported here; use DDP or a single process"
                 )
     return model
+
+
+def measured_module(model, wrapped=None):
+    """The module to measure through: ``wrapped`` when it is an FSDP1 wrapper, else ``model``.
+
+    The Trainer hands callbacks the model inside an FSDP1 wrapper, whose parameters are shards that only
+    the wrapper's forward gathers; FSDP2 and DDP models are handed over as they are.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return model
+    return wrapped if isinstance(wrapped, FullyShardedDataParallel) else model

@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from ._io import load_json
+from ._io import load_json, save_json_atomic
 
 HISTORY_FORMAT = "tikmix_hf.history/1"
 
@@ -39,6 +39,27 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def write_history(path: str, *, domains: list[str], tasks: list[str], config: dict, initial_weights: dict | None,
+                  max_steps: int | None, stages: list[dict]) -> None:
+    """Write the run's ``history.json`` atomically; a failure leaves the previous file intact and says so."""
+    document = {
+        "format": HISTORY_FORMAT,
+        "domains": list(domains),
+        "tasks": list(tasks),
+        "config": config,
+        "initial_weights": initial_weights,
+        "max_steps": max_steps,  # so that a schedule read from this history can speak in fractions
+        "stages": stages,
+    }
+    try:
+        save_json_atomic(path, document)
+    except OSError as err:
+        raise OSError(
+            f"TiKMiX could not write its history to {path} ({err}); the previous history file is left intact. Free "
+            "disk space or fix the folder's permissions, then resume from the last checkpoint"
+        ) from err
+
+
 def load_history(path: str) -> dict:
     """Read a ``history.json`` written by :class:`TiKMiXCallback`."""
     doc = load_json(path, "TiKMiX history")
@@ -47,4 +68,4 @@ def load_history(path: str) -> dict:
     return doc
 
 
-__all__ = ["HISTORY_FORMAT", "latest_checkpoint", "load_history"]
+__all__ = ["HISTORY_FORMAT", "latest_checkpoint", "load_history", "write_history"]

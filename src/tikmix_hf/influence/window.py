@@ -83,7 +83,7 @@ class TrainingWindow:
 
     def __init__(self, model, validation_batches: Batches, domain_names: list[str], *,
                  preconditioner: str = "identity", optimizer=None, show_progress: bool = False,
-                 strict: bool = True):
+                 strict: bool = True, saved: tuple[dict, dict[str, torch.Tensor]] | None = None):
         check_preconditioner_name(preconditioner)
         if preconditioner == "diag_fisher":
             raise ValueError(
@@ -92,6 +92,9 @@ class TrainingWindow:
             )
         self._setup(model, validation_batches, domain_names, show_progress, strict)
         self.preconditioner_name = preconditioner
+        if saved is not None:
+            self._load(*saved)
+            return
         n_batches = sum(self.pass_.local_count(t) for t in self.tasks.values())
         with measurement_mode(self.module), self.pass_.progress(n_batches):
             precond, self.fallback = self.pass_.preconditioner(preconditioner, optimizer, None, None)
@@ -164,8 +167,14 @@ class TrainingWindow:
                 tensors: dict[str, torch.Tensor], *, show_progress: bool = False,
                 strict: bool = True) -> "TrainingWindow":
         """The window :meth:`state` described, on this model and these validation batches (not yet attached)."""
-        self = cls.__new__(cls)
-        self._setup(model, validation_batches, domain_names, show_progress, strict)
+        preconditioner = meta.get("preconditioner") if isinstance(meta, dict) else None
+        if preconditioner not in ("identity", "adam"):
+            raise ValueError(f"the saved training window names preconditioner {preconditioner!r}; it was written by "
+                             "another version or has been modified")
+        return cls(model, validation_batches, domain_names, preconditioner=preconditioner,
+                   show_progress=show_progress, strict=strict, saved=(meta, tensors))
+
+    def _load(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         expected = {"format": WINDOW_FORMAT, "parameters": list(self.layout.names), "domains": list(self.domain_names),
                     "tasks": list(self.tasks), "rank": self.rank, "world": self.world}
         wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
@@ -182,10 +191,9 @@ class TrainingWindow:
         self.sequences.copy_(tensors["sequences"])
         self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
         self.hook_seconds, self.validation_seconds = float(meta["hook_seconds"]), float(meta["validation_seconds"])
-        self.preconditioner_name, self.preconditioner_used = meta["preconditioner"], meta["preconditioner_used"]
+        self.preconditioner_used = meta["preconditioner_used"]
         self.fallback, self.task_losses = meta["fallback"], dict(meta["task_losses"])
         self.pass_.task_losses = dict(self.task_losses)
-        return self
 
     # -- the hooks -------------------------------------------------------------------------------
 

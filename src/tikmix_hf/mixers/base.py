@@ -76,6 +76,8 @@ class Decision:
     seconds_measure: float = 0.0
     seconds_solve: float = 0.0
     extra: dict = dataclasses.field(default_factory=dict)  # JSON-ready, mixer-specific
+    # Scalar diagnostics to log as tikmix/<name> (a number) or tikmix/<name>/<key> (a {key: number} mapping)
+    metrics: dict = dataclasses.field(default_factory=dict)
 
 
 class Mixer:

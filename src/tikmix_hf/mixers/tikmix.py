@@ -173,6 +173,15 @@ class UncertaintyAware(Mixer):
             self._radius.load_state_dict(radius)
 
 
+def trust_region_metrics(extra: dict) -> dict:
+    """What the trust-region objective logs: the radius used, and each task's predicted and realised drop."""
+    trust = extra.get("trust_region")
+    if not trust:
+        return {}
+    return {"trust_radius": trust["radius_used"], "predicted_gain": trust.get("predicted_gain_next") or {},
+            "realised_gain": trust.get("realised_gain") or {}}
+
+
 def zip_tasks(info: dict, tasks: list[str]):
     """The controller's per-task lists as ``{task: value}`` mappings, the rest as they are."""
     for key, value in info.items():
@@ -218,7 +227,7 @@ class TiKMiXDirect(UncertaintyAware):
             extra = {**extra, **more}
         return Decision(solved.weights, solved.status, solved.message, result, solved,
                         seconds_measure=measured - started, seconds_solve=time.perf_counter() - measured,
-                        extra=extra)
+                        extra=extra, metrics=trust_region_metrics(extra))
 
 
 @register("surrogate")
@@ -290,7 +299,8 @@ class TiKMiXSurrogate(UncertaintyAware):
                         seconds_solve=solve - lookahead_seconds[0],
                         extra={"lookahead_step": step, "lookahead_step_grid": grid,
                                "lookahead_seconds": lookahead_seconds[0], "lookahead_forwards": stepper.forwards,
-                               "lookahead_tokens": stepper.forwards * tokens_per_forward, **uncertainty})
+                               "lookahead_tokens": stepper.forwards * tokens_per_forward, **uncertainty},
+                        metrics=trust_region_metrics(uncertainty))
 
     def calibrate_step(self, learning_rate: float | None, drop: Callable[[float], float]) -> tuple[float, dict]:
         """The look-ahead step size, when ``tikmix_lookahead_lr`` is unset.
