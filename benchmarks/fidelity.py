@@ -135,7 +135,7 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
     # tikmix_influence_source="training"), validation gradients and adam's scale taken as it opens.
     window = TrainingWindow(model, validation, names, preconditioner="adam", optimizer=opt)
     batch = size.batch_size
-    window.attach(lambda k, rows: stream.mixture.domain_ids((head + k) * batch, (head + k) * batch + rows))
+    window.attach(lambda k, rows: (stream.mixture.domain_ids((head + k) * batch, (head + k) * batch + rows), 0))
     window_started = time.perf_counter()
     train_steps(model, opt, stream, args.window, lr=size.learning_rate, warmup=max(1, args.base_steps // 10),
                 start=head)

@@ -92,7 +92,9 @@ def test_the_domain_reader_maps_micro_batches_to_stream_samples_and_refuses_othe
     g = LoaderGeometry(micro_global=6)
     calls = []
     reader = g.domain_reader(2, lambda lo, hi: calls.append((lo, hi)) or np.arange(lo, hi), rank=1, world=2)
-    np.testing.assert_array_equal(reader(1, 3), [21, 22, 23])  # step 2 x 6 + 1 x 6 + rank 1's offset 3
+    ids, offset = reader(1, 3)  # the micro-step of all ranks: step 2 x 6 + 1 x 6 on; rank 1's rows from 3
+    np.testing.assert_array_equal(ids, np.arange(18, 24))
+    assert offset == 3 and calls == [(18, 24)]
     with pytest.raises(ValueError, match="has 5 sequences where the stream gives each rank 3"):
         reader(0, 5)
 

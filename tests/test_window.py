@@ -51,11 +51,13 @@ def window_config(**kw):
                         tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
 
 
-@pytest.mark.parametrize("accumulation,checkpointing", [(1, False), (2, False), (1, True)])
-def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_path, accumulation, checkpointing):
+@pytest.mark.parametrize("accumulation,checkpointing,quota", [(1, False, None), (2, False, None), (1, True, None),
+                                                               (2, False, 8)])
+def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_path, accumulation, checkpointing,
+                                                                          quota):
     model = toy_model(0, torch.float64)
     model.loss_function = token_mean_loss
-    callback, collator, mixture, collate = train(tmp_path, window_config(), model,
+    callback, collator, mixture, collate = train(tmp_path, window_config(tikmix_window_sequences=quota), model,
                                                  gradient_accumulation_steps=accumulation,
                                                  activation_checkpointing=checkpointing)
     assert model.is_activation_checkpointing == checkpointing
@@ -67,10 +69,16 @@ def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_pa
     seen = mixture.example_ids(lo, hi)
     assert [f"{d}:{i}" for d, i in seen] == collator.seen[lo:hi]  # the ids the hooks used are what was trained
     domains, val = toy_domains(), toy_validation()
-    rows = {d: [collate([domains[d][i]]) for dd, i in seen if dd == d] for d in mixture.domains}
+    # with a quota, the hooks read only the first `quota` sequences of each domain, in stream order
+    rows = {d: [collate([domains[d][i]]) for dd, i in seen if dd == d][:quota] for d in mixture.domains}
     window_counts = {d: len(r) for d, r in rows.items()}
+    if quota is not None:
+        assert max(window_counts.values()) == quota < max(sum(dd == d for dd, _ in seen) for d in mixture.domains)
     assert influence["window"]["sequences"] == window_counts
-    assert influence["window"]["micro_batches"] == 4 * accumulation
+    if quota is None:
+        assert influence["window"]["micro_batches"] == 4 * accumulation
+    else:  # the hooks come off once every domain has its quota (here the rare domains never get theirs)
+        assert influence["window"]["micro_batches"] <= 4 * accumulation
     for d in mixture.domains:  # a domain seen fewer than 8 times is topped up with that many probes
         need = 8 - window_counts[d]
         if need > 0:
@@ -243,7 +251,7 @@ def test_a_layer_too_large_to_form_per_sequence_is_scored_task_by_task_to_the_sa
         model = toy_model(0, torch.float64)
         window = TrainingWindow(model, named_batches(["a", "b"], 2, seed=5), ["x", "y"])
         ids = [np.array([0, 1, 0]), np.array([1, 1, 0]), np.array([0, 0, 1])]
-        window.attach(lambda k, rows: ids[k])
+        window.attach(lambda k, rows: (ids[k], 0))
         for batch in token_batches(3, batch_size=3, seed=9):
             out = model(**batch)
             token_mean_loss(out.logits, batch["labels"], out.logits.shape[-1]).backward()

@@ -35,6 +35,7 @@ from transformers.utils import logging
 
 from ._distributed import agree, measured_module, rank_and_world
 from ._io import remove_stale_temporaries
+from .aligned_start import starting_weights
 from .batching import Batcher, check_validation, draw_probes, select_validation
 from .callback_state import CallbackState
 from .config import TiKMiXConfig
@@ -113,6 +114,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._history_path: str | None = None
         self._is_main = True
         self._initial_weights: dict[str, float] | None = None
+        self._alignment: dict | None = None  # how an aligned starting mixture came about
         self._count_input_tokens = False
         if trainer is not None:
             self.bind(trainer)
@@ -154,7 +156,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             warnings.warn(message, stacklevel=2)
         source = cfg.influence_source() if self.mixer.measures else "probes"
         self._windows = WindowLifecycle(source, strict=cfg.tikmix_influence_source == "training",
-                                        preconditioner=cfg.tikmix_preconditioner)
+                                        preconditioner=cfg.tikmix_preconditioner, quota=cfg.tikmix_window_sequences)
         self._windows.plan(plan_windows(self._stages.steps, cfg.tikmix_window_steps))
         if self._stages.counts_tokens:
             self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
@@ -175,6 +177,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         else:
             self.mixture.seek(0)
             initial = self._stages.initial if self._stages.initial is not None else cfg.initial_weights()
+            initial, self._alignment = starting_weights(
+                initial, self.mixture, self.validation, sequences=cfg.tikmix_alignment_sequences,
+                share=cfg.tikmix_alignment_share, seed=cfg.tikmix_seed)
             if initial != "keep":
                 self.mixture.set_weights(self.mixture.resolve_weights(initial), at=0)
             self._initial_weights = self.mixture.weights
@@ -353,7 +358,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if self._is_main and self._history_path:
             write_history(self._history_path, domains=list(self.mixture.domains), tasks=list(self.validation),
                           config=self.config.to_dict(), initial_weights=self._initial_weights,
-                          max_steps=self._max_steps, stages=self.history)
+                          alignment=self._alignment, max_steps=self._max_steps, stages=self.history)
 
     def state(self) -> dict:
         """JSON-only checkpoint state (``ExportableState``): stage, schedule, stream position, history."""
@@ -362,6 +367,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             mixture=self.mixture.state_dict(position=self._geometry.consumed(self._step)),
             mixer_name=self.mixer.name, mixer_state=self.mixer.state_dict(), initial_weights=self._initial_weights,
             history=self.history, window=self._windows.state(), influence_source=self._windows.source,
+            alignment=self._alignment,
         )
         return {"args": {}, "attributes": {"tikmix": saved.to_json()}}
 
@@ -372,7 +378,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         g = self._geometry
         restored.check_position(g.consumed(state.global_step), state.global_step, g.grad_accum * g.micro_global)
         self.stage, self._step, self._tokens_prev = restored.stage, restored.step, restored.tokens_prev
-        self._initial_weights = restored.initial_weights
+        self._initial_weights, self._alignment = restored.initial_weights, restored.alignment
         self.history = list(restored.history)
         self.mixer.load_state_dict(restored.mixer_state)
         self.mixture.seek(self._resume_start(args, state))

@@ -33,6 +33,7 @@ class CallbackState:
     history: list[dict] = field(default_factory=list)
     window: dict | None = None  # {"opened_at": step} when the checkpoint was taken inside a training window
     influence_source: str = "probes"
+    alignment: dict | None = None  # how an aligned starting mixture came about
 
     def to_json(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class CallbackState:
             "history": self.history,
             "window": self.window,
             "influence_source": self.influence_source,
+            "alignment": self.alignment,
         }
 
     @classmethod
@@ -69,6 +71,7 @@ class CallbackState:
                 history=list(saved.get("history", [])),
                 window=None if not window else {"opened_at": _count(window["opened_at"])},
                 influence_source=str(saved.get("influence_source", "probes")),
+                alignment=saved.get("alignment"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"the checkpoint's TiKMiXCallback state is damaged ({type(err).__name__}: {err}); resume "

@@ -28,6 +28,8 @@ SOLVERS = tuple(MIXERS)
 OBJECTIVES = ("trust_region", "paper")
 #: ``--tikmix_influence_source`` choices: probe sequences, or the training window's own micro-batches.
 INFLUENCE_SOURCES = ("auto", "probes", "training")
+#: ``--tikmix_initial_weights`` keywords (anything else is a JSON mapping domain -> weight).
+INITIAL_KEYWORDS = ("keep", "natural", "uniform", "aligned")
 #: Where decisions fall when no schedule is given: early for the default objective, the paper's otherwise.
 DEFAULT_FRACTIONS = {"trust_region": (0.05, 0.25, 0.5, 0.75), "paper": (0.25, 0.5, 0.75)}
 #: The decay of S's average over stages when none is given: evidence accumulates under the default objective;
@@ -111,6 +113,14 @@ class TiKMiXConfig:
         default=32,
         metadata=_help("influence_source=training: optimizer steps before each boundary whose micro-batches count."),
     )
+    tikmix_window_sequences: int | None = field(
+        default=None,
+        metadata=_help(
+            "influence_source=training: the sequences of each domain a window reads in its hooks, all ranks "
+            "together, the first ones in stream order (unset: every sequence of the window). Training itself is "
+            "unchanged; the hooks cost less the fewer they read."
+        ),
+    )
     tikmix_validation_sequences: int = field(
         default=16, metadata=_help("Sequences per validation task used for its gradient.")
     )
@@ -164,7 +174,20 @@ class TiKMiXConfig:
     )
     tikmix_initial_weights: str = field(
         default="keep",
-        metadata=_help("keep (the mixture's own weights), natural, uniform, or a JSON mapping domain -> weight."),
+        metadata=_help(
+            "keep (the mixture's own weights), natural, uniform, aligned (the mixture's own weights tilted toward "
+            "the domains whose token statistics best match each validation task, computed before step 0 from "
+            "tikmix_alignment_sequences examples per domain; docs/method.md), or a JSON mapping domain -> weight."
+        ),
+    )
+    tikmix_alignment_share: float = field(
+        default=0.5,
+        metadata=_help("initial_weights=aligned: the share of the starting mixture given to the tasks' token "
+                       "matches; the rest keeps the mixture's own weights."),
+    )
+    tikmix_alignment_sequences: int = field(
+        default=64,
+        metadata=_help("initial_weights=aligned: examples per domain and per task whose tokens are counted."),
     )
     tikmix_surrogate_candidates: int = field(
         default=32, metadata=_help("TiKMiX-M: mixtures evaluated by the look-ahead to train the surrogate.")
@@ -303,7 +326,7 @@ class TiKMiXConfig:
     def initial_weights(self) -> str | dict[str, float]:
         """``tikmix_initial_weights`` parsed: a keyword or a mapping."""
         value = self.tikmix_initial_weights
-        return value if value in ("keep", "natural", "uniform") else json.loads(value)
+        return value if value in INITIAL_KEYWORDS else json.loads(value)
 
 
 def _fail(name: str, value, fix: str) -> None:
@@ -356,6 +379,9 @@ def _validate_window(c) -> None:
     steps = c.tikmix_window_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         _fail("tikmix_window_steps", steps, "must be a positive number of optimizer steps, e.g. 32")
+    quota = c.tikmix_window_sequences
+    if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 1):
+        _fail("tikmix_window_sequences", quota, "must be a positive number of sequences per domain, or unset")
     obstacle = window_obstacle(c)
     if source == "training" and obstacle is not None:
         name, fix = obstacle
@@ -481,8 +507,14 @@ def validate_config(c) -> None:
             "must be the path of a local folder written by save_pretrained; or leave it unset and give the "
             "model object to DoReMiMixer(reference_model=...)",
         )
+    share = c.tikmix_alignment_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        _fail("tikmix_alignment_share", share, "must lie in [0, 1], e.g. 0.5")
+    n = c.tikmix_alignment_sequences
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        _fail("tikmix_alignment_sequences", n, "must be a positive integer, e.g. 64")
     value = c.tikmix_initial_weights
-    if value not in ("keep", "natural", "uniform"):
+    if value not in INITIAL_KEYWORDS:
         try:
             parsed = json.loads(value)
         except (TypeError, json.JSONDecodeError):
@@ -491,5 +523,5 @@ def validate_config(c) -> None:
             _fail(
                 "tikmix_initial_weights",
                 value,
-                'use keep, natural, uniform, or a JSON mapping such as \'{"code": 0.6, "web": 0.4}\'',
+                'use keep, natural, uniform, aligned, or a JSON mapping such as \'{"code": 0.6, "web": 0.4}\'',
             )

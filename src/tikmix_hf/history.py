@@ -40,7 +40,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def write_history(path: str, *, domains: list[str], tasks: list[str], config: dict, initial_weights: dict | None,
-                  max_steps: int | None, stages: list[dict]) -> None:
+                  max_steps: int | None, stages: list[dict], alignment: dict | None = None) -> None:
     """Write the run's ``history.json`` atomically; a failure leaves the previous file intact and says so."""
     document = {
         "format": HISTORY_FORMAT,
@@ -48,6 +48,7 @@ def write_history(path: str, *, domains: list[str], tasks: list[str], config: di
         "tasks": list(tasks),
         "config": config,
         "initial_weights": initial_weights,
+        "alignment": alignment,  # how an aligned starting mixture came about (tikmix_initial_weights=aligned)
         "max_steps": max_steps,  # so that a schedule read from this history can speak in fractions
         "stages": stages,
     }

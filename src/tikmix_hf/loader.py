@@ -91,22 +91,23 @@ class LoaderGeometry:
         return consumed - skipped_micro * self.micro_global
 
     def domain_reader(self, opened_at: int, domain_ids: Callable[[int, int], np.ndarray], rank: int,
-                      world: int) -> Callable[[int, int], np.ndarray]:
-        """``(k, rows) -> domain ids`` of ``rank``'s ``k``-th training micro-batch since step ``opened_at``.
+                      world: int) -> Callable[[int, int], tuple[np.ndarray, int]]:
+        """``(k, rows) -> (ids, offset)`` for the training window: the domain ids of every sample of the ``k``-th
+        training micro-step since step ``opened_at`` (all ranks, stream order), and where ``rank``'s rows start.
 
         ``domain_ids(start, stop)`` gives the domains of the stream's samples ``[start, stop)``. A
         micro-batch whose row count is not one mixture example per row is refused.
         """
         rows = self.rows_per_rank(world)
 
-        def domain_of(k: int, got: int) -> np.ndarray:
+        def domain_of(k: int, got: int) -> tuple[np.ndarray, int]:
             if got != rows:
                 raise ValueError(
                     f"a training micro-batch has {got} sequences where the stream gives each rank {rows} per "
                     "micro-step (a collator that packs or splits examples?); the training window needs one row per "
                     "mixture example: use tikmix_influence_source='probes'"
                 )
-            start = self.micro_batch_start(opened_at, k, rank, world)
-            return domain_ids(start, start + rows)
+            start = self.micro_batch_start(opened_at, k, 0, world)
+            return domain_ids(start, start + self.micro_global), rank * rows
 
         return domain_of

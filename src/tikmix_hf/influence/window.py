@@ -37,6 +37,7 @@ from .preconditioners import check_preconditioner_name
 from .result import InfluenceResult
 from .sharding import sharding_of
 from .stats import BatchStats
+from .timer import DeviceTimer
 
 #: The modules whose parameters' per-sequence gradients the hooks can take.
 COVERED = (torch.nn.Linear, torch.nn.Embedding)
@@ -83,15 +84,19 @@ class TrainingWindow:
 
     def __init__(self, model, validation_batches: Batches, domain_names: list[str], *,
                  preconditioner: str = "identity", optimizer=None, show_progress: bool = False,
-                 strict: bool = True, saved: tuple[dict, dict[str, torch.Tensor]] | None = None):
+                 strict: bool = True, quota: int | None = None,
+                 saved: tuple[dict, dict[str, torch.Tensor]] | None = None):
         check_preconditioner_name(preconditioner)
         if preconditioner == "diag_fisher":
             raise ValueError(
                 "preconditioner='diag_fisher' needs the Fisher of probe batches before the window starts; use "
                 "'adam' or 'identity' with the training window, or measure with probes"
             )
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 1):
+            raise ValueError(f"quota must be a positive number of sequences per domain, or None; got {quota!r}")
         self._setup(model, validation_batches, domain_names, show_progress, strict)
         self.preconditioner_name = preconditioner
+        self.quota = quota
         if saved is not None:
             self._load(*saved)
             return
@@ -128,10 +133,17 @@ class TrainingWindow:
         self.loss_sums = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.sequences = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.micro_batches = 0
-        self.hook_seconds = 0.0
+        self.timer = DeviceTimer(self.layout.device)
         self._handles: list = []
         self._pending: dict | None = None
         self._units = 0
+        self._taken = np.zeros(m, dtype=np.int64)  # sequences chosen per domain so far, all ranks (the quota)
+        self.full = False  # every domain has its quota: the hooks are off for the rest of the window
+
+    @property
+    def hook_seconds(self) -> float:
+        """Time the hooks took (their device work included), since the window opened."""
+        return self.timer.seconds
 
     def _hold(self, rows: torch.Tensor) -> None:
         """Keep the ``n`` preconditioned validation gradients, and each parameter's view of them."""
@@ -153,6 +165,7 @@ class TrainingWindow:
         self._flush()
         meta = {
             "format": WINDOW_FORMAT, "micro_batches": self.micro_batches, "units": self._units,
+            "quota": self.quota, "taken": self._taken.tolist(), "full": self.full,
             "hook_seconds": self.hook_seconds, "validation_seconds": self.validation_seconds,
             "preconditioner": self.preconditioner_name, "preconditioner_used": self.preconditioner_used,
             "fallback": self.fallback, "task_losses": self.task_losses, "parameters": list(self.layout.names),
@@ -172,7 +185,7 @@ class TrainingWindow:
             raise ValueError(f"the saved training window names preconditioner {preconditioner!r}; it was written by "
                              "another version or has been modified")
         return cls(model, validation_batches, domain_names, preconditioner=preconditioner,
-                   show_progress=show_progress, strict=strict, saved=(meta, tensors))
+                   show_progress=show_progress, strict=strict, quota=meta.get("quota"), saved=(meta, tensors))
 
     def _load(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         expected = {"format": WINDOW_FORMAT, "parameters": list(self.layout.names), "domains": list(self.domain_names),
@@ -189,19 +202,30 @@ class TrainingWindow:
         self.stats.dom.copy_(tensors["dom"])
         self.loss_sums.copy_(tensors["loss_sums"])
         self.sequences.copy_(tensors["sequences"])
+        if meta.get("quota") != self.quota:
+            raise ValueError(f"the saved training window read {meta.get('quota')} sequences per domain and this run "
+                             f"reads {self.quota}; resume with the same tikmix_probe_sequences")
         self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
-        self.hook_seconds, self.validation_seconds = float(meta["hook_seconds"]), float(meta["validation_seconds"])
+        self._taken, self.full = np.asarray(meta["taken"], dtype=np.int64), bool(meta["full"])
+        self.timer = DeviceTimer(self.layout.device, float(meta["hook_seconds"]))
+        self.validation_seconds = float(meta["validation_seconds"])
         self.preconditioner_used = meta["preconditioner_used"]
         self.fallback, self.task_losses = meta["fallback"], dict(meta["task_losses"])
         self.pass_.task_losses = dict(self.task_losses)
 
     # -- the hooks -------------------------------------------------------------------------------
 
-    def attach(self, domain_of: Callable[[int, int], np.ndarray]) -> None:
-        """Start collecting from the next training forward (a forward with gradients enabled)."""
+    def attach(self, domain_of: Callable[[int, int], tuple[np.ndarray, int]]) -> None:
+        """Start collecting from the next training forward (a forward with gradients enabled).
+
+        ``domain_of(k, rows)`` gives the domain ids of every sample of the ``k``-th training micro-step since
+        the window opened (all ranks, in stream order) and where this rank's ``rows`` rows start among them.
+        """
         if self._handles:
             raise RuntimeError("this TrainingWindow is already attached")
         self._domain_of = domain_of
+        if self.full:
+            return  # a window restored after it had every domain's quota: nothing more to read
         self._handles.append(self.module.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         output = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
         if not isinstance(output, torch.nn.Linear):
@@ -240,33 +264,64 @@ class TrainingWindow:
                 "(tikmix_influence_source='probes')"
             ))
             return None
+        rows = int(labels.shape[0])
         try:
             self._flush()
+            ids, keep = self._choose(rows)
         except ValueError as error:
             self._refuse(error)
             return None
-        rows = int(labels.shape[0])
+        self.micro_batches += 1
+        if keep is not None and keep.numel() == 0:
+            if self.full:
+                self.detach()  # every domain has its quota: training runs without hooks from here
+            return None
+        chosen = rows if keep is None else int(keep.numel())
         self._pending = {
-            "k": self.micro_batches, "rows": rows, "labels": labels.detach(),
-            "dots": torch.zeros((rows, len(self.tasks)), dtype=self.layout.compute_dtype, device=self.layout.device),
+            "rows": chosen, "all_rows": rows, "keep": keep, "ids": ids,
+            "labels": labels.detach() if keep is None else labels.detach().index_select(0, keep),
+            "dots": torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype,
+                                device=self.layout.device),
             "scale": None, "tokens": None, "losses": None, "logits": None,
         }
-        self.micro_batches += 1
         return None
+
+    def _choose(self, rows: int) -> tuple[np.ndarray, torch.Tensor | None]:
+        """This micro-batch's rows to read and their domains: all of them, or those within each domain's quota.
+
+        The choice runs over the whole micro-step in stream order (every rank's rows), so it is the same
+        whatever the number of ranks, and every rank keeps the same count.
+        """
+        every, offset = self._domain_of(self.micro_batches, rows)
+        every = np.asarray(every, dtype=np.int64)
+        if every.ndim != 1 or not 0 <= offset <= every.size - rows:
+            raise RuntimeError(f"domain_of gave {every.shape} ids and offset {offset} for {rows} rows")
+        if self.quota is None:
+            return every[offset:offset + rows], None
+        chosen = np.zeros(every.size, dtype=bool)
+        for p, j in enumerate(every.tolist()):
+            if self._taken[j] < self.quota:
+                chosen[p] = True
+                self._taken[j] += 1
+        self.full = bool((self._taken >= self.quota).all())
+        mine = np.flatnonzero(chosen[offset:offset + rows])
+        return every[offset:offset + rows][mine], torch.as_tensor(mine, device=self.layout.device)
 
     def _on_layer(self, sub, inputs, output):
         pending = self._pending
         if pending is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        inp = inputs[0].detach()
+        keep = pending["keep"]
+        # only the chosen rows' activations stay alive
+        inp = _rows_of(inputs[0].detach(), keep, pending["all_rows"])
         if sub is self._output:
-            pending["logits"] = output.detach()
+            pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
 
         def on_grad(grad, sub=sub, inp=inp, pending=pending):
             if self.failure is not None:
                 return
-            t0 = time.perf_counter()
-            with torch.no_grad():
+            with self.timer.section(), torch.no_grad():
+                grad = _rows_of(grad, pending["keep"], pending["all_rows"])
                 if sub is self._output:
                     try:
                         self._loss_scale(pending, grad)
@@ -274,7 +329,6 @@ class TrainingWindow:
                         self._refuse(error)
                         return
                 pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
-            self.hook_seconds += time.perf_counter() - t0
 
         output.register_hook(on_grad)
         return None
@@ -350,9 +404,7 @@ class TrainingWindow:
         pending, self._pending = self._pending, None
         if pending is None or pending["scale"] is None:
             return  # a forward with gradients but no backward (or no labelled token): nothing to record
-        ids = np.asarray(self._domain_of(pending["k"], pending["rows"]), dtype=np.int64)
-        if ids.shape != (pending["rows"],):
-            raise RuntimeError(f"domain_of gave {ids.shape} ids for a micro-batch of {pending['rows']} sequences")
+        ids = pending["ids"]
         scale = pending["scale"]
         # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
         column = (pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
@@ -454,3 +506,11 @@ class TrainingWindow:
                 "parameters": self.layout.total,
             },
         )
+
+
+def _rows_of(tensor: torch.Tensor, keep: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """The chosen sequences of a layer's input, output or output gradient (``rows`` sequences, batch first or
+    flattened over the tokens); all of it when ``keep`` is ``None``."""
+    if keep is None:
+        return tensor
+    return tensor.reshape(rows, -1, tensor.shape[-1]).index_select(0, keep)

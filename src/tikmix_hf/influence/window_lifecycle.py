@@ -37,10 +37,12 @@ class WindowLifecycle:
         strict: ``True`` when the user asked for the window (``tikmix_influence_source="training"``): a run
             the window cannot read raises; ``False`` (``auto``) falls back to probes with a note.
         preconditioner: ``"identity"`` or ``"adam"``.
+        quota: the sequences of each domain a window reads, all ranks together (``None``: every one).
     """
 
-    def __init__(self, source: str, *, strict: bool, preconditioner: str):
+    def __init__(self, source: str, *, strict: bool, preconditioner: str, quota: int | None = None):
         self.source = source
+        self.quota = quota
         self.strict = bool(strict)
         self.preconditioner = preconditioner
         self.opens: dict[int, int] = {}  # step at whose start a window opens -> the boundary it measures for
@@ -56,14 +58,15 @@ class WindowLifecycle:
         return step in self.opens and self.window is None
 
     def open(self, step: int, model, validation_batches, domains: list[str], optimizer,
-             domain_of: Callable[[int, int], np.ndarray], *, show_progress: bool) -> str | None:
+             domain_of: Callable[[int, int], tuple[np.ndarray, int]], *, show_progress: bool) -> str | None:
         """Measure the validation gradients now and hook the coming training micro-batches.
 
         Returns a note when the window cannot read this run and the run falls back to probes.
         """
         try:
             window = TrainingWindow(model, validation_batches, domains, preconditioner=self.preconditioner,
-                                    optimizer=optimizer, show_progress=show_progress, strict=self.strict)
+                                    optimizer=optimizer, show_progress=show_progress, strict=self.strict,
+                                    quota=self.quota)
             window.attach(domain_of)
         except ValueError as error:  # this model cannot be read in hooks (FSDP, no nn.Linear output layer, ...)
             if self.strict:
@@ -110,7 +113,7 @@ class WindowLifecycle:
                                 {"tikmix": json.dumps(meta), "opened_at": str(self.opened_at)})
 
     def restore(self, folder: str, saved: Mapping[str, Any] | None, model, validation_batches, domains: list[str],
-                domain_of_from: Callable[[int], Callable[[int, int], np.ndarray]], *,
+                domain_of_from: Callable[[int], Callable[[int, int], tuple[np.ndarray, int]]], *,
                 show_progress: bool, saved_source: str | None) -> str | None:
         """Continue the window a checkpoint in ``folder`` was taken inside; a note when it cannot.
 
