@@ -126,7 +126,7 @@ def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
     forms is one more product of every covered weight's size per token; the dot products with the few
     validation gradients and the loss-scale fit are left out, they are smaller).
     """
-    from tikmix_hf.demo.engine import measurement_passes
+    from tikmix_hf.stage_record import measurement_passes
 
     sets: dict[str, tuple[int, int]] = {}  # name -> (sequence length, labelled tokens per sequence)
     for name, ds in {**data.domains, **data.validation}.items():

@@ -55,13 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_size, parser, process_pool, table, write  # noqa: E402
 
 TEMPERATURE = 3.0
-ROBUST = {"tikmix_shrink_z": 1.0, "tikmix_smoothing": 0.5, "tikmix_target_rse": 0.3, "tikmix_min_probe_batches": 2,
-          "tikmix_probe_batch_size": 2, "tikmix_stage_fractions": [0.5]}
-WARMUP_FRACTION = 0.05
 DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
 EIGHT = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions (arm tikmix_d_eight)
 SHORT_WINDOW = 10  # arm tikmix_d_short: steps holding about the probes' sequences (19 domains x 8 / 16 a step)
-#: The default TiKMiX-D and its variants: what each changes in the defaults (each also has an ``_eq`` arm).
+#: The default TiKMiX-D and its variants: what each changes in the defaults.
 DEFAULT_VARIANTS = {
     "tikmix_d": {},
     "tikmix_d_probes": {"tikmix_influence_source": "probes"},  # measured on probes, as the paper measures
@@ -69,37 +66,52 @@ DEFAULT_VARIANTS = {
     "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a window of about the probes' sequences
     "tikmix_d_unsmoothed": {"tikmix_smoothing": 0.0},  # each stage's own S, not averaged over stages
     "tikmix_d_tilted": {},  # the defaults, started from the target-tilted mixture (local corpus only)
+    "tikmix_d_quota": {"tikmix_window_sequences": 8},  # the window reads each domain's probe budget, no more
+    "tikmix_d_aligned": {"tikmix_initial_weights": "aligned"},  # started from the tasks' token matches
+    "tikmix_d_aligned_quota": {"tikmix_initial_weights": "aligned", "tikmix_window_sequences": 8},
 }
 #: Variants that start from a static mixture other than the natural one.
 VARIANT_INITIAL = {"tikmix_d_tilted": "targets"}
+#: The other mixers: (solver, config).
+OTHER_MIXERS = {
+    "tikmix_d_paper": ("direct", {"tikmix_objective": "paper"}),  # at the bench's stage fractions
+    "tikmix_m": ("surrogate", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}),
+    "odm": ("odm", {}),
+    "doge": ("doge", {}),
+    # the natural mixture tilted toward the tasks' token matches before step 0, kept all run
+    "aligned": ("static", {"tikmix_initial_weights": "aligned"}),
+}
+STATIC = ("uniform", "natural", "temperature", "targets", "oracle")
 
 LABELS = {
     "uniform": "static uniform", "natural": "static natural", "temperature": f"static natural^(1/{TEMPERATURE:g})",
-    "targets": "static target-tilted", "oracle": "static oracle", "tikmix_d": "TiKMiX-D",
-    "tikmix_d_paper": "TiKMiX-D (paper objective)",
-    "tikmix_m": "TiKMiX-M",
-    "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE", "tikmix_d_eq": "TiKMiX-D (equal total tokens)",
-    "robust_eq": "TiKMiX-D robust (equal total tokens)", "hindsight_d": "hindsight static of TiKMiX-D",
-    "hindsight_robust": "hindsight static of TiKMiX-D robust",
-    "tikmix_d_probes": "TiKMiX-D on probes", "tikmix_d_probes_eq": "TiKMiX-D on probes (equal total tokens)",
+    "targets": "static target-tilted", "oracle": "static oracle", "aligned": "static aligned to the tasks' tokens",
+    "tikmix_d": "TiKMiX-D", "tikmix_d_paper": "TiKMiX-D (paper objective)", "tikmix_m": "TiKMiX-M",
+    "odm": "ODM", "doremi": "DoReMi", "doge": "DoGE",
+    "hindsight_d": "hindsight static of TiKMiX-D (costs a whole run)",
+    "tikmix_d_probes": "TiKMiX-D on probes",
     "tikmix_d_eight": "TiKMiX-D, eight decisions",
-    "tikmix_d_eight_eq": "TiKMiX-D, eight decisions (equal total tokens)",
     "tikmix_d_short": "TiKMiX-D, window of the probe budget",
-    "tikmix_d_short_eq": "TiKMiX-D, window of the probe budget (equal total tokens)",
     "tikmix_d_unsmoothed": "TiKMiX-D, S not averaged over stages",
-    "tikmix_d_unsmoothed_eq": "TiKMiX-D, S not averaged over stages (equal total tokens)",
     "tikmix_d_tilted": "TiKMiX-D from the target-tilted mixture",
-    "tikmix_d_tilted_eq": "TiKMiX-D from the target-tilted mixture (equal total tokens)",
+    "tikmix_d_quota": "TiKMiX-D, window reads 8 sequences per domain",
+    "tikmix_d_aligned": "TiKMiX-D from the aligned mixture",
+    "tikmix_d_aligned_quota": "TiKMiX-D from the aligned mixture, window reads 8 per domain",
 }
+#: Every arm that measures also runs at equal compute, ``<arm>_eq``: it gives up the training steps its
+#: measurement's seconds would have bought (window hooks, validation passes, probes and top-ups, look-aheads,
+#: probe losses, solves), at the plain run's own seconds per training step.
+EQ_ARMS = ["tikmix_d_paper", "tikmix_m", "odm", "doge", *DEFAULT_VARIANTS]
+LABELS.update({f"{a}_eq": f"{LABELS[a]} (equal compute)" for a in EQ_ARMS})
 ORDER = list(LABELS)
-#: Left out of --quick: code other arms run (tikmix_d_eq the equal-total-token path, tikmix_d_paper the probes,
+#: Left out of --quick: code other arms run (tikmix_d_eq the equal-compute path, tikmix_d_paper the probes,
 #: doge the baseline mixers' path through the same engine).
 QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm", "tikmix_d_unsmoothed", "tikmix_d_tilted",
                "tikmix_d_tilted_eq")
 #: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
-#: the default TiKMiX-D at equal total tokens beside its own hindsight static mixture, the default without its
+#: the default TiKMiX-D at equal compute beside its own hindsight static mixture, the default without its
 #: average of S over stages, and the default started from the mixture a user who knows the targets would pick. The
-#: other arms of ORDER (temperature, DoReMi, the robust settings) run with --arms.
+#: other arms of ORDER run with --arms.
 DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_probes", "tikmix_d_paper", "tikmix_m",
                 "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d", "tikmix_d_unsmoothed",
                 "tikmix_d_tilted", "tikmix_d_tilted_eq"]
@@ -164,7 +176,7 @@ def run_job(job: dict) -> dict:
         row["model_path"] = str(path)
     row["corpus"] = job["corpus"]
     row["max_steps"] = size.max_steps
-    row["total_tokens"] = row["training_tokens"] + row["probe_tokens"]
+    row["measurement_share"] = measurement_share(row)
     return row
 
 
@@ -177,40 +189,47 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
     jobs = []
     for seed in seeds:
         for arm in arms:
-            tilted = arm == "targets" or VARIANT_INITIAL.get(arm.removesuffix("_eq")) == "targets"
+            plain = arm.removesuffix("_eq")
+            tilted = arm == "targets" or VARIANT_INITIAL.get(plain) == "targets"
             if arm == "oracle" and corpus != "synthetic" or tilted and corpus != "local":
                 continue
             job = {"corpus": corpus, "seed": seed, "arm": arm, "initial": "natural", "solver": None, "config": {},
                    "needs": []}
-            if arm in ("uniform", "natural", "temperature", "targets", "oracle"):
+            if arm in STATIC:
                 job["initial"] = arm
                 job["save_model"] = arm == "uniform" and "doremi" in arms
-            elif arm.removesuffix("_eq") in DEFAULT_VARIANTS:
-                # TiKMiX-D with the library's defaults (S from the training window, the default schedule), or a
-                # variant of them; each "_eq" arm waits for its plain arm, whose extra tokens it gives up
-                plain = arm.removesuffix("_eq")
+            elif plain in DEFAULT_VARIANTS:
+                # TiKMiX-D with the library's defaults (the default schedule), or a variant of them
                 job["solver"] = "direct"
                 job["initial"] = VARIANT_INITIAL.get(plain, "natural")
                 job["config"] = {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE), **DEFAULT_VARIANTS[plain]}
-                job["needs"] = [plain] if arm != plain else []
-            elif arm == "tikmix_d_paper":
-                job["solver"], job["config"] = "direct", {"tikmix_objective": "paper"}
-            elif arm == "tikmix_m":
-                job["solver"], job["config"] = "surrogate", {"tikmix_stage_fractions": list(DEFAULT_SCHEDULE)}
-            elif arm in ("odm", "doge"):
-                job["solver"] = arm
+            elif plain in OTHER_MIXERS:
+                job["solver"], config = OTHER_MIXERS[plain]
+                job["config"] = dict(config)
             elif arm == "doremi":
                 job["solver"], job["needs"] = "doremi", ["uniform"]
-            elif arm == "robust_eq":
-                job["solver"], job["config"], job["needs"] = "direct", dict(ROBUST), ["tikmix_d_probes"]
             elif arm == "hindsight_d":
-                job["needs"] = ["tikmix_d_eq"]
-            elif arm == "hindsight_robust":
-                job["needs"] = ["robust_eq"]
+                job["needs"] = ["tikmix_d"]
             else:
                 raise ValueError(f"unknown arm {arm!r}; use any of {ORDER}")
+            if arm != plain:
+                if plain not in EQ_ARMS:
+                    raise ValueError(f"arm {arm!r}: {plain!r} has no equal-compute run; those are {EQ_ARMS}")
+                job["needs"] = [*job["needs"], plain]  # each "_eq" arm waits for its plain arm's measured cost
             jobs.append(job)
     return jobs
+
+
+def measurement_share(row: dict) -> float:
+    """The measurement's seconds over the training's own seconds (the rest of the run, evaluation excluded)."""
+    own = row["seconds"]["train"] - row["seconds"]["tikmix"]
+    return row["seconds"]["tikmix"] / own if own > 0 else float("inf")
+
+
+def charged_steps(row: dict) -> int:
+    """Training steps a run's measurement costs: its seconds over the run's own seconds per training step."""
+    share = measurement_share(row)
+    return row["max_steps"] if not math.isfinite(share) else math.ceil(share * row["max_steps"] - 1e-9)
 
 
 def resolve(job: dict, done: dict, size) -> dict:
@@ -220,24 +239,15 @@ def resolve(job: dict, done: dict, size) -> dict:
     if job["arm"] == "doremi":
         job["config"] = {"tikmix_reference_model": done[key + ("uniform",)]["model_path"]}
     elif job["arm"].endswith("_eq"):
-        plain = done[key + (job["needs"][0],)]
-        stages = plain["stages"]
-        probe = plain["probe_tokens"]
-        if job["arm"] == "robust_eq":
-            # the early decision plus the robust stages; the adaptive budget can only spend less than the cap
-            warmup = max(1, round(WARMUP_FRACTION * size.max_steps))
-            job["config"] = dict(job["config"], tikmix_warmup_steps=warmup)
-            probe = probe * (1 + len(ROBUST["tikmix_stage_fractions"])) / max(stages, 1)
-        per_step = size.batch_size * size.block_size
-        steps = size.max_steps - math.ceil(probe / per_step)
-        # A preset so small that the probes cost the whole run (--quick on many domains) still trains a
-        # step, and says that the totals could not be matched.
-        job["max_steps"] = max(steps, 1)
-        job["total_tokens_matched"] = steps >= 1
-        job["probe_tokens_budgeted"] = probe
-    elif job["arm"] in ("hindsight_d", "hindsight_robust"):
-        source = "tikmix_d_eq" if job["arm"] == "hindsight_d" else "robust_eq"
-        job["initial"] = dict(done[key + (source,)]["final_weights"])
+        plain = done[key + (job["needs"][-1],)]
+        charged = charged_steps(plain)
+        # A preset so small that the measurement costs the whole run (--quick on many domains) still trains a
+        # step, and says that the compute could not be matched.
+        job["max_steps"] = max(size.max_steps - charged, 1)
+        job["compute_matched"] = size.max_steps - charged >= 1
+        job["charged_steps"] = charged
+    elif job["arm"] == "hindsight_d":
+        job["initial"] = dict(done[key + ("tikmix_d",)]["final_weights"])
     return job
 
 
@@ -267,9 +277,9 @@ def run_all(corpora: list[str], seeds: list[int], arms: list[str], size, workers
             for fut in finished:
                 job = running.pop(fut)
                 row = fut.result()
-                if "probe_tokens_budgeted" in job:
-                    row["probe_tokens_budgeted"] = job["probe_tokens_budgeted"]
-                    row["total_tokens_matched"] = job["total_tokens_matched"]
+                if "charged_steps" in job:
+                    row["charged_steps"] = job["charged_steps"]
+                    row["compute_matched"] = job["compute_matched"]
                 done[(job["corpus"], job["seed"], job["arm"])] = row
                 rows.append(row)
                 bar.set_postfix_str(f"{job['corpus']} s{job['seed']} {job['arm']} {row['final']['average']:.3f}")
@@ -317,11 +327,11 @@ def summarise(rows: list[dict]) -> dict:
                 "accuracy": _mean_std([r["final"]["accuracy"] for r in rs]),
                 "all_domains_loss": _mean_std([r["final"]["all_domains_loss"] for r in rs]),
                 "training_tokens": int(np.mean([r["training_tokens"] for r in rs])),
-                "total_tokens": int(np.mean([r["total_tokens"] for r in rs])),
+                "measurement_share": _mean_std([r["measurement_share"] for r in rs]),
                 "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs]))
                                   for d in rs[0]["final_weights"]},
             }
-            for ref in ("uniform", "natural", "targets", "hindsight_d", "hindsight_robust"):
+            for ref in ("uniform", "natural", "targets", "aligned", "hindsight_d"):
                 if all((s, ref) in by for s in seeds) and arm != ref:
                     d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"]
                          for s in seeds if (s, arm) in by]
@@ -367,7 +377,7 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
         header += [f"loss {t}" for t in entry["tasks"]]
         if has_gap:
             header.append("gap closed")
-        header.append("training / total tokens")
+        header.append("training tokens · measurement time")
         body = []
         for arm, e in arms.items():
             vs = e.get("vs_uniform")
@@ -377,7 +387,8 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
             row += [_pm(e["tasks"][t]) for t in entry["tasks"]]
             if has_gap:
                 row.append(_pm(e["gap_closed"], ".2f") if "gap_closed" in e else "")
-            row.append(f"{e['training_tokens']:,} / {e['total_tokens']:,}")
+            share = e["measurement_share"][0]
+            row.append(f"{e['training_tokens']:,} · {100 * share:.1f}%" if share else f"{e['training_tokens']:,} · —")
             body.append(row)
         parts.append(f"### {corpus} corpus\n\n" + table(header, body))
         parts.append(paired_table(entry))
@@ -390,7 +401,7 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
 def paired_table(entry: dict) -> str:
     """Paired per-seed gains (same initialisation, same data order) with their 95% t interval."""
     arms = entry["arms"]
-    refs = [r for r in ("uniform", "natural", "targets", "hindsight_d") if r in arms]
+    refs = [r for r in ("uniform", "natural", "targets", "aligned", "hindsight_d") if r in arms]
     body = []
     for arm, e in arms.items():
         cells = []
@@ -419,12 +430,12 @@ def verdicts(corpus: str, entry: dict) -> str:
         if arm not in arms:
             continue
         e = arms[arm]
-        beaten = [arms[b]["label"] for b in arms if not b.startswith(("tikmix_d", "tikmix_m", "robust"))
+        beaten = [arms[b]["label"] for b in arms if not b.startswith(("tikmix_d", "tikmix_m"))
                   and arms[b]["average"][0] < e["average"][0]]
         lines.append(f"- **{e['label']}** {_pct(e['vs_uniform']['gain']) if 'vs_uniform' in e else ''} vs uniform; "
                      + (f"behind {', '.join(beaten)}." if beaten
                         else "ahead of every static mixture and baseline mixer."))
-    for arm, ref in (("tikmix_d_eq", "hindsight_d"), ("robust_eq", "hindsight_robust")):
+    for arm, ref in (("tikmix_d_eq", "hindsight_d"), ("tikmix_d_eq", "targets"), ("tikmix_d_eq", "aligned")):
         if arm in arms and f"vs_{ref}" in arms[arm]:
             v = arms[arm][f"vs_{ref}"]
             lines.append(f"- **{arms[arm]['label']} vs its own hindsight static mixture:** "
@@ -444,7 +455,7 @@ def plot(summary: dict, out: Path) -> dict[str, str]:
         names = list(arms)
         mean = [arms[a]["average"][0] for a in names]
         std = [arms[a]["average"][1] for a in names]
-        colours = ["#4c72b0" if a.startswith(("tikmix", "robust")) else "#dd8452" if a in ("odm", "doremi", "doge")
+        colours = ["#4c72b0" if a.startswith("tikmix") else "#dd8452" if a in ("odm", "doremi", "doge")
                    else "#8c8c8c" for a in names]
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2), layout="constrained")
         y = np.arange(len(names))[::-1]

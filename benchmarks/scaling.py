@@ -10,7 +10,8 @@ sequences), whose ``domains()``, ``model()`` and ``run()`` this script reuses:
 At every point a static run and a TiKMiX run of the same steps run back to back (static first;
 with ``--repeats N`` they alternate N times and the fastest of each arm is kept), so the wall
 ratio TiKMiX / static is measured side by side and machine load hits both arms alike. TiKMiX
-re-decides at the default stage boundaries (25, 50, 75 percent: 3 stages). Recorded per point:
+re-decides at the default stage boundaries, measuring on probes (``tikmix_influence_source="probes"``, so
+that every token the measurement reads is one it forwards beyond training). Recorded per point:
 the wall ratio and overhead, the predicted overhead (probe tokens / training tokens, both counted
 as labelled tokens, SEQ - 1 per sequence), the CPU-time ratio of ``train()``, TiKMiX's share of
 the wall time (the history's ``seconds.total``), and per stage the influence seconds
@@ -44,6 +45,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import parser, table, write  # noqa: E402  (sets the offline environment first)
 from tqdm.auto import tqdm  # noqa: E402
+
+from tikmix_hf.stage_record import measurement_tokens  # noqa: E402
 
 BATCH = 8
 FULL = {"steps": 200, "domains": (4, 8, 16, 26), "probes": (4, 8, 16, 32),
@@ -85,7 +88,8 @@ def measure(arm: str, steps: int, probes: int, n_domains: int) -> dict:
     """One ``callback_overhead.run``, plus its CPU time and, for TiKMiX, the per-stage history."""
     _Recorder.made.clear()
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log dict when tqdm is off
-        result = co.run(arm, steps, BATCH, probes, n_domains)
+        # on probes: the measurement's cost is its probe and validation tokens, which the sweep varies
+        result = co.run(arm, steps, BATCH, probes, n_domains, source="probes")
     result["cpu_s"] = _CpuTimedTrainer.cpu_s
     if arm == "tikmix":
         result["per_stage"] = [
@@ -93,8 +97,9 @@ def measure(arm: str, steps: int, probes: int, n_domains: int) -> dict:
                 "stage": h["stage"], "step": h["step"], "status": h["status"],
                 "total_s": h["seconds"]["total"], "influence_s": h["seconds"]["influence"],
                 "solve_s": h["seconds"]["solve"],
-                "probe_tokens": sum(h["influence"]["domain_tokens"].values())
-                + sum(h["influence"]["task_tokens"].values()),
+                # tokens forwarded beyond training (a training window's sequences are training's own)
+                "probe_tokens": measurement_tokens(h["influence"]),
+                "hook_s": (h["influence"].get("window") or {}).get("hook_seconds", 0.0),
             }
             for h in _Recorder.made[-1].history
         ]

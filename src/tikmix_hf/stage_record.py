@@ -16,7 +16,8 @@ from typing import Any
 
 from .batching import log_key
 
-__all__ = ["STATUS_CODES", "StageRecord", "StageSeconds", "entropy", "stage_metrics", "stage_notes"]
+__all__ = ["STATUS_CODES", "StageRecord", "StageSeconds", "entropy", "measurement_passes", "measurement_tokens",
+           "stage_metrics", "stage_notes"]
 
 #: ``tikmix/status`` as a number, for the integrations that plot only numbers.
 STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3, "replayed": 4}
@@ -97,3 +98,19 @@ def stage_metrics(record: StageRecord | Mapping[str, Any], *, log_matrix: bool =
             for d, s in zip(influence["domain_names"], row):
                 logs[f"tikmix/influence/{log_key(t)}/{log_key(d)}"] = float(s)
     return logs
+
+
+def measurement_passes(influence: Mapping[str, Any]) -> dict[str, int]:
+    """Labelled tokens a stage's measurement forwarded and differentiated beyond training, per domain and task.
+
+    Its probes and its validation sequences (an ``InfluenceResult.to_dict()``); a training window's domain
+    sequences are training's own, so of the domains only its top-up probes count.
+    """
+    window = influence.get("window")
+    domain = window["probe_tokens"] if window else influence["domain_tokens"]
+    return {**domain, **influence["task_tokens"]}
+
+
+def measurement_tokens(influence: Mapping[str, Any]) -> int:
+    """Tokens a stage's measurement forwarded beyond training (:func:`measurement_passes`, summed)."""
+    return int(sum(measurement_passes(influence).values()))

@@ -21,27 +21,12 @@ from typing import Any
 import numpy as np
 
 from .._io import save_json_atomic
+from ..stage_record import measurement_tokens
 from .arms import ARMS, DEFAULT_ARMS, Arm
 from .data import DemoData, prepare_data
 from .evaluation import accuracy_metric, held_out_losses
 from .results import RESULTS_FORMAT, draw_results, summarize
 from .sizes import SIZES, DemoSize
-
-
-def measurement_passes(influence: dict) -> dict[str, int]:
-    """Labelled tokens a stage's measurement forwarded beyond training, per domain and per task.
-
-    Its probes and its validation sequences; a training window's domain tokens are training's own,
-    so only its top-up probes count.
-    """
-    window = influence.get("window")
-    domain = window["probe_tokens"] if window else influence["domain_tokens"]
-    return {**domain, **influence["task_tokens"]}
-
-
-def measurement_tokens(influence: dict) -> int:
-    """Tokens a stage's measurement forwarded beyond training (:func:`measurement_passes`, summed)."""
-    return int(sum(measurement_passes(influence).values()))
 
 
 def train_arm(arm: str | Arm, seed: int, data: DemoData, size: DemoSize, base: str | os.PathLike, *,
@@ -133,7 +118,9 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         history_path = run_dir / "tikmix" / "history.json"
         history = load_history(history_path)
         stages = history["stages"]
-    tikmix_seconds = sum(s["seconds"]["total"] for s in stages)
+    # the decisions' seconds, and the aligned start's counting before step 0
+    tikmix_seconds = sum(s["seconds"]["total"] for s in stages) + ((history or {}).get("alignment") or {}).get(
+        "seconds", 0.0)
     train_seconds = wall - evaluator.seconds
     probe_tokens = sum(measurement_tokens(s["influence"]) for s in stages if s.get("influence"))
     lookahead_tokens = sum(s["mixer"].get("lookahead_tokens", 0) for s in stages if s.get("mixer"))

@@ -264,26 +264,27 @@ class TrainingWindow:
                 "(tikmix_influence_source='probes')"
             ))
             return None
-        rows = int(labels.shape[0])
-        try:
-            self._flush()
-            ids, keep = self._choose(rows)
-        except ValueError as error:
-            self._refuse(error)
-            return None
-        self.micro_batches += 1
-        if keep is not None and keep.numel() == 0:
-            if self.full:
-                self.detach()  # every domain has its quota: training runs without hooks from here
-            return None
-        chosen = rows if keep is None else int(keep.numel())
-        self._pending = {
-            "rows": chosen, "all_rows": rows, "keep": keep, "ids": ids,
-            "labels": labels.detach() if keep is None else labels.detach().index_select(0, keep),
-            "dots": torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype,
-                                device=self.layout.device),
-            "scale": None, "tokens": None, "losses": None, "logits": None,
-        }
+        with self.timer.section():  # the hooks' whole cost counts, their bookkeeping included
+            rows = int(labels.shape[0])
+            try:
+                self._flush()
+                ids, keep = self._choose(rows)
+            except ValueError as error:
+                self._refuse(error)
+                return None
+            self.micro_batches += 1
+            if keep is not None and keep.numel() == 0:
+                if self.full:
+                    self.detach()  # every domain has its quota: training runs without hooks from here
+                return None
+            chosen = rows if keep is None else int(keep.numel())
+            self._pending = {
+                "rows": chosen, "all_rows": rows, "keep": keep, "ids": ids,
+                "labels": labels.detach() if keep is None else labels.detach().index_select(0, keep),
+                "dots": torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype,
+                                    device=self.layout.device),
+                "scale": None, "tokens": None, "losses": None, "logits": None,
+            }
         return None
 
     def _choose(self, rows: int) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -312,10 +313,10 @@ class TrainingWindow:
         if pending is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         keep = pending["keep"]
-        # only the chosen rows' activations stay alive
-        inp = _rows_of(inputs[0].detach(), keep, pending["all_rows"])
-        if sub is self._output:
-            pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
+        with self.timer.section():  # only the chosen rows' activations stay alive
+            inp = _rows_of(inputs[0].detach(), keep, pending["all_rows"])
+            if sub is self._output:
+                pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
 
         def on_grad(grad, sub=sub, inp=inp, pending=pending):
             if self.failure is not None:
