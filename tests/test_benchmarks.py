@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,36 +37,38 @@ def test_every_script_has_a_block_in_results():
         assert (ROOT / "benchmarks" / f"{name}.py").exists()
 
 
-def _done(probe_tokens, stages, weights):
-    return {"probe_tokens": probe_tokens, "stages": stages, "final_weights": weights, "model_path": "/ref"}
+def _done(share, weights, max_steps=400):
+    """A finished run whose measurement took ``share`` of its training's own seconds."""
+    return {"seconds": {"train": 100.0 * (1 + share), "tikmix": 100.0 * share}, "max_steps": max_steps,
+            "final_weights": weights, "model_path": "/ref"}
 
 
-def test_quality_plan_orders_dependants_and_matches_total_tokens():
+def test_quality_plan_orders_dependants_and_charges_the_measured_compute():
     size = bench_size(False)
     jobs = {j["arm"]: j for j in quality.plan("local", [0], quality.ORDER)}
     assert "oracle" not in jobs and "targets" in jobs  # the oracle exists only for the synthetic corpus
     assert {a for a, j in jobs.items() if not j["needs"]} >= {"uniform", "natural", "tikmix_d", "tikmix_m", "odm"}
     assert jobs["doremi"]["needs"] == ["uniform"] and jobs["uniform"]["save_model"]
-    assert jobs["hindsight_robust"]["needs"] == ["robust_eq"]
     assert jobs["tikmix_d"]["config"].get("tikmix_influence_source") is None  # the library's default
     assert jobs["tikmix_d_probes"]["config"]["tikmix_influence_source"] == "probes"
     # the defaults started from the mixture a user who knows the targets would pick, on the corpus that has one
     assert jobs["tikmix_d_tilted"]["initial"] == "targets" and jobs["tikmix_d"]["initial"] == "natural"
-    assert jobs["tikmix_d_tilted_eq"]["needs"] == ["tikmix_d_tilted"]
+    # every measuring arm has an equal-compute twin that waits for it, TiKMiX-M and the baselines included
+    for arm in quality.EQ_ARMS:
+        assert jobs[f"{arm}_eq"]["needs"][-1] == arm and jobs[f"{arm}_eq"]["solver"] == jobs[arm]["solver"]
     assert not {"tikmix_d_tilted", "tikmix_d_tilted_eq", "targets"} & {j["arm"] for j in quality.plan(
         "synthetic", [0], quality.ORDER)}
-    per_step = size.batch_size * size.block_size
-    done = {("local", 0, "tikmix_d"): _done(3 * per_step, 8, {"a": 1.0}),
-            ("local", 0, "tikmix_d_probes"): _done(10 * per_step + 1, 4, {"a": 1.0}),
-            ("local", 0, "tikmix_d_eq"): _done(0, 8, {"a": 0.25, "b": 0.75}),
-            ("local", 0, "uniform"): _done(0, 0, {})}
-    assert quality.resolve(jobs["tikmix_d_eq"], done, size)["max_steps"] == size.max_steps - 3
-    eq = quality.resolve(jobs["tikmix_d_probes_eq"], done, size)
-    assert eq["max_steps"] == size.max_steps - 11  # probe tokens cost whole training steps, rounded up
-    robust = quality.resolve(jobs["robust_eq"], done, size)
-    assert robust["config"]["tikmix_warmup_steps"] == round(quality.WARMUP_FRACTION * size.max_steps)
-    n_robust = 1 + len(quality.ROBUST["tikmix_stage_fractions"])  # the early decision and the robust stages
-    assert robust["max_steps"] == size.max_steps - math.ceil((10 * per_step + 1) * n_robust / 4 / per_step)
+    with pytest.raises(ValueError, match="has no equal-compute run"):
+        quality.plan("local", [0], ["uniform_eq"])
+    done = {("local", 0, "tikmix_d"): _done(0.05, {"a": 0.25, "b": 0.75}),
+            ("local", 0, "tikmix_m"): _done(0.101, {"a": 1.0}),
+            ("local", 0, "uniform"): _done(0.0, {})}
+    # the measurement's seconds at the run's own seconds per step: 5% of 400 steps, and 10.1% rounded up
+    assert quality.charged_steps(done[("local", 0, "tikmix_d")]) == 20
+    eq = quality.resolve(jobs["tikmix_d_eq"], done, size)
+    assert eq["max_steps"] == size.max_steps - 20 and eq["compute_matched"]
+    assert quality.resolve(jobs["tikmix_m_eq"], done, size)["max_steps"] == size.max_steps - 41
+    # the hindsight arm starts from the plain run's final weights
     assert quality.resolve(jobs["hindsight_d"], done, size)["initial"] == {"a": 0.25, "b": 0.75}
     assert quality.resolve(jobs["doremi"], done, size)["config"] == {"tikmix_reference_model": "/ref"}
 
@@ -108,11 +109,11 @@ def test_run_all_quick(tmp_path):
     assert synthetic["uniform"]["gap_closed"][0] == pytest.approx(0.0)
     runs = {(r["corpus"], r["arm"]): r for r in q["runs"]}
     for corpus in ("synthetic", "local"):
-        # equal total tokens: the TiKMiX run gave up steps for its probes; hindsight uses its final weights
+        # equal compute: the TiKMiX run gave up the steps its measurement's seconds cost; hindsight starts from
+        # the plain run's final weights
         eq, plain = runs[(corpus, "tikmix_d_eq")], runs[(corpus, "tikmix_d")]
-        assert eq["max_steps"] < plain["max_steps"]
-        assert set(runs[(corpus, "hindsight_d")]["final_weights"]) == set(eq["final_weights"])
-        assert runs[(corpus, "hindsight_d")]["final_weights"] == pytest.approx(eq["final_weights"])
+        assert eq["max_steps"] == plain["max_steps"] - quality.charged_steps(plain) < plain["max_steps"]
+        assert runs[(corpus, "hindsight_d")]["final_weights"] == pytest.approx(plain["final_weights"])
     assert (tmp_path / "quality_synthetic.png").stat().st_size > 1000
 
 
