@@ -193,6 +193,8 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
             tilted = arm == "targets" or VARIANT_INITIAL.get(plain) == "targets"
             if arm == "oracle" and corpus != "synthetic" or tilted and corpus != "local":
                 continue
+            if arm != plain and plain not in EQ_ARMS:
+                raise ValueError(f"arm {arm!r}: {plain!r} has no equal-compute run; those are {EQ_ARMS}")
             job = {"corpus": corpus, "seed": seed, "arm": arm, "initial": "natural", "solver": None, "config": {},
                    "needs": []}
             if arm in STATIC:
@@ -212,10 +214,8 @@ def plan(corpus: str, seeds: list[int], arms: list[str]) -> list[dict]:
                 job["needs"] = ["tikmix_d"]
             else:
                 raise ValueError(f"unknown arm {arm!r}; use any of {ORDER}")
-            if arm != plain:
-                if plain not in EQ_ARMS:
-                    raise ValueError(f"arm {arm!r}: {plain!r} has no equal-compute run; those are {EQ_ARMS}")
-                job["needs"] = [*job["needs"], plain]  # each "_eq" arm waits for its plain arm's measured cost
+            if arm != plain:  # each "_eq" arm waits for its plain arm's measured cost
+                job["needs"] = [*job["needs"], plain]
             jobs.append(job)
     return jobs
 
