@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
@@ -36,6 +34,7 @@ from tikmix_hf.solvers import (
     running_average,
     temperature_weights,
 )
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 # DoReMi and DoGE collapse the toy's mixture onto pattern within a few stages, as they should here.
 pytestmark = [pytest.mark.filterwarnings("ignore:TiKMiX stage .* collapsing:UserWarning"),

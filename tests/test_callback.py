@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers.data import RecordingCollator, toy_domains, toy_validation
 from helpers.launch import torchrun
-from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
 from tikmix_hf.history import load_history
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 HERE = os.path.dirname(__file__)
 START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}

@@ -12,13 +12,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from test_callback import START, build, make_args
 from transformers import Trainer
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.history import load_history
+from tikmix_hf.testing import RecordingCollator, tiny_llama, toy_domains, toy_model, toy_validation
 
 HERE = os.path.dirname(__file__)
 SRC = pathlib.Path(HERE).parent / "src" / "tikmix_hf"
@@ -27,13 +26,8 @@ POISON = 64  # a token id no toy domain uses (the toy vocabulary is 0..63)
 
 def poisoned_model():
     """A tiny Llama with one extra token whose embedding is NaN: any sequence containing it gives NaN."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(POISON + 1, hidden_size=32, layers=2, heads=2, block_size=16, seed=0, intermediate_size=64,
+                       tie_word_embeddings=False)
     with torch.no_grad():
         model.model.embed_tokens.weight[POISON] = float("nan")
     return model

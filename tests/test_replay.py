@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model as tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.cli import main as tikmix
 from tikmix_hf.history import load_history
 from tikmix_hf.schedule import load_schedule
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_validation
+from tikmix_hf.testing import toy_model as tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

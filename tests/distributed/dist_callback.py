@@ -15,11 +15,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers.data import RecordingCollator, toy_domains, toy_validation  # noqa: E402
 from helpers.launch import exit_rank  # noqa: E402
-from helpers.models import toy_model  # noqa: E402
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation  # noqa: E402
 
 
 def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> None:

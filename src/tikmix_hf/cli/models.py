@@ -63,7 +63,7 @@ def build_tokenizer(model_args: ModelArguments, training_args, texts: Mapping[st
         tokenizer = load_tokenizer(source, "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path
                                     else "--model_name_or_path")
     else:
-        from ..demo.corpora import train_tokenizer
+        from ..testing import train_tokenizer
 
         # One process trains and saves it; the others load that copy, so every rank has the same vocabulary.
         folder = os.path.join(training_args.output_dir, "tokenizer")
@@ -96,7 +96,7 @@ def build_model(model_args: ModelArguments, spec, tokenizer, block_size: int, se
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from ..demo.corpora import tiny_llama
+    from ..testing import tiny_llama
 
     if model_args.model_name_or_path:
         return load_model(model_args.model_name_or_path, "--model_name_or_path")

@@ -274,7 +274,7 @@ def _dataset_texts(source: Source, default_column: str) -> list[str]:
 
 
 def pack_all(texts: Mapping[str, list[str]], tokenizer, block_size: int, sources: Mapping[str, Source]) -> dict:
-    from ..demo.corpora import pack_blocks
+    from ..testing import pack_blocks
 
     packed = {}
     for name, docs in texts.items():

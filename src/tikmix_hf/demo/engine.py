@@ -66,8 +66,9 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
     from ..config import TiKMiXConfig
     from ..history import load_history
     from ..mixture import DomainMixture
+    from ..testing import tiny_llama
     from .callbacks import ArmProgress, HeldOutEvaluator
-    from .corpora import choice_predictions, tiny_llama
+    from .corpora import choice_predictions
 
     initial, solver = arm.initial, arm.solver
     run_dir = base / "runs" / f"seed{seed}" / arm.name
