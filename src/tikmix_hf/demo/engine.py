@@ -24,6 +24,7 @@ from .._io import save_json_atomic
 from .arms import ARMS, DEFAULT_ARMS, Arm
 from .data import DemoData, prepare_data
 from .evaluation import accuracy_metric, held_out_losses
+from .report import demo_report, demo_tables
 from .results import RESULTS_FORMAT, draw_results, summarize
 from .sizes import SIZES, DemoSize
 
@@ -215,8 +216,6 @@ def run_demo(
     """
     import torch
 
-    from .. import report as R
-
     arms = _check_arms(arms)
     seeds = [int(s) for s in seeds]
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
@@ -284,8 +283,8 @@ def run_demo(
     if plots:
         results["plots"] = [str(p.relative_to(out)) for p in draw_results(results, out / "plots", base=out)]
     save_json_atomic(out / "results.json", results)
-    (out / "report.md").write_text(R.demo_report(results))
+    (out / "report.md").write_text(demo_report(results))
     say()
-    say(R.demo_tables(results))
+    say(demo_tables(results))
     say(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(results['plots'])} pictures in {out / 'plots'}")
     return results
