@@ -145,7 +145,7 @@ def test_resume_with_other_domains_or_tasks_names_them(tmp_path):
         (lambda s: s.update(format="pickle"), "not in format"),
         (lambda s: s["mixture"].update(cursors=[0, 0, 0]), "cursors"),
         (lambda s: s["mixture"]["schedule"].append([10**6, [1.0, 1.0, 1.0]]), "simplex"),
-        (lambda s: s["mixture"].update(position=1), "do not match the schedule at position 1"),
+        (lambda s: s["mixture"].update(position=1), "do not match the weight swaps at position 1"),
     ],
     ids=["format", "cursors", "schedule", "position"],
 )
@@ -156,10 +156,10 @@ def test_tampered_checkpoint_state_is_refused_before_anything_changes(tmp_path, 
     tamper(doc["stateful_callbacks"]["TiKMiXCallback"]["attributes"]["tikmix"])
     path.write_text(json.dumps(doc))
     trainer, callback, collator, catcher, mixture = build(tmp_path, args_kw=dict(max_steps=20))
-    schedule_before = mixture.schedule
+    swaps_before = mixture.swaps
     with pytest.raises(ValueError, match=match):
         trainer.train(resume_from_checkpoint=str(ckpt))
-    assert mixture.schedule == schedule_before
+    assert mixture.swaps == swaps_before
 
 
 def test_collapse_guards_and_entropy_warning(tmp_path):

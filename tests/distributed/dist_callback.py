@@ -46,7 +46,7 @@ def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> No
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:
-        json.dump({"seen": collator.seen, "schedule": mixture.schedule}, fh)
+        json.dump({"seen": collator.seen, "swaps": mixture.swaps}, fh)
 
 
 if __name__ == "__main__":
