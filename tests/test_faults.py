@@ -181,15 +181,35 @@ def test_collapse_guards_and_entropy_warning(tmp_path):
         assert abs(w - stage["weights_before"][d]) <= 0.15 + 1e-9
 
 
+def _torch_load_calls(text: str) -> list[str]:
+    """The argument text of every ``torch.load(...)`` call in ``text``."""
+    calls, start = [], text.find("torch.load(")
+    while start >= 0:
+        depth, end = 0, start + len("torch.load")
+        for end in range(end, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        calls.append(text[start:end + 1])
+        start = text.find("torch.load(", end)
+    return calls
+
+
 def test_nothing_we_save_or_load_is_a_pickle():
+    """Not in the package, nor in the notebooks, benchmarks, scripts and tests that show how to use it."""
+    root = SRC.parents[1]
+    files = [p for folder in ("src", "notebooks", "benchmarks", "scripts", "tests") for p in (root / folder).rglob("*")
+             if p.suffix in (".py", ".ipynb", ".sh") and p != pathlib.Path(__file__)]
+    assert any(p.suffix == ".ipynb" for p in files) and any(p.suffix == ".sh" for p in files)
     offenders = []
-    for path in SRC.rglob("*.py"):
+    for path in files:
         text = path.read_text()
+        where = path.relative_to(root)
         for needle in ("import pickle", "pickle.", "torch.save(", "np.save(", "allow_pickle=True"):
             if needle in text:
-                offenders.append(f"{path.name}: {needle}")
-        if "torch.load(" in text and "weights_only=True" not in text:
-            offenders.append(f"{path.name}: torch.load without weights_only=True")
+                offenders.append(f"{where}: {needle}")
+        offenders += [f"{where}: {call} without weights_only=True" for call in _torch_load_calls(text)
+                      if "weights_only=True" not in call]
     assert offenders == []
 
 
