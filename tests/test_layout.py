@@ -134,6 +134,11 @@ def test_the_solvers_load_no_torch():
     assert "torch" not in loaded
 
 
+def test_the_command_line_loads_the_demo_only_for_tikmix_demo():
+    loaded = _loaded_after("import tikmix_hf.cli")
+    assert not {m for m in loaded if m.startswith("tikmix_hf.demo")}, "import tikmix_hf.cli pulls in the demo"
+
+
 def test_no_module_is_named_common():
     """A module's name says what it holds; ``_common`` says only that several others use it."""
     common = [str(p.relative_to(SRC)) for p in SRC.rglob("_common*") if p.stem == "_common"]
