@@ -15,7 +15,7 @@ export MPLBACKEND = Agg
 
 .PHONY: install test test-fast bench bench-quick clean demo
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

@@ -23,10 +23,11 @@ import time
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.stage_record import measurement_tokens
+from tikmix_hf.testing import tiny_llama
 
 OUT = os.path.join(os.path.dirname(__file__), "out")
 SEQ, VOCAB = 128, 384
@@ -49,10 +50,8 @@ def collate(examples):
 
 
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=336, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, hidden_size=128, layers=4, heads=4, block_size=SEQ, seed=0, intermediate_size=336,
+                      tie_word_embeddings=False)
 
 
 def run(arm: str, steps: int, batch: int, probes: int, n_domains: int, source: str = "auto") -> dict:

@@ -92,7 +92,7 @@ CV_MIN_PROXIES = 5  # from here on the rounds are chosen by 5-fold cross-validat
 
 def model_shape(data, size) -> dict:
     """Parameters (tied embedding once), layers and width of the Llama ``train_arm`` builds for ``size``."""
-    from tikmix_hf.demo.corpora import tiny_llama
+    from tikmix_hf.testing import tiny_llama
 
     tok = data.tokenizer
     model = tiny_llama(len(tok), hidden_size=size.hidden_size, layers=size.layers, heads=size.heads,

@@ -107,10 +107,10 @@ def run_one(corpus: str, seed: int, args, size) -> dict:
     import torch
 
     from tikmix_hf.demo import prepare_data
-    from tikmix_hf.demo.corpora import tiny_llama
     from tikmix_hf.influence import TrainingWindow, group_influence
     from tikmix_hf.influence.window import covered_parameters
     from tikmix_hf.solvers.uncertainty import shrink_influence
+    from tikmix_hf.testing import tiny_llama
 
     if corpus not in _DATA:  # once per process and corpus
         _DATA[corpus] = prepare_data(corpus, size)

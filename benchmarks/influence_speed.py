@@ -86,22 +86,13 @@ def parse_args(argv=None):
 
 
 def build_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tikmix_hf.testing import tiny_llama
 
     heads = args.heads or max(1, args.hidden // 32)
     intermediate = args.intermediate or int(round(args.hidden * 8 / 3 / 16)) * 16
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=args.seq_len,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=args.device, dtype=DTYPES[args.dtype])
+    model = tiny_llama(args.vocab, hidden_size=args.hidden, layers=args.layers, heads=heads, block_size=args.seq_len,
+                       seed=0, intermediate_size=intermediate, tie_word_embeddings=False)
+    return model.to(device=args.device, dtype=DTYPES[args.dtype])
 
 
 def make_batches(count, args, seed):
@@ -394,13 +385,10 @@ def _spearman(a, b):
 
 def run_accuracy():
     """Reductions against exact scores on the tiny fp64 test model, after a few AdamW steps."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers.data import named_batches, token_batches
-    from helpers.models import tiny_llama
-
     from tikmix_hf.influence import group_influence
+    from tikmix_hf.testing import exact_llama, named_batches, token_batches
 
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for batch in token_batches(30, seed=21, batch_size=4):
         model(**batch).loss.backward()

@@ -111,15 +111,10 @@ def solver_runs(S, prior, evaluate, n_direct, n_surrogate, seed0):
 
 
 def tiny_model():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tikmix_hf.testing import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=336, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ_LEN,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, hidden_size=128, layers=4, heads=4, block_size=SEQ_LEN, seed=0, intermediate_size=336,
+                      tie_word_embeddings=False)
 
 
 def batches(names, seed, n_batches):

@@ -17,7 +17,7 @@ ROOT=$(pwd)
 OUT=${1:-"$ROOT/benchmarks/out/gpu"}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-export PYTHONPATH="$ROOT/src:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
@@ -59,10 +59,9 @@ import sys
 import torch
 from transformers import Trainer, TrainingArguments
 
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model as tiny_model
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.cli import shutdown_distributed
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 out, version = sys.argv[1], int(sys.argv[2])
 fsdp_config = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "version": version}
@@ -78,7 +77,7 @@ probe = RecordingCollator()
 probe.recording = False
 callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False),
                           collator=probe)
-trainer = Trainer(model=tiny_model(0, torch.float32), args=args, train_dataset=mixture,
+trainer = Trainer(model=toy_model(0, torch.float32), args=args, train_dataset=mixture,
                   data_collator=RecordingCollator(), callbacks=[callback])
 callback.bind(trainer)
 trainer.train()

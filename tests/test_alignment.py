@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from transformers import Trainer, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, load_history
 from tikmix_hf.aligned_start import ALIGNMENT_ROUND, aligned_start, token_ids
 from tikmix_hf.solvers.alignment import aligned_mixture, em_mixture_weights, task_matches
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 
 def _log_likelihood(L, n, u):

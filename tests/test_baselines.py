@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
@@ -36,6 +34,7 @@ from tikmix_hf.solvers import (
     running_average,
     temperature_weights,
 )
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 # DoReMi and DoGE collapse the toy's mixture onto pattern within a few stages, as they should here.
 pytestmark = [pytest.mark.filterwarnings("ignore:TiKMiX stage .* collapsing:UserWarning"),
@@ -342,9 +341,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, full_run, solver)
     mixer_saved = saved["attributes"]["tikmix"]["mixer"]
     assert mixer_saved["name"] == solver and saved["attributes"]["tikmix"]["stage"] == 1
     cb_res, col_res, mix_res = _run(tmp_path, solver, reference, resume=str(ckpt))
-    # the mixer's memory and the weight schedule are those of the uninterrupted run, to the bit
+    # the mixer's memory and the weight swaps are those of the uninterrupted run, to the bit
     assert cb_res.mixer.state_dict() == cb_full.mixer.state_dict()
-    assert mix_res.schedule == mix_full.schedule
+    assert mix_res.swaps == mix_full.swaps
     full_hist = load_history(out_full / "tikmix" / "history.json")["stages"]
     res_hist = load_history(tmp_path / "tikmix" / "history.json")["stages"]
     assert [h["weights_after"] for h in res_hist] == [h["weights_after"] for h in full_hist]
@@ -362,7 +361,7 @@ def test_static_keeps_the_temperature_weights(full_run):
     for stage in cb.history:
         assert stage["weights_after"] == pytest.approx(expected, rel=1e-12)
         assert stage["status"] == "converged"
-    assert [w for _, w in mixture.schedule[1:]] == [cb.history[0]["weights_after"]] * 3
+    assert [w for _, w in mixture.swaps[1:]] == [cb.history[0]["weights_after"]] * 3
 
 
 def test_odm_moves_weight_toward_the_highest_loss_domain(full_run):

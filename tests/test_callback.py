@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers.data import RecordingCollator, toy_domains, toy_validation
 from helpers.launch import torchrun
-from helpers.models import toy_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
 from tikmix_hf.history import load_history
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 HERE = os.path.dirname(__file__)
 START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
@@ -71,9 +70,9 @@ def test_three_stages_at_configured_steps_with_history_and_logs(tmp_path):
         assert abs(sum(s["weights_after"].values()) - 1) < 1e-9
         S = np.array(s["influence"]["scores"])
         assert S.shape == (1, 3) and np.all(np.isfinite(S))
-    # the schedule on the mixture is exactly the history
-    assert mixture.schedule[1:] == [(s["effective_index"], s["weights_after"]) for s in stages]
-    # what the model was fed follows the schedule sample by sample
+    # the weight swaps on the mixture are exactly the history
+    assert mixture.swaps[1:] == [(s["effective_index"], s["weights_after"]) for s in stages]
+    # what the model was fed follows the swaps sample by sample
     expected = [f"{d}:{i}" for d, i in mixture.example_ids(0, len(collator.seen))]
     assert collator.seen == expected
     # the toy's answer is obvious: pattern helps the validation task, noise does not
@@ -111,7 +110,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, ignore_data_skip)
     trainer, cb_res, col_res, mix_res = _run_to_end(
         tmp_path / "split", 15, resume=str(ckpt), ignore_data_skip=ignore_data_skip
     )
-    assert mix_res.schedule == mix_full.schedule
+    assert mix_res.swaps == mix_full.swaps
     full_hist = load_history(tmp_path / "full" / "tikmix" / "history.json")["stages"]
     res_hist = load_history(tmp_path / "split" / "tikmix" / "history.json")["stages"]
     assert [h["weights_after"] for h in res_hist] == [h["weights_after"] for h in full_hist]
@@ -240,7 +239,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
             for d in a["weights_after"]:
                 assert a["weights_after"][d] == pytest.approx(b["weights_after"][d], abs=1e-6)
         ranks = [json.loads((out / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
-        assert ranks[0]["schedule"] == ranks[1]["schedule"]
+        assert ranks[0]["swaps"] == ranks[1]["swaps"]
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -374,6 +374,27 @@ def test_command_errors(capsys, bad_files, argv, expected):
         assert text.replace("{d}", str(bad_files)) in err, (text, err)
 
 
+def test_one_reader_for_the_files_people_write(tmp_path, monkeypatch):
+    """Domain mappings, model configs, histories and schedules are read by one reader, whose errors name
+    the file as the caller does and say where the mistake is."""
+    from tikmix_hf._io import FileReadError, read_structured
+
+    (tmp_path / "ok.yml").write_text("code: data/code\n")
+    (tmp_path / "ok.json").write_text('{"code": "data/code"}')
+    assert read_structured(tmp_path / "ok.yml") == read_structured(tmp_path / "ok.json") == {"code": "data/code"}
+    (tmp_path / "bad.yaml").write_text("code: [unclosed\n  web: x\n")
+    (tmp_path / "bad.txt").write_text("code: data/code\n")
+    cases = [("bad.yaml", "--domains bad.yaml: not valid YAML at line 2, column"),
+             ("bad.txt", "not valid JSON (Expecting value: line 1 column 1 (char 0)); a YAML file must be named"),
+             ("absent.json", "--domains absent.json: no such file")]
+    for name, message in cases:
+        with pytest.raises(FileReadError, match=re.escape(message)):
+            read_structured(tmp_path / name, f"--domains {name}")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if pyyaml were not installed
+    with pytest.raises(ImportError, match="ok.yml: YAML needs pyyaml; `pip install pyyaml`"):
+        read_structured(tmp_path / "ok.yml")
+
+
 def test_console_script_usage_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tikmix_hf.cli", "plot", str(tmp_path / "nope.json")],
                           capture_output=True, text=True, env=_env(), timeout=120)

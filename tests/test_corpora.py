@@ -1,4 +1,5 @@
-"""Tests of tikmix_hf.demo.corpora: offline corpora, tokenizers, packing, tiny models, choice task."""
+"""Tests of tikmix_hf.demo.corpora (offline corpora, held-out splits, the choice task) and of the tokenizers,
+packing and tiny Llama of tikmix_hf.testing that the demo builds on."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from tikmix_hf import testing as T
 from tikmix_hf.demo import corpora as C
-from tikmix_hf.demo.corpora import local, packing, synthetic
+from tikmix_hf.demo.corpora import local, synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +33,7 @@ def synth():
 
 @pytest.fixture(scope="module")
 def synth_tok(synth):
-    return C.train_tokenizer(synth.domains, vocab_size=512)
+    return T.train_tokenizer(synth.domains, vocab_size=512)
 
 
 # --- local corpus --------------------------------------------------------------------------
@@ -182,12 +184,12 @@ ROUND_TRIP = ["def f(x):\n\treturn x  # tab\n", "Héllo wörld ✓ — 漢字", 
 
 def test_train_tokenizer_round_trips_and_is_deterministic(synth, synth_tok):
     assert len(synth_tok) == 512
-    assert synth_tok.eos_token == packing.EOS_TOKEN and synth_tok.pad_token == packing.PAD_TOKEN
+    assert synth_tok.eos_token == T.EOS_TOKEN and synth_tok.pad_token == T.PAD_TOKEN
     assert synth_tok.eos_token_id != synth_tok.pad_token_id
     for text in ROUND_TRIP + synth.domains["helpful_a"][:3]:
         ids = synth_tok(text, add_special_tokens=False)["input_ids"]
         assert synth_tok.decode(ids) == text
-    again = C.train_tokenizer(synth.domains, vocab_size=512)
+    again = T.train_tokenizer(synth.domains, vocab_size=512)
     assert again.get_vocab() == synth_tok.get_vocab()
     # documents of the language are much shorter in tokens than in characters
     doc = synth.domains["helpful_a"][0]
@@ -195,7 +197,7 @@ def test_train_tokenizer_round_trips_and_is_deterministic(synth, synth_tok):
 
 
 def test_byte_tokenizer_round_trips():
-    tok = C.byte_tokenizer()
+    tok = T.byte_tokenizer()
     assert tok.eos_token_id == 1 and tok.pad_token_id == 0
     for text in ROUND_TRIP:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
@@ -203,9 +205,9 @@ def test_byte_tokenizer_round_trips():
 
 @pytest.mark.parametrize("which", ["bpe", "byte"])
 def test_pack_blocks(which, synth, synth_tok):
-    tok = synth_tok if which == "bpe" else C.byte_tokenizer()
+    tok = synth_tok if which == "bpe" else T.byte_tokenizer()
     texts = synth.domains["helpful_b"][:20]
-    ds = C.pack_blocks(texts, tok, 64)
+    ds = T.pack_blocks(texts, tok, 64)
     encoded = tok(texts, add_special_tokens=False)["input_ids"]
     stream = [t for ids in encoded for t in (*ids, tok.eos_token_id)]
     assert set(ds.column_names) == {"input_ids", "labels", "attention_mask"}
@@ -214,7 +216,7 @@ def test_pack_blocks(which, synth, synth_tok):
     assert ds["labels"] == ds["input_ids"]
     assert all(m == [1] * 64 for m in ds["attention_mask"])
     assert [t for row in ds["input_ids"] for t in row] == stream[: len(ds) * 64]
-    assert C.pack_blocks(texts, tok, 64)["input_ids"] == ds["input_ids"]
+    assert T.pack_blocks(texts, tok, 64)["input_ids"] == ds["input_ids"]
 
 
 def test_holdout_split_never_leaks():
@@ -251,16 +253,16 @@ def test_holdout_split_on_real_corpus():
 
 def test_tiny_llama_is_seeded_and_small():
     state = torch.random.get_rng_state()
-    a, b = C.tiny_llama(1024, seed=0), C.tiny_llama(1024, seed=0)
+    a, b = T.tiny_llama(1024, seed=0), T.tiny_llama(1024, seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)
-    c = C.tiny_llama(1024, seed=1)
+    c = T.tiny_llama(1024, seed=1)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
     n_params = sum(p.numel() for p in a.parameters())
     assert 0.7e6 < n_params < 1.2e6
     assert a.config.max_position_embeddings == 128 and a.config.tie_word_embeddings
-    assert C.tiny_llama(300, eos_token_id=1, pad_token_id=0).config.pad_token_id == 0
+    assert T.tiny_llama(300, eos_token_id=1, pad_token_id=0).config.pad_token_id == 0
 
 
 # --- continuation-choice task --------------------------------------------------------------
@@ -314,7 +316,7 @@ def _reference_predictions(model, items):
 
 
 def test_choice_predictions_match_brute_force_with_ragged_choices():
-    model = C.tiny_llama(64, hidden_size=32, layers=2, heads=2, block_size=32, seed=3)
+    model = T.tiny_llama(64, hidden_size=32, layers=2, heads=2, block_size=32, seed=3)
     rng = np.random.default_rng(0)
     items = [
         {"prefix_ids": rng.integers(2, 64, size=int(rng.integers(3, 10))).tolist(),
@@ -334,8 +336,8 @@ def test_choice_predictions_match_brute_force_with_ragged_choices():
 def test_choice_accuracy_rises_with_training(synth, synth_tok):
     items = C.continuation_choice_items(
         synth.validation["task_a"], synth_tok, n_items=100, prefix_tokens=16, cont_tokens=8, seed=0)
-    blocks = torch.tensor(C.pack_blocks(synth.domains["helpful_a"], synth_tok, 64)["input_ids"])
-    model = C.tiny_llama(len(synth_tok), hidden_size=64, layers=2, heads=4, block_size=64, seed=0)
+    blocks = torch.tensor(T.pack_blocks(synth.domains["helpful_a"], synth_tok, 64)["input_ids"])
+    model = T.tiny_llama(len(synth_tok), hidden_size=64, layers=2, heads=4, block_size=64, seed=0)
     untrained = C.choice_accuracy(model, items)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -371,7 +373,7 @@ def test_metric_matches_numpy_accuracy(monkeypatch, synth, synth_tok):
 
     items = C.continuation_choice_items(
         synth.validation["task_b"], synth_tok, n_items=20, prefix_tokens=8, cont_tokens=4, seed=1)
-    model = C.tiny_llama(len(synth_tok), hidden_size=32, layers=1, heads=2, block_size=32, seed=0)
+    model = T.tiny_llama(len(synth_tok), hidden_size=32, layers=1, heads=2, block_size=32, seed=0)
     via_metric = metric.compute(
         predictions=C.choice_predictions(model, items).tolist(), references=[it["label"] for it in items])
     assert via_metric["accuracy"] == pytest.approx(C.choice_accuracy(model, items))

@@ -12,13 +12,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from test_callback import START, build, make_args
 from transformers import Trainer
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.history import load_history
+from tikmix_hf.testing import RecordingCollator, tiny_llama, toy_domains, toy_model, toy_validation
 
 HERE = os.path.dirname(__file__)
 SRC = pathlib.Path(HERE).parent / "src" / "tikmix_hf"
@@ -27,13 +26,8 @@ POISON = 64  # a token id no toy domain uses (the toy vocabulary is 0..63)
 
 def poisoned_model():
     """A tiny Llama with one extra token whose embedding is NaN: any sequence containing it gives NaN."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(POISON + 1, hidden_size=32, layers=2, heads=2, block_size=16, seed=0, intermediate_size=64,
+                       tie_word_embeddings=False)
     with torch.no_grad():
         model.model.embed_tokens.weight[POISON] = float("nan")
     return model
@@ -151,7 +145,7 @@ def test_resume_with_other_domains_or_tasks_names_them(tmp_path):
         (lambda s: s.update(format="pickle"), "not in format"),
         (lambda s: s["mixture"].update(cursors=[0, 0, 0]), "cursors"),
         (lambda s: s["mixture"]["schedule"].append([10**6, [1.0, 1.0, 1.0]]), "simplex"),
-        (lambda s: s["mixture"].update(position=1), "do not match the schedule at position 1"),
+        (lambda s: s["mixture"].update(position=1), "do not match the weight swaps at position 1"),
     ],
     ids=["format", "cursors", "schedule", "position"],
 )
@@ -162,10 +156,10 @@ def test_tampered_checkpoint_state_is_refused_before_anything_changes(tmp_path, 
     tamper(doc["stateful_callbacks"]["TiKMiXCallback"]["attributes"]["tikmix"])
     path.write_text(json.dumps(doc))
     trainer, callback, collator, catcher, mixture = build(tmp_path, args_kw=dict(max_steps=20))
-    schedule_before = mixture.schedule
+    swaps_before = mixture.swaps
     with pytest.raises(ValueError, match=match):
         trainer.train(resume_from_checkpoint=str(ckpt))
-    assert mixture.schedule == schedule_before
+    assert mixture.swaps == swaps_before
 
 
 def test_collapse_guards_and_entropy_warning(tmp_path):
@@ -187,15 +181,35 @@ def test_collapse_guards_and_entropy_warning(tmp_path):
         assert abs(w - stage["weights_before"][d]) <= 0.15 + 1e-9
 
 
+def _torch_load_calls(text: str) -> list[str]:
+    """The argument text of every ``torch.load(...)`` call in ``text``."""
+    calls, start = [], text.find("torch.load(")
+    while start >= 0:
+        depth, end = 0, start + len("torch.load")
+        for end in range(end, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        calls.append(text[start:end + 1])
+        start = text.find("torch.load(", end)
+    return calls
+
+
 def test_nothing_we_save_or_load_is_a_pickle():
+    """Not in the package, nor in the notebooks, benchmarks, scripts and tests that show how to use it."""
+    root = SRC.parents[1]
+    files = [p for folder in ("src", "notebooks", "benchmarks", "scripts", "tests") for p in (root / folder).rglob("*")
+             if p.suffix in (".py", ".ipynb", ".sh") and p != pathlib.Path(__file__)]
+    assert any(p.suffix == ".ipynb" for p in files) and any(p.suffix == ".sh" for p in files)
     offenders = []
-    for path in SRC.rglob("*.py"):
+    for path in files:
         text = path.read_text()
+        where = path.relative_to(root)
         for needle in ("import pickle", "pickle.", "torch.save(", "np.save(", "allow_pickle=True"):
             if needle in text:
-                offenders.append(f"{path.name}: {needle}")
-        if "torch.load(" in text and "weights_only=True" not in text:
-            offenders.append(f"{path.name}: torch.load without weights_only=True")
+                offenders.append(f"{where}: {needle}")
+        offenders += [f"{where}: {call} without weights_only=True" for call in _torch_load_calls(text)
+                      if "weights_only=True" not in call]
     assert offenders == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,18 +134,44 @@ def test_the_solvers_load_no_torch():
     assert "torch" not in loaded
 
 
-def test_the_removed_names_are_gone():
-    import tikmix_hf.demo
-    import tikmix_hf.solvers
-    import tikmix_hf.solvers.baselines
+def test_the_command_line_loads_the_demo_only_for_tikmix_demo():
+    loaded = _loaded_after("import tikmix_hf.cli")
+    assert not {m for m in loaded if m.startswith("tikmix_hf.demo")}, "import tikmix_hf.cli pulls in the demo"
 
-    for name in ("natural_weights", "uniform_weights", "doremi_excess_loss"):
-        assert not hasattr(tikmix_hf.solvers, name) and not hasattr(tikmix_hf.solvers.baselines, name), name
-    assert not hasattr(tikmix_hf.demo, "ARM_LABELS")
-    assert not hasattr(tikmix_hf.demo, "load_results")
-    for gone in ("corpora.py", "demo.py", "cli.py", "influence.py", "mixers.py", "baseline_mixers.py",
-                 "solvers/robust.py", "metrics"):
-        assert not (SRC / gone).exists(), gone
+
+def test_no_module_is_named_common():
+    """A module's name says what it holds; ``_common`` says only that several others use it."""
+    common = [str(p.relative_to(SRC)) for p in SRC.rglob("_common*") if p.stem == "_common"]
+    assert not common, common
+
+
+def test_no_function_name_is_defined_at_the_top_of_two_modules():
+    """A helper is written once, in the layer that owns it, and imported from there."""
+    where: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                where.setdefault(node.name, []).append(module)
+    twice = {name: modules for name, modules in where.items() if len(modules) > 1}
+    assert not twice, twice
+
+
+def test_nothing_outside_tests_imports_from_tests():
+    """The package, benchmarks, scripts and notebooks build their models and data from tikmix_hf.testing."""
+    # What tests/ (or tests/distributed/) on sys.path would make importable.
+    tops = {p.stem if p.suffix == ".py" else p.name for folder in (TESTS, TESTS / "distributed")
+            for p in folder.iterdir() if p.suffix == ".py" or (p.is_dir() and not p.name.startswith((".", "_")))}
+    names = "|".join(sorted(tops))
+    imports = re.compile(rf'(?:^|")[ \t]*(?:from|import)[ \t]+({names})\b', re.M)
+    path_to_tests = re.compile(r"(?:sys\.path\.\w+\(|PYTHONPATH)[^\n]*\btests\b")
+    offenders = []
+    for folder in ("src", "benchmarks", "scripts", "notebooks"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".ipynb", ".sh"):
+                text = path.read_text()
+                found = [m.group(1) for m in imports.finditer(text)] + path_to_tests.findall(text)
+                offenders += [f"{path.relative_to(ROOT)}: {f}" for f in found]
+    assert not offenders, offenders
 
 
 def _marked_distributed(node: ast.FunctionDef, module_marks: set[str]) -> bool:

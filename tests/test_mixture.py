@@ -1,4 +1,4 @@
-"""DomainMixture: the stream is a pure function of (seed, index, schedule), on every copy."""
+"""DomainMixture: the stream is a pure function of (seed, index, weight swaps), on every copy."""
 
 import json
 import os
@@ -175,7 +175,7 @@ def test_resume_equals_uninterrupted(kind):
     resumed.load_state_dict(state)
     tail = ids(take(resumed, 110))
     assert head + tail == uninterrupted
-    assert resumed.schedule == full.schedule
+    assert resumed.swaps == full.swaps
 
 
 def test_seek_jumps_without_replaying():
@@ -315,11 +315,11 @@ def test_state_from_other_domains_or_tampered_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=r"missing now: \['b', 'c'\], new: \['x'\]"):
         other.load_state_dict(state)
     target = DomainMixture(make_sources(), weights={"a": 1, "b": 0, "c": 0}, seed=16)
-    schedule_before = target.schedule
+    swaps_before = target.swaps
     bad_cursors = {**state, "cursors": [0, 0, 0]}
     with pytest.raises(ValueError, match="cursors"):
         target.load_state_dict(bad_cursors)
-    assert target.schedule == schedule_before
+    assert target.swaps == swaps_before
     with pytest.raises(ValueError, match="seed=16"):
         DomainMixture(make_sources(), weights="uniform", seed=17).load_state_dict(state)
     with pytest.raises(ValueError, match="simplex"):
@@ -340,7 +340,7 @@ def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
     for mode in ranks[0]:
         r0, r1 = ranks[0][mode], ranks[1][mode]
         assert r0["world"] == r1["world"] == 2
-        assert r0["at"] == r1["at"] and r0["schedule"] == r1["schedule"]
+        assert r0["at"] == r1["at"] and r0["swaps"] == r1["swaps"]
         # rank r holds samples [s*2B + r*B, s*2B + (r+1)*B) of the one global stream
         stream = []
         for b0, b1 in zip(r0["batches"], r1["batches"]):
@@ -354,20 +354,20 @@ def test_two_ranks_see_one_stream_with_dispatch_on_and_off(tmp_path):
         assert len(stream) == 15 * 2 * BATCH
 
 
-def test_cached_draw_counts_follow_a_schedule_change_behind_them():
+def test_cached_draw_counts_follow_a_weight_swap_behind_them():
     from tikmix_hf.mixture.choices import DomainChoices, reader_of
-    from tikmix_hf.mixture.schedule import WeightSchedule
+    from tikmix_hf.mixture.swaps import WeightSwaps
 
-    schedule = WeightSchedule(["a", "b", "c"], max_stages=4)
-    schedule.publish(0, np.array([0.2, 0.3, 0.5]))
-    choices = DomainChoices(7, schedule)
+    swaps = WeightSwaps(["a", "b", "c"], max_stages=4)
+    swaps.publish(0, np.array([0.2, 0.3, 0.5]))
+    choices = DomainChoices(7, swaps)
     layout = (2, 2, 8)  # 2 workers x 2 ranks, chunks of 8
     choices.counts(5000)
     choices.reader_counts(5000, layout)  # both caches now reach sample 5000
-    schedule.publish(1000, np.array([0.7, 0.2, 0.1]))
+    swaps.publish(1000, np.array([0.7, 0.2, 0.1]))
     choices.forget_from(1000)
 
-    ids = DomainChoices(7, schedule).domain_ids(0, 5000)  # a fresh copy: nothing cached
+    ids = DomainChoices(7, swaps).domain_ids(0, 5000)  # a fresh copy: nothing cached
     assert choices.counts(5000).tolist() == np.bincount(ids, minlength=3).tolist()
     readers = reader_of(np.arange(5000), layout)
     brute = np.zeros((4, 3), dtype=np.int64)

@@ -44,4 +44,4 @@ def test_default_swap_index_is_never_passed_by_a_late_sample(workers, busy_machi
     late = [(k, d) for k, d in enumerate(got) if mixture.weights_at(k)[d] != 1.0]
     assert not late, f"{len(late)} samples drawn with the old weights after their swap index, e.g. {late[:3]}"
     # swaps announced before the workers moved on replace each other; many still took effect
-    assert len(mixture.schedule) >= 10
+    assert len(mixture.swaps) >= 10

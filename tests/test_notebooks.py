@@ -34,10 +34,10 @@ SUITE_PARAMETERS = {
 
 # Besides the standard library, the notebooks may import only these.
 ALLOWED_TOP_LEVEL = {"tikmix_hf", "transformers", "torch", "numpy", "matplotlib", "scipy"}
-ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora", "tikmix_hf.influence"}
-# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the demo corpora module, or the
-# influence layer, whose package exports its own public functions (TiKMiX-M's look-ahead among them).
-PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!demo\.corpora\b|influence\b(?!\.))\w+")
+ALLOWED_TIKMIX_MODULES = {"tikmix_hf", "tikmix_hf.demo.corpora", "tikmix_hf.testing", "tikmix_hf.influence"}
+# Any "tikmix_hf.<name>" in code (an import or an attribute path) must name the demo corpora or the testing module,
+# or the influence layer, whose package exports its own public functions (TiKMiX-M's look-ahead among them).
+PRIVATE_PATH = re.compile(r"\btikmix_hf\.(?!demo\.corpora\b|testing\b|influence\b(?!\.))\w+")
 
 
 def _code_cells(nb) -> list[str]:
@@ -84,7 +84,7 @@ def test_imports_only_the_public_api(path):
         code = _python(source)
         assert not PRIVATE_PATH.search(code), (
             f"{path.name} code cell {index} reaches into {PRIVATE_PATH.search(code).group()}; "
-            "use the public API (from tikmix_hf import ...) or tikmix_hf.demo.corpora"
+            "use the public API (from tikmix_hf import ...), tikmix_hf.demo.corpora or tikmix_hf.testing"
         )
         for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.Import):

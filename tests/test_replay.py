@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model as tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.cli import main as tikmix
 from tikmix_hf.history import load_history
 from tikmix_hf.schedule import load_schedule
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_validation
+from tikmix_hf.testing import toy_model as tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,10 +85,10 @@ def test_replaying_its_own_history_reproduces_the_sample_stream(tmp_path, source
     assert [s["step"] for s in cb_src.history] == [2, 4, 6]
     assert len({json.dumps(s["weights_after"]) for s in cb_src.history}) > 1  # the schedule really changes
     cb, col, probes, mix = _run(tmp_path, tikmix_schedule=str(history))
-    # sample for sample what the collator saw, and the weight schedule at the same declared indices
+    # sample for sample what the collator saw, and the weight swaps at the same declared indices
     assert col.seen == col_src.seen
-    assert [at for at, _ in mix.schedule] == [at for at, _ in mix_src.schedule]
-    for (_, w), (_, w_src) in zip(mix.schedule, mix_src.schedule):
+    assert [at for at, _ in mix.swaps] == [at for at, _ in mix_src.swaps]
+    for (_, w), (_, w_src) in zip(mix.swaps, mix_src.swaps):
         np.testing.assert_allclose([w[d] for d in DOMAINS], [w_src[d] for d in DOMAINS], rtol=0, atol=1e-15)
     # no influence pass: nothing collated past the start-up checks, no matrix, no influence seconds
     assert probes.calls == _first_batch_checks() < probes_src.calls
@@ -108,7 +108,7 @@ def test_twice_as_long_puts_each_change_at_the_same_fraction(tmp_path, source):
     assert [s["step"] / (2 * STEPS) for s in cb.history] == [s["step"] / STEPS for s in cb_src.history]
     assert [s["weights_after"] for s in cb.history] == [pytest.approx(s["weights_after"]) for s in cb_src.history]
     lag = mix.lag_samples()
-    assert [at for at, _ in mix.schedule] == [0] + [s["step"] * BATCH + lag for s in cb.history]
+    assert [at for at, _ in mix.swaps] == [0] + [s["step"] * BATCH + lag for s in cb.history]
     assert probes.calls == _first_batch_checks()
 
 
@@ -131,8 +131,8 @@ def test_a_hand_written_two_phase_yaml_is_followed_at_the_declared_points(tmp_pa
     cb, col, _, mix = _run(tmp_path / "run", tikmix_schedule=path)
     lag = mix.lag_samples()
     first, second = {"pattern": 0.1, "echo": 0.1, "noise": 0.8}, {"pattern": 0.8, "echo": 0.1, "noise": 0.1}
-    assert [at for at, _ in mix.schedule] == [0, 3 * BATCH + lag]
-    assert [w for _, w in mix.schedule] == [pytest.approx(first), pytest.approx(second)]
+    assert [at for at, _ in mix.swaps] == [0, 3 * BATCH + lag]
+    assert [w for _, w in mix.swaps] == [pytest.approx(first), pytest.approx(second)]
     assert [s["step"] for s in cb.history] == [3]
     # the stream is the one a mixture promises for that schedule, built by hand
     reference = DomainMixture(toy_domains(), weights=first, seed=3)
@@ -149,7 +149,7 @@ def test_token_positions_are_honoured(tmp_path):
     ]))
     cb, _, _, mix = _run(tmp_path / "run", tikmix_schedule=path)
     assert [(s["step"], s["tokens_seen"]) for s in cb.history] == [(3, 384), (6, 768)]
-    assert [w for _, w in mix.schedule][1:] == [{"pattern": 1.0, "echo": 0.0, "noise": 0.0},
+    assert [w for _, w in mix.swaps][1:] == [{"pattern": 1.0, "echo": 0.0, "noise": 0.0},
                                                 {"pattern": 0.0, "echo": 0.5, "noise": 0.5}]
 
 
@@ -237,7 +237,7 @@ def test_resume_in_the_middle_of_a_replay_equals_an_uninterrupted_one(tmp_path, 
     saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["TiKMiXCallback"]
     assert saved["attributes"]["tikmix"]["mixer"]["name"] == "replay"
     cb_res, col_res, _, mix_res = _run(out, resume=str(ckpt), save_steps=CKPT, tikmix_schedule=str(history))
-    assert mix_res.schedule == mix_full.schedule
+    assert mix_res.swaps == mix_full.swaps
     assert [s["weights_after"] for s in cb_res.history] == [s["weights_after"] for s in cb_full.history]
     # the head run's last batch is the DataLoader's look-ahead, drawn but not trained on
     assert col_head.seen[: CKPT * BATCH] + col_res.seen == col_full.seen

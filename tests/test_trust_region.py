@@ -205,13 +205,12 @@ def test_direction_and_rse_helpers():
 
 
 def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
-    from helpers.data import RecordingCollator, toy_domains, toy_validation
-    from helpers.models import toy_model
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import Trainer, TrainingArguments
 
     from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
     from tikmix_hf.history import load_history
+    from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     config = TiKMiXConfig(tikmix_stage_steps=6, tikmix_show_progress=False, tikmix_probe_sequences=16,

@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.data import named_batches, token_batches
-from helpers.models import reference_summed_loss as summed_loss
-from helpers.models import tiny_llama
+from helpers.reference import reference_summed_loss as summed_loss
 from scipy.stats import spearmanr
 
 from tikmix_hf.config import TiKMiXConfig
@@ -19,6 +17,7 @@ from tikmix_hf.influence.stats import BatchStats
 from tikmix_hf.mixers import StageInputs, TiKMiXDirect, solver_kwargs
 from tikmix_hf.solvers import solve_direct
 from tikmix_hf.solvers.uncertainty import PrecisionSmoother, shrink_influence
+from tikmix_hf.testing import exact_llama, named_batches, token_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +68,7 @@ def reference_se(c, t):
 
 
 def test_stderr_and_split_half_match_dense_per_batch_reference():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     domains = named_batches(DOMAINS, 5, seed=1)
     tasks = named_batches(TASKS, 2, seed=2)
     result = group_influence(model, domains, tasks, show_progress=False)
@@ -93,7 +92,7 @@ def test_stderr_and_split_half_match_dense_per_batch_reference():
 
 
 def test_stderr_agrees_with_a_bootstrap_over_batches():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     domains = named_batches(DOMAINS, 16, seed=3)
     tasks = named_batches(TASKS, 2, seed=4)
     result = group_influence(model, domains, tasks, show_progress=False)
@@ -108,7 +107,7 @@ def test_stderr_agrees_with_a_bootstrap_over_batches():
 
 
 def test_single_batch_domain_gets_nan_stderr_and_a_note():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     domains = named_batches(DOMAINS, 3, seed=1)
     domains["law"] = domains["law"][:1]
     result = group_influence(model, domains, named_batches(TASKS, 1, seed=2), show_progress=False)
@@ -126,7 +125,7 @@ def test_single_batch_domain_gets_nan_stderr_and_a_note():
 
 
 def test_adaptive_budget_stops_where_the_target_says():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     tasks = named_batches(TASKS, 2, seed=2)
     noisy = token_batches(10, seed=11)
     same = token_batches(1, seed=12)[0]
@@ -187,7 +186,7 @@ def stage_inputs(model, config, *, stage=0, seed=1, prior=None, n_batches=4):
 
 
 def test_switches_off_reproduce_plain_tikmix_d_bitwise():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     plain_cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_objective="paper")
     assert plain_cfg.tikmix_shrink_z == 0 and plain_cfg.smoothing() == 0 and plain_cfg.tikmix_target_rse is None
     mixer = TiKMiXDirect()
@@ -276,7 +275,7 @@ def test_precision_smoother_matches_the_closed_form():
 
 
 def test_smoothing_state_round_trips_through_json_and_resume_is_identical():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_shrink_z=1.0, tikmix_smoothing=0.5)
     stages = [stage_inputs(model, cfg, stage=s, seed=s + 1) for s in range(3)]
     full = TiKMiXDirect()
@@ -353,7 +352,7 @@ def test_bad_uncertainty_config_names_the_field(kwargs, match):
 
 
 def test_adaptive_budget_in_the_mixer():
-    model = tiny_llama(seed=0)
+    model = exact_llama(seed=0)
     cfg = TiKMiXConfig(tikmix_show_progress=False, tikmix_target_rse=1e-9, tikmix_min_probe_batches=2)
     decision = TiKMiXDirect().decide(stage_inputs(model, cfg, n_batches=5))
     budget = decision.extra["uncertainty"]["adaptive_budget"]
@@ -367,12 +366,11 @@ def test_adaptive_budget_in_the_mixer():
 
 
 def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
-    from helpers.data import RecordingCollator, toy_domains, toy_validation
-    from helpers.models import toy_model
     from transformers import Trainer, TrainingArguments
 
     from tikmix_hf import DomainMixture, TiKMiXCallback
     from tikmix_hf.history import load_history
+    from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     collator = RecordingCollator()
@@ -402,12 +400,11 @@ def test_warmup_decision_with_uncertainty_in_a_trainer_run(tmp_path):
 def test_adaptive_budget_draws_past_the_stage_draw_in_a_trainer_run(tmp_path, target, per_domain):
     """tikmix_probe_max_sequences: an unreachable target takes every domain to the cap (24 sequences =
     6 micro-batches, three times the stage draw of 8); a target met at once stops at min_probe_batches."""
-    from helpers.data import RecordingCollator, toy_domains, toy_validation
-    from helpers.models import toy_model
     from transformers import Trainer, TrainingArguments
 
     from tikmix_hf import DomainMixture, TiKMiXCallback
     from tikmix_hf.history import load_history
+    from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
     mixture = DomainMixture(toy_domains(), weights="uniform", seed=3)
     config = TiKMiXConfig(tikmix_stage_steps=4, tikmix_show_progress=False, tikmix_probe_sequences=8,

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.data import RecordingCollator, toy_domains, toy_validation
-from helpers.models import toy_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, group_influence
 from tikmix_hf._loss import shifted_targets
 from tikmix_hf.influence.window import covered_parameters
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 START = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
@@ -242,10 +241,9 @@ def test_rows_that_are_not_one_example_each_are_refused_or_measured_on_probes(tm
 
 
 def test_a_layer_too_large_to_form_per_sequence_is_scored_task_by_task_to_the_same_value(monkeypatch):
-    from helpers.data import named_batches, token_batches
-
     from tikmix_hf.influence import TrainingWindow
     from tikmix_hf.influence import window as window_module
+    from tikmix_hf.testing import named_batches, token_batches
 
     def scores():
         model = toy_model(0, torch.float64)

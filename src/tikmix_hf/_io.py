@@ -1,5 +1,5 @@
-"""Small file helpers shared by the layers: atomic text, JSON and safetensors writes, reads with clear errors,
-strict-JSON values."""
+"""Small file helpers shared by the layers: atomic text, JSON and safetensors writes, reads with clear errors
+(one reader of the JSON and YAML files that people write, :func:`read_structured`), strict-JSON values."""
 
 from __future__ import annotations
 
@@ -75,6 +75,64 @@ def load_json(path: str | os.PathLike, what: str) -> Any:
         raise FileNotFoundError(f"{what} not found at {path}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} at {path} is not valid JSON ({err}); it may be truncated or tampered with") from None
+
+
+class FileReadError(ValueError):
+    """A file that could not be read, or is not valid JSON or YAML. The message names the file as the
+    caller does (``what``); ``reason`` is what was wrong, e.g. ``not valid YAML at line 2, column 5 (...)``."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.reason = reason
+
+
+def yaml_module(what: str):
+    """The ``yaml`` module (pyyaml, imported on first use); without it an ``ImportError`` that names ``what``."""
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError(
+            f"{what}: YAML needs pyyaml; `pip install pyyaml` (it comes with tikmix_hf[demo]), or use a JSON file "
+            "(*.json)"
+        ) from None
+    return yaml
+
+
+def read_structured(path: str | os.PathLike, what: str | None = None) -> Any:
+    """The document in a JSON file, or a YAML one when the name ends in ``.yaml`` or ``.yml``.
+
+    Command-line files (domain mappings, model configs, histories) and schedule files are read here.
+    ``what`` is how errors name the file (default: its path), e.g. ``"--domains d.yaml"``.
+
+    Raises:
+        FileReadError: no such file, it cannot be read, or it is not valid JSON or YAML (with the
+            line and column of the mistake).
+        ImportError: a YAML file without pyyaml installed.
+    """
+    path = os.fspath(path)
+    what = path if what is None else what
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise FileReadError(what, "no such file") from None
+    except (OSError, UnicodeError) as err:
+        raise FileReadError(what, f"cannot read it ({err})") from None
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".yaml", ".yml"):
+        yaml = yaml_module(what)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise FileReadError(what, f"not valid YAML{at} ({problem})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        named = "" if suffix == ".json" else "; a YAML file must be named *.yaml or *.yml"
+        raise FileReadError(what, f"not valid JSON ({err}){named}") from None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> None:

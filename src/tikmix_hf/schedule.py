@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import save_text_atomic
+from ._io import FileReadError, read_structured, save_text_atomic, yaml_module
 from .history import HISTORY_FORMAT
 
 __all__ = ["KINDS", "Phase", "Schedule", "export_schedule", "load_schedule", "parse_domain_map",
@@ -150,33 +150,9 @@ class Schedule:
 
 def _read(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"tikmix_schedule={str(path)!r}: no such file; {_FORMAT_HELP}") from None
-    except (OSError, UnicodeError) as err:
-        raise ValueError(f"tikmix_schedule={str(path)!r}: cannot read it ({err})") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        yaml = _yaml(f"tikmix_schedule={str(path)!r}")
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"tikmix_schedule={str(path)!r}: not valid YAML ({err}); {_FORMAT_HELP}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"tikmix_schedule={str(path)!r}: not valid JSON ({err}); {_FORMAT_HELP} (name YAML files *.yaml)"
-        ) from None
-
-
-def _yaml(what: str):
-    try:
-        import yaml
-    except ImportError:
-        raise ImportError(
-            f"{what}: YAML schedules need pyyaml; `pip install pyyaml`, or use a JSON file (*.json)"
-        ) from None
-    return yaml
+        return read_structured(path, f"tikmix_schedule={str(path)!r}")
+    except FileReadError as err:
+        raise ValueError(f"{err}; {_FORMAT_HELP}") from None
 
 
 def _number(value: Any, what: str) -> float:
@@ -355,7 +331,7 @@ def export_schedule(history: str | os.PathLike, output: str | os.PathLike | None
                     "weights": entries[-1]["weights"]}]
         what = "last mixture, from the first sample on,"
     if out.suffix.lower() in (".yaml", ".yml"):
-        text = _yaml(f"-o {out}").safe_dump(entries, sort_keys=False, default_flow_style=None)
+        text = yaml_module(f"-o {out}").safe_dump(entries, sort_keys=False, default_flow_style=None)
         note = f"# The {what} of {src}\n# at: fraction of training, or {{steps: N}} / {{tokens: N}}\n"
         text = note + text
     elif out.suffix.lower() == ".json":

@@ -19,14 +19,11 @@ import sys
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers.data import toy_domains, toy_validation  # noqa: E402
-from helpers.models import toy_model  # noqa: E402
-
-import tikmix_hf._io  # noqa: E402
-import tikmix_hf.mixers.tikmix  # noqa: E402
-from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
-from tikmix_hf.history import latest_checkpoint  # noqa: E402
+import tikmix_hf._io
+import tikmix_hf.mixers.tikmix
+from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
+from tikmix_hf.history import latest_checkpoint
+from tikmix_hf.testing import toy_domains, toy_model, toy_validation
 
 MAX_STEPS, SAVE_EVERY, STAGE_EVERY, BATCH = 24, 4, 5, 8
 

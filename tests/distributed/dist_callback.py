@@ -15,11 +15,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers.data import RecordingCollator, toy_domains, toy_validation  # noqa: E402
 from helpers.launch import exit_rank  # noqa: E402
-from helpers.models import toy_model  # noqa: E402
 
 from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
+from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation  # noqa: E402
 
 
 def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> None:
@@ -47,7 +46,7 @@ def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> No
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"seen-rank{rank}.json"), "w") as fh:
-        json.dump({"seen": collator.seen, "schedule": mixture.schedule}, fh)
+        json.dump({"seen": collator.seen, "swaps": mixture.swaps}, fh)
 
 
 if __name__ == "__main__":

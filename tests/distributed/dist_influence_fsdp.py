@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers.data import named_batches, token_batches  # noqa: E402
-from helpers.models import reference_summed_loss, tiny_llama  # noqa: E402
+from helpers.reference import reference_summed_loss  # noqa: E402
 
 from tikmix_hf.influence import adaptive_group_influence, group_influence, lookahead_gain  # noqa: E402
+from tikmix_hf.testing import exact_llama, named_batches, token_batches  # noqa: E402
 
 MIXTURES = np.array([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]])
 PRECONDITIONERS = ("identity", "adam", "diag_fisher")
@@ -77,7 +77,7 @@ def train_step(model, optimizer, step, kind, rank):
 
 
 def build(kind, rank=0):
-    model = shard(tiny_llama(seed=0), kind)
+    model = shard(exact_llama(seed=0), kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, optimizer, 0, kind, rank)
     return model, optimizer
@@ -189,7 +189,7 @@ def main(out_dir: Path) -> None:
     # Layers sharded but not the root: the embeddings and head stay replicated, which is refused.
     from torch.distributed.fsdp import fully_shard
 
-    partial = tiny_llama(seed=0)
+    partial = exact_llama(seed=0)
     for layer in partial.model.layers:
         fully_shard(layer)
     try:
@@ -200,7 +200,7 @@ def main(out_dir: Path) -> None:
     # FSDP1 without sharding replicates every parameter: refused, DDP is the right tool.
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-    replicated = FullyShardedDataParallel(tiny_llama(seed=0), use_orig_params=True, device_id=torch.device("cpu"),
+    replicated = FullyShardedDataParallel(exact_llama(seed=0), use_orig_params=True, device_id=torch.device("cpu"),
                                           sharding_strategy=ShardingStrategy.NO_SHARD)
     try:
         group_influence(replicated, *data(), show_progress=False)

@@ -56,7 +56,7 @@ def run(dispatch: bool, workers: int) -> dict:
         if step == 14:
             break
     return {"rank": acc.process_index, "world": acc.num_processes, "at": at, "batches": got,
-            "schedule": mixture.schedule}
+            "swaps": mixture.swaps}
 
 
 if __name__ == "__main__":

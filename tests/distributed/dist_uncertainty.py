@@ -17,11 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers.data import named_batches, token_batches  # noqa: E402
-from helpers.models import tiny_llama  # noqa: E402
-
-from tikmix_hf.influence import adaptive_group_influence, group_influence  # noqa: E402
+from tikmix_hf.influence import adaptive_group_influence, group_influence
+from tikmix_hf.testing import exact_llama, named_batches, token_batches
 
 
 def data():
@@ -33,7 +30,7 @@ def data():
 
 def measure(model=None) -> dict:
     torch.set_num_threads(1)
-    model = tiny_llama(seed=0) if model is None else model
+    model = exact_llama(seed=0) if model is None else model
     domains, tasks = data()
     streamed = group_influence(model, domains, tasks, show_progress=False)
     kept = group_influence(model, domains, tasks, keep_domain_gradients=True, show_progress=False)
@@ -55,7 +52,7 @@ def measure(model=None) -> dict:
 def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result = measure(torch.nn.parallel.DistributedDataParallel(tiny_llama(seed=0)))
+    result = measure(torch.nn.parallel.DistributedDataParallel(exact_llama(seed=0)))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, sort_keys=True))
     dist.barrier()
     dist.destroy_process_group()

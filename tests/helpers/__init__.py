@@ -1,1 +1,4 @@
-"""Test helpers: tiny models (models.py), token data (data.py), the torchrun launcher (launch.py)."""
+"""Test-only helpers: the torchrun launcher (launch.py) and brute-force references (reference.py).
+
+Models and data come from :mod:`tikmix_hf.testing`.
+"""

@@ -22,6 +22,9 @@ Domains and validation sets are given as ``NAME=PATH``, a YAML/JSON mapping file
 
 Mistakes in the command line or in these files print one message (the argument, the value and
 what to do instead) and exit with status 2; no traceback.
+
+``tikmix demo`` and ``tikmix train`` build their own parsers when they run, so that only ``tikmix
+demo`` loads the demo (:mod:`tikmix_hf.demo`) and only ``tikmix train`` loads transformers' parser.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..demo.arms import ARMS, DEFAULT_ARMS
 from .demo import cmd_demo
 from .errors import USAGE_EXIT, UsageError
 from .influence import cmd_influence
@@ -48,24 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,influence,schedule}")
 
-    demo = sub.add_parser("demo", help="TiKMiX against a static mixture on an embedded corpus (the main job).",
-                          description="Train a static mixture, TiKMiX-D (default and paper objectives) and TiKMiX-M "
-                                      "side by side at equal training "
-                                      "tokens and write report.md, results.json and pictures.")
-    demo.add_argument("--quick", action="store_true", help="a smaller run (times in docs/demo.md)")
-    demo.add_argument("--corpus", choices=("local", "synthetic"), default="local",
-                      help="local: real text found on this machine (default); synthetic: domains with known roles")
-    demo.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/demo",
-                      help="where results.json, report.md and plots/ go (default: runs/demo)")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds, e.g. --seeds 0 1 2")
-    demo.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
-                      help=f"any of {', '.join(ARMS)} (default: {' '.join(DEFAULT_ARMS)})")
-    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see docs/demo.md)")
-    demo.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
-                      help="no progress bars")
-    demo.add_argument("--size", default=None, help=argparse.SUPPRESS)  # tiny: for tests
-    demo.set_defaults(func=cmd_demo)
-
+    sub.add_parser("demo", add_help=False,
+                   help="TiKMiX against a static mixture on an embedded corpus (the main job).")
     sub.add_parser("train", add_help=False,
                    help="train with TiKMiX: run_clm-style HfArgumentParser flags (tikmix train --help)")
 
@@ -113,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
+        if command == "demo":
+            return cmd_demo(argv[1:])
         if command == "train":
             return cmd_train(argv[1:])
         parser = build_parser()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._io import FileReadError, read_structured
 from .errors import UsageError
 
 MODEL_PRESETS = {
@@ -45,9 +45,9 @@ def model_config_spec(value: str | None) -> dict | str | None:
             f"--model_config {value}: neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing config JSON file"
         )
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"--model_config {value}: not a readable JSON file ({err})") from None
+        spec = read_structured(path, f"--model_config {value}")
+    except (FileReadError, ImportError) as err:
+        raise UsageError(f"{err}; give a config JSON file (a JSON object of config fields)") from None
     if not isinstance(spec, dict):
         raise UsageError(
             f"--model_config {value}: expected a JSON object of config fields, got {type(spec).__name__}"
@@ -63,7 +63,7 @@ def build_tokenizer(model_args: ModelArguments, training_args, texts: Mapping[st
         tokenizer = load_tokenizer(source, "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path
                                     else "--model_name_or_path")
     else:
-        from ..demo.corpora import train_tokenizer
+        from ..testing import train_tokenizer
 
         # One process trains and saves it; the others load that copy, so every rank has the same vocabulary.
         folder = os.path.join(training_args.output_dir, "tokenizer")
@@ -96,7 +96,7 @@ def build_model(model_args: ModelArguments, spec, tokenizer, block_size: int, se
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from ..demo.corpora import tiny_llama
+    from ..testing import tiny_llama
 
     if model_args.model_name_or_path:
         return load_model(model_args.model_name_or_path, "--model_name_or_path")

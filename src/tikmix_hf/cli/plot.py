@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._io import FileReadError, read_structured
 from .errors import UsageError
 
 
@@ -29,25 +29,23 @@ def _resolve_history(value: str) -> Path:
     return path
 
 
-def _read_json(path: Path, label: str) -> Any:
+def _read_history(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeError) as err:
-        raise UsageError(f"{label} {path}: cannot read it ({err})") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{label} {path}: not valid JSON ({err}); it may be truncated") from None
+        return read_structured(path, f"HISTORY {path}")
+    except FileReadError as err:
+        raise UsageError(f"{err}; it may be truncated") from None
+    except ImportError as err:
+        raise UsageError(str(err)) from None
 
 
 def _run_dir_state(history_path: Path) -> dict | None:
     """``trainer_state.json`` of the run that wrote this history (its ``output_dir``), if any."""
     run_dir = history_path.parent.parent if history_path.parent.name == "tikmix" else history_path.parent
     state = run_dir / "trainer_state.json"
-    if state.is_file():
-        try:
-            return json.loads(state.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    return None
+    try:
+        return read_structured(state)
+    except FileReadError:
+        return None
 
 
 def _eval_curves(state: Mapping | None) -> dict[str, list[tuple[int, float]]]:
@@ -62,7 +60,7 @@ def _eval_curves(state: Mapping | None) -> dict[str, list[tuple[int, float]]]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     path = _resolve_history(args.history)
-    doc = _read_json(path, "HISTORY")
+    doc = _read_history(path)
     out = Path(args.output_dir) if args.output_dir else path.parent / "plots"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: exists and is not a folder")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import FileReadError, read_structured
 from .errors import UsageError
 
 MAPPING_SUFFIXES = (".yaml", ".yml", ".json")
@@ -95,28 +96,11 @@ def parse_sources(values: Sequence[str], flag: str) -> dict[str, Source]:
 
 def _read_mapping_file(path: Path, flag: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeError) as err:
-        raise UsageError(f"{flag} {path}: cannot read it ({err})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{flag} {path}: not valid JSON ({err}); {_SOURCE_FIX}") from None
-    try:
-        import yaml
-    except ImportError:
-        raise UsageError(
-            f"{flag} {path}: reading YAML needs pyyaml; pip install 'tikmix_hf[demo]', or give a .json mapping file"
-        ) from None
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UsageError(f"{flag} {path}: not valid YAML{at} ({problem}); {_SOURCE_FIX}") from None
+        return read_structured(path, f"{flag} {path}")
+    except FileReadError as err:
+        raise UsageError(f"{err}; {_SOURCE_FIX}") from None
+    except ImportError as err:
+        raise UsageError(str(err)) from None
 
 
 def _mapping_sources(mapping: Any, origin: str, base: Path) -> list[Source]:
@@ -274,7 +258,7 @@ def _dataset_texts(source: Source, default_column: str) -> list[str]:
 
 
 def pack_all(texts: Mapping[str, list[str]], tokenizer, block_size: int, sources: Mapping[str, Source]) -> dict:
-    from ..demo.corpora import pack_blocks
+    from ..testing import pack_blocks
 
     packed = {}
     for name, docs in texts.items():

@@ -44,7 +44,9 @@ Example::
 One concept a file: ``arms.py`` (the ways of mixing), ``sizes.py`` (the presets), ``data.py``
 (corpus to validation and test sets), ``evaluation.py`` (held-out losses, the accuracy metric),
 ``callbacks.py`` (the Trainer callbacks of one arm), ``engine.py`` (:func:`train_arm`,
-:func:`run_demo`), ``results.py`` (the summary and the pictures), and ``corpora/``.
+:func:`run_demo`), ``results.py`` (the summary and the pictures), ``report.py`` (the tables it prints
+and ``report.md``), and ``corpora/``. The tokenizer, the packing and the model come from
+:mod:`tikmix_hf.testing`.
 """
 
 from .arms import ARMS, Arm

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..testing import pack_blocks, train_tokenizer
 from . import corpora as C
 from .sizes import DemoSize
 
@@ -105,9 +106,9 @@ def prepare_data(corpus: str, size: DemoSize, *, data_seed: int = 0) -> DemoData
     else:
         raise ValueError(f"corpus={corpus!r}: use 'local' or 'synthetic'")
 
-    tokenizer = C.train_tokenizer(train, vocab_size=size.vocab_size, seed=data_seed)
+    tokenizer = train_tokenizer(train, vocab_size=size.vocab_size, seed=data_seed)
     B = size.block_size
-    domains = {d: C.pack_blocks(docs, tokenizer, B) for d, docs in train.items()}
+    domains = {d: pack_blocks(docs, tokenizer, B) for d, docs in train.items()}
     empty = [d for d, blocks in domains.items() if len(blocks) == 0]
     if empty:
         raise RuntimeError(f"domains {empty} have less text than one block of {B} tokens")
@@ -115,7 +116,7 @@ def prepare_data(corpus: str, size: DemoSize, *, data_seed: int = 0) -> DemoData
     validation: dict[str, Any] = {}
     test: dict[str, list[dict]] = {}
     for task, (val_docs, test_docs) in target_text.items():
-        val_blocks, test_blocks = C.pack_blocks(val_docs, tokenizer, B), C.pack_blocks(test_docs, tokenizer, B)
+        val_blocks, test_blocks = pack_blocks(val_docs, tokenizer, B), pack_blocks(test_docs, tokenizer, B)
         if len(val_blocks) == 0 or len(test_blocks) == 0:
             raise RuntimeError(f"task {task}: its held-out text is shorter than one block of {B} tokens")
         validation[task] = val_blocks
@@ -131,7 +132,7 @@ def prepare_data(corpus: str, size: DemoSize, *, data_seed: int = 0) -> DemoData
     test[choice_task] = _gold_examples(choice_items)
     heldout_all = {}
     for d, docs in held.items():
-        blocks = C.pack_blocks(docs, tokenizer, B)
+        blocks = pack_blocks(docs, tokenizer, B)
         if len(blocks):
             heldout_all[d] = _rows(blocks.select(range(min(size.all_domain_blocks, len(blocks)))))
     domain_rows = [

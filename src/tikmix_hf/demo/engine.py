@@ -25,6 +25,7 @@ from ..stage_record import measurement_tokens
 from .arms import ARMS, DEFAULT_ARMS, Arm
 from .data import DemoData, prepare_data
 from .evaluation import accuracy_metric, held_out_losses
+from .report import demo_report, demo_tables
 from .results import RESULTS_FORMAT, draw_results, summarize
 from .sizes import SIZES, DemoSize
 
@@ -51,8 +52,9 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
     from ..config import TiKMiXConfig
     from ..history import load_history
     from ..mixture import DomainMixture
+    from ..testing import tiny_llama
     from .callbacks import ArmProgress, HeldOutEvaluator
-    from .corpora import choice_predictions, tiny_llama
+    from .corpora import choice_predictions
 
     initial, solver = arm.initial, arm.solver
     run_dir = base / "runs" / f"seed{seed}" / arm.name
@@ -201,8 +203,6 @@ def run_demo(
     """
     import torch
 
-    from .. import report as R
-
     arms = _check_arms(arms)
     seeds = [int(s) for s in seeds]
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
@@ -270,8 +270,8 @@ def run_demo(
     if plots:
         results["plots"] = [str(p.relative_to(out)) for p in draw_results(results, out / "plots", base=out)]
     save_json_atomic(out / "results.json", results)
-    (out / "report.md").write_text(R.demo_report(results))
+    (out / "report.md").write_text(demo_report(results))
     say()
-    say(R.demo_tables(results))
+    say(demo_tables(results))
     say(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(results['plots'])} pictures in {out / 'plots'}")
     return results

@@ -4,7 +4,8 @@ change while training runs, and :func:`interleave_datasets`, its ``datasets``-st
 - ``bijection.py``: the keyed permutation that shuffles map-style domains without storing one.
 - ``sources.py``: map-style and sequentially read domains.
 - ``sharded.py``: streamed domains read by shard, one share per (rank, DataLoader worker) reader.
-- ``schedule.py``: the weight schedule, in shared memory, and the validation of weights.
+- ``swaps.py``: the weight swaps (which weights apply from which sample index), in shared memory, and the
+  validation of weights.
 - ``choices.py``: the domain each sample index draws, and the draws of each domain and reader by an index.
 - ``checkpoints.py``: where the readers of sharded domains resume: recorded and loaded block checkpoints.
 - ``mixture.py``: the mixture itself (iteration, DataLoader binding, swaps, saved state).

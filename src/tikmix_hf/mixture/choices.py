@@ -2,7 +2,7 @@
 
 Sample ``k`` draws a uniform number ``u_k`` from a counter-based generator keyed by
 ``(seed, k // 8192)`` and takes the domain whose cumulative weight interval holds ``u_k``, under
-the schedule entry in effect at ``k``: a pure function of ``(seed, k, weight schedule)``, so every
+the weight swap in effect at ``k``: a pure function of ``(seed, k, weight swaps)``, so every
 copy of the stream computes the same choices without talking to the others. From the choices follow
 each domain's draw count by an index and, for streamed domains read by shard, each reader's.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schedule import WeightSchedule
 from .sources import TAG_CHOICE
+from .swaps import WeightSwaps
 
 _U_BLOCK = 8192  # uniforms are generated in blocks of this many sample indices
 
@@ -42,16 +42,16 @@ def draw_numbers(ids: np.ndarray, cursors: np.ndarray) -> np.ndarray:
 
 
 class DomainChoices:
-    """The domain of every sample index under ``schedule``, with the counts it implies (cached).
+    """The domain of every sample index under ``swaps``, with the counts it implies (cached).
 
     Args:
         seed: the mixture's seed.
-        schedule: the mixture's weight schedule, read at every call that is not given one.
+        swaps: the mixture's weight swaps, read at every call that is not given others.
     """
 
-    def __init__(self, seed: int, schedule: WeightSchedule):
-        self.seed, self.schedule = seed, schedule
-        m = len(schedule.domains)
+    def __init__(self, seed: int, swaps: WeightSwaps):
+        self.seed, self.swaps = seed, swaps
+        m = len(swaps.domains)
         self._count_cache: tuple[int, np.ndarray] = (0, np.zeros(m, dtype=np.int64))
         self._reader_cache: tuple[tuple, int, np.ndarray | None] = ((), 0, None)
         self._u_cache: tuple[int, np.ndarray | None] = (-1, None)
@@ -69,9 +69,9 @@ class DomainChoices:
             k += take
         return out
 
-    def domain_ids(self, start: int, stop: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Domain index of every sample in ``[start, stop)`` (a pure function of seed and schedule)."""
-        starts, weights = schedule if schedule is not None else self.schedule.arrays()
+    def domain_ids(self, start: int, stop: int, swaps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Domain index of every sample in ``[start, stop)`` (a pure function of seed and swaps)."""
+        starts, weights = swaps if swaps is not None else self.swaps.arrays()
         u = self._uniforms(start, stop)
         idx = np.arange(start, stop)
         entry = np.searchsorted(starts, idx, side="right") - 1
@@ -82,25 +82,25 @@ class DomainChoices:
             out[mask] = np.minimum(np.searchsorted(cum, u[mask] * cum[-1], side="right"), len(cum) - 1)
         return out
 
-    def counts(self, upto: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Draws of each domain by samples ``[0, upto)``, under ``schedule`` (default: the current one)."""
+    def counts(self, upto: int, swaps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Draws of each domain by samples ``[0, upto)``, under ``swaps`` (default: the current ones)."""
         if upto < 0:
             raise ValueError(f"upto must be >= 0, got {upto}")
-        cached_at, cached = self._count_cache if schedule is None else (0, None)
+        cached_at, cached = self._count_cache if swaps is None else (0, None)
         if cached is None or upto < cached_at:
-            cached_at, cached = 0, np.zeros(len(self.schedule.domains), dtype=np.int64)
+            cached_at, cached = 0, np.zeros(len(self.swaps.domains), dtype=np.int64)
         counts = cached.copy()
         step = 1 << 20
         for a in range(cached_at, upto, step):
             b = min(a + step, upto)
-            counts += np.bincount(self.domain_ids(a, b, schedule), minlength=len(self.schedule.domains))
-        if schedule is None:
+            counts += np.bincount(self.domain_ids(a, b, swaps), minlength=len(self.swaps.domains))
+        if swaps is None:
             self._count_cache = (upto, counts.copy())
         return counts
 
     def reader_counts(self, upto: int, layout: tuple[int, int, int]) -> np.ndarray:
         """Draws of each (reader, domain) by samples ``[0, upto)``: a pure function of the layout."""
-        readers, m = layout[0] * layout[1], len(self.schedule.domains)
+        readers, m = layout[0] * layout[1], len(self.swaps.domains)
         cached_layout, cached_at, cached = self._reader_cache
         if cached_layout != layout or cached is None or upto < cached_at:
             cached_at, cached = 0, np.zeros(readers * m, dtype=np.int64)
@@ -114,12 +114,12 @@ class DomainChoices:
         return counts.reshape(readers, m)
 
     def forget_from(self, start: int) -> None:
-        """The schedule changed from sample ``start`` on: drop cached counts that reach past it."""
+        """The weights changed from sample ``start`` on: drop cached counts that reach past it."""
         if start < self._count_cache[0]:
-            self._count_cache = (0, np.zeros(len(self.schedule.domains), dtype=np.int64))
+            self._count_cache = (0, np.zeros(len(self.swaps.domains), dtype=np.int64))
         if start < self._reader_cache[1]:
             self._reader_cache = ((), 0, None)
 
     def remember(self, upto: int, counts: np.ndarray) -> None:
-        """Cache ``counts``, known to be the draws of samples ``[0, upto)`` under the current schedule."""
+        """Cache ``counts``, known to be the draws of samples ``[0, upto)`` under the current swaps."""
         self._count_cache = (upto, counts)

@@ -1,12 +1,12 @@
 """The data plane: a training stream over named domains whose weights can change mid-run.
 
 :class:`DomainMixture` is a ``torch.utils.data.IterableDataset``. Sample ``k`` of the stream is a
-pure function of ``(seed, k, weight schedule)`` and, for streamed domains read by shard, of the
+pure function of ``(seed, k, weight swaps)`` and, for streamed domains read by shard, of the
 reader layout:
 
 1. a uniform number ``u_k`` comes from a counter-based generator keyed by ``(seed, k // 8192)``;
 2. the domain is the one whose cumulative weight interval holds ``u_k``, under the weights of the
-   last schedule entry whose start is ``<= k``;
+   last weight swap whose start is ``<= k``;
 3. the example is the ``c``-th draw of that domain, where ``c`` counts the earlier samples that
    chose it. Map-style domains read row ``perm_e(c mod n)``, a keyed bijection of pass ``e`` that is
    computed, not stored. Streamed domains with enough shards are read by shard: sample ``k`` belongs
@@ -14,11 +14,11 @@ reader layout:
    reader's earlier samples of the domain (see :mod:`.sharded`). Other iterables are read in order
    by every copy, which keeps its own samples.
 
-Every copy walks every index, so all copies agree on domains, cursors and the schedule; a weight
+Every copy walks every index, so all copies agree on domains, cursors and the swaps; a weight
 change applies from one declared sample index on every copy, and a saved position resumes the stream
 without replaying it.
 
-The schedule (:mod:`.schedule`) lives in shared-memory tensors, so DataLoader workers (persistent
+The weight swaps (:mod:`.swaps`) live in shared-memory tensors, so DataLoader workers (persistent
 ones too) see a :meth:`DomainMixture.set_weights` made in the main process after they started.
 """
 
@@ -36,7 +36,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .checkpoints import ReaderCheckpoints
 from .choices import DomainChoices, draw_numbers, rank_of
-from .schedule import WeightSchedule
 from .sharded import ShardedSource
 from .sources import (
     ForOtherRank,
@@ -46,6 +45,7 @@ from .sources import (
     materialise,
     shard_count,
 )
+from .swaps import WeightSwaps
 
 STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
@@ -72,7 +72,7 @@ class DomainMixture(IterableDataset):
         weights: ``"natural"`` (proportional to each domain's size: tokens when every domain's examples
             carry ``input_ids``, else examples), ``"uniform"``, or a mapping domain -> non-negative weight
             covering every domain (normalised to sum to one).
-        seed: the stream is a pure function of ``(seed, sample index, weight schedule)`` (and of the
+        seed: the stream is a pure function of ``(seed, sample index, weight swaps)`` (and of the
             reader layout for streamed domains read by shard).
         exhausted: what happens when a domain runs out: ``"cycle"`` (start a new pass with a new shuffle)
             or ``"stop"`` (the stream ends at the first sample that would need a new pass; for a domain
@@ -82,7 +82,7 @@ class DomainMixture(IterableDataset):
         num_samples: optional length of one epoch, which lets the Trainer train by epochs; without it the
             stream is endless and the Trainer needs ``max_steps``.
         sizes: optional domain -> size, for ``weights="natural"`` with iterable domains of unknown size.
-        max_stages: capacity of the weight schedule (one entry per ``set_weights``).
+        max_stages: how many weight swaps there is room for (one per ``set_weights``).
         probe_holdout: share of each domain's rows kept for :meth:`probe` and never trained on.
             ``"auto"`` holds out 0.1% of a domain known to have at least 10^6 rows and nothing of
             smaller ones (their probes are drawn from the training rows); a float applies to every
@@ -160,8 +160,8 @@ class DomainMixture(IterableDataset):
         self._sharded = [d for d, s in enumerate(self._sources) if s.sharded]
 
         m = len(self.domains)
-        self._schedule = WeightSchedule(self.domains, max_stages)
-        self._choices = DomainChoices(seed, self._schedule)
+        self._swaps = WeightSwaps(self.domains, max_stages)
+        self._choices = DomainChoices(seed, self._swaps)
         self._ctrl = torch.zeros(11, dtype=torch.int64).share_memory_()
         self._ctrl[_PREFETCH], self._ctrl[_RANKS] = 2, 1
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
@@ -170,35 +170,35 @@ class DomainMixture(IterableDataset):
         self._checkpoints = ReaderCheckpoints(len(self._sharded), 1)
         self._position = 0  # samples yielded by the last in-process iterator (exact with num_workers=0)
 
-        self._publish(0, self._schedule.resolve(weights, self._sources, sizes))
+        self._publish(0, self._swaps.resolve(weights, self._sources, sizes))
 
     # ------------------------------------------------------------------ weights
     def resolve_weights(self, spec: str | Mapping[str, float]) -> dict[str, float]:
         """``"natural"``, ``"uniform"`` or a mapping, as normalised weights per domain (nothing is changed)."""
-        return dict(zip(self.domains, map(float, self._schedule.resolve(spec, self._sources, self._sizes))))
+        return dict(zip(self.domains, map(float, self._swaps.resolve(spec, self._sources, self._sizes))))
 
     def _publish(self, start: int, vec: np.ndarray) -> None:
-        self._schedule.publish(start, vec)
+        self._swaps.publish(start, vec)
         self._choices.forget_from(start)
 
     @property
     def weights(self) -> dict[str, float]:
         """The most recently set weights (in effect from :attr:`weights_from` on)."""
-        return self._schedule.latest()
+        return self._swaps.latest()
 
     @property
     def weights_from(self) -> int:
         """The sample index from which :attr:`weights` apply."""
-        return self._schedule.latest_start()
+        return self._swaps.latest_start()
 
     @property
-    def schedule(self) -> list[tuple[int, dict[str, float]]]:
-        """Every weight change as ``(first sample index, weights)``, oldest first."""
-        return self._schedule.entries()
+    def swaps(self) -> list[tuple[int, dict[str, float]]]:
+        """Every weight swap as ``(first sample index, weights)``, oldest first (the first at index 0)."""
+        return self._swaps.entries()
 
     def weights_at(self, index: int) -> dict[str, float]:
         """The weights that sample ``index`` is drawn with."""
-        return self._schedule.at(index)
+        return self._swaps.at(index)
 
     def lag_samples(self) -> int:
         """How many samples past the consumer the data pipeline can have drawn already.
@@ -212,25 +212,25 @@ class DomainMixture(IterableDataset):
         return per_batch * (workers * prefetch + 2)
 
     def set_weights(self, weights: Mapping[str, float], *, at: int | None = None) -> int:
-        """Schedule new weights; return the sample index from which they apply.
+        """Swap in new weights; return the sample index from which they apply.
 
         Args:
             weights: domain -> non-negative weight for every domain (normalised to sum to one).
             at: the first sample index to use them. ``None`` takes the earliest safe index: the next
                 sample that no copy of the stream has drawn or reserved yet (a DataLoader worker
-                reserves its whole batch before it reads the schedule). Pass an explicit index,
+                reserves its whole batch before it reads the weights). Pass an explicit index,
                 identical on every rank, for runs that must be reproducible (the callback does:
                 consumed samples plus :meth:`lag_samples`).
 
         Raises:
             ValueError: ``at`` lies before samples that were already drawn with the old weights, or
-                before an earlier scheduled change.
+                before an earlier swap.
         """
-        vec = self._schedule.validate(weights, "weights")
+        vec = self._swaps.validate(weights, "weights")
         if at is not None and (not isinstance(at, (int, np.integer)) or at < 0):
             raise ValueError(f"at must be a non-negative int sample index, got {at!r}")
         # Announce the swap before reading the reservations: a worker that reserves after this point
-        # waits for the new schedule, one that reserved before is counted in `drawn`.
+        # waits for the new weights, one that reserved before is counted in `drawn`.
         self._ctrl[_SWAP] = 1
         try:
             _fence()
@@ -249,9 +249,9 @@ class DomainMixture(IterableDataset):
         return int(at)
 
     # ------------------------------------------------------------------ the pure stream
-    def domain_ids(self, start: int, stop: int, schedule: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Domain index of every sample in ``[start, stop)`` (a pure function of seed and schedule)."""
-        return self._choices.domain_ids(start, stop, schedule)
+    def domain_ids(self, start: int, stop: int, swaps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Domain index of every sample in ``[start, stop)`` (a pure function of seed and swaps)."""
+        return self._choices.domain_ids(start, stop, swaps)
 
     def counts(self, upto: int) -> dict[str, int]:
         """Examples drawn from each domain by samples ``[0, upto)``."""
@@ -438,7 +438,7 @@ class DomainMixture(IterableDataset):
     def _generate(self, start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank) -> Iterator[Any]:
         """Yield this copy's samples from index ``start``: chunk ``j`` (of ``chunk`` samples, counted
         from ``start``) belongs to worker ``j % workers``, and within it slice ``rank`` of ``ranks``.
-        Every copy walks every index, so all copies agree on cursors, exhaustion and the schedule."""
+        Every copy walks every index, so all copies agree on cursors, exhaustion and the swaps."""
         cycle = self.exhausted == "cycle"
         ranks = layout[1]
         readers = layout[0] * ranks
@@ -450,7 +450,7 @@ class DomainMixture(IterableDataset):
         sizes = np.array([src.n if src.random_access else never for src in self._sources])
         high_water = self._high_water.numpy()  # shared memory; a numpy view is cheap to write
         ctrl = self._ctrl.numpy()
-        version = self._schedule.version.numpy()
+        version = self._swaps.version.numpy()
         span = chunk * max(1, 2048 // chunk)
         k = start
         while stop is None or k < stop:
@@ -467,7 +467,7 @@ class DomainMixture(IterableDataset):
                 a, b = pos - k, min(chunk_end, span_end) - k
                 mine = j % workers == worker
                 if mine and slot:
-                    # A worker reserves its batch before it reads the schedule, so set_weights(at=None)
+                    # A worker reserves its batch before it reads the weights, so set_weights(at=None)
                     # either counts the reservation or is announced to the worker, which then waits.
                     high_water[slot] = max(int(high_water[slot]), chunk_end)
                     _fence()
@@ -572,7 +572,7 @@ class DomainMixture(IterableDataset):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, position: int | None = None) -> dict:
-        """JSON-serialisable state: seed, schedule and the stream position with per-domain cursors.
+        """JSON-serialisable state: seed, weight swaps and the stream position with per-domain cursors.
 
         For domains read by shard it also holds the reader layout, every reader's draw count and,
         for the readers of this process, the block each one was reading at ``position`` (the shard's
@@ -584,13 +584,14 @@ class DomainMixture(IterableDataset):
                 the Trainer's count.
         """
         position = self._position if position is None else int(position)
-        starts, w = self._schedule.arrays()
+        starts, w = self._swaps.arrays()
         state = {
             "format": STATE_FORMAT,
             "domains": list(self.domains),
             "seed": self.seed,
             "exhausted": self.exhausted,
             "shuffle": self.shuffle,
+            # The weight swaps, under the key every state saved so far has.
             "schedule": [[int(s), [float(x) for x in row]] for s, row in zip(starts, w)],
             "position": position,
             "cursors": [int(c) for c in self._choices.counts(position)],
@@ -637,20 +638,20 @@ class DomainMixture(IterableDataset):
                     f"{key}={getattr(self, key)!r}; the stream would differ, so create it with the saved value"
                 )
         try:
-            schedule = [(int(s), np.asarray(row, dtype=np.float64)) for s, row in state["schedule"]]
+            swaps = [(int(s), np.asarray(row, dtype=np.float64)) for s, row in state["schedule"]]
             position, cursors = int(state["position"]), np.asarray(state["cursors"], dtype=np.int64)
             epoch = int(state.get("epoch", 0))
             resume = ReaderCheckpoints.parse(state.get("readers")) if self._sharded else None
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"corrupt DomainMixture state: {err}") from None
         m = len(self.domains)
-        if not schedule or cursors.shape != (m,) or position < 0 or any(r.shape != (m,) for _, r in schedule):
-            raise ValueError("corrupt DomainMixture state: schedule, position or cursors have the wrong shape")
-        starts, rows = self._schedule.check_saved(schedule)
+        if not swaps or cursors.shape != (m,) or position < 0 or any(r.shape != (m,) for _, r in swaps):
+            raise ValueError("corrupt DomainMixture state: weight swaps, position or cursors have the wrong shape")
+        starts, rows = self._swaps.check_saved(swaps)
         expected = self._choices.counts(position, (starts, rows))
         if not np.array_equal(expected, cursors):
             raise ValueError(
-                f"corrupt DomainMixture state: the cursors {cursors.tolist()} do not match the schedule at "
+                f"corrupt DomainMixture state: the cursors {cursors.tolist()} do not match the weight swaps at "
                 f"position {position} ({expected.tolist()})"
             )
         if resume is not None:
@@ -661,7 +662,7 @@ class DomainMixture(IterableDataset):
                     f"corrupt DomainMixture state: the readers' draws {sums} do not add up to the cursors {want}"
                 )
         # Everything is validated: only now change the mixture, so a bad state leaves it untouched.
-        self._schedule.replace(starts, rows)
+        self._swaps.replace(starts, rows)
         self._choices.remember(position, expected)
         self._ctrl[_EPOCH] = epoch
         self._checkpoints.load(resume)

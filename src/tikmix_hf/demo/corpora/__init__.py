@@ -1,4 +1,4 @@
-"""Offline demo corpora, tokenizers, tiny models and a downstream-style task for TiKMiX.
+"""Offline demo corpora, held-out splits and a downstream-style task for TiKMiX.
 
 Everything here works with no network and no Hugging Face hub, one concept a file:
 
@@ -6,26 +6,25 @@ Everything here works with no network and no Hugging Face hub, one concept a fil
   :func:`describe_corpus`.
 - ``synthetic.py``: :func:`synthetic_corpus`, generated "languages" whose domains have KNOWN
   roles with respect to the validation tasks.
-- ``packing.py``: :func:`train_tokenizer`, :func:`byte_tokenizer`, :func:`pack_blocks` and
-  :func:`holdout_split`.
-- ``model.py``: :func:`tiny_llama`.
+- ``holdout.py``: :func:`holdout_split`, the held-out text of every domain.
 - ``choice.py``: the continuation-choice task (:func:`continuation_choice_items`,
   :func:`choice_predictions`, :func:`choice_accuracy`) and :func:`load_metric`, its accuracy as
   an ``evaluate`` module shipped in ``tikmix_hf/demo/metrics/``.
 
-Heavy libraries (torch, transformers, datasets, tokenizers, evaluate) are imported inside the
-functions that need them, so reading a corpus does not pay for them.
+Tokenizers, packing and the tiny Llama the demo trains are :mod:`tikmix_hf.testing`'s
+(:func:`~tikmix_hf.testing.train_tokenizer`, :func:`~tikmix_hf.testing.pack_blocks`,
+:func:`~tikmix_hf.testing.tiny_llama`), shared with the command line, the tests and the notebooks.
+Heavy libraries (torch, transformers, evaluate) are imported inside the functions that need them,
+so reading a corpus does not pay for them.
 """
 
 from .choice import choice_accuracy, choice_predictions, continuation_choice_items, load_metric
+from .holdout import holdout_split
 from .local import describe_corpus, local_corpus
-from .model import tiny_llama
-from .packing import byte_tokenizer, holdout_split, pack_blocks, train_tokenizer
 from .synthetic import SyntheticCorpus, synthetic_corpus
 
 __all__ = [
     "SyntheticCorpus",
-    "byte_tokenizer",
     "choice_accuracy",
     "choice_predictions",
     "continuation_choice_items",
@@ -33,8 +32,5 @@ __all__ = [
     "holdout_split",
     "load_metric",
     "local_corpus",
-    "pack_blocks",
     "synthetic_corpus",
-    "tiny_llama",
-    "train_tokenizer",
 ]

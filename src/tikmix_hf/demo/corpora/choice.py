@@ -16,8 +16,6 @@ import numpy as np
 if TYPE_CHECKING:
     import evaluate
 
-from .packing import encode
-
 
 def continuation_choice_items(
     texts: Sequence[str],
@@ -41,6 +39,8 @@ def continuation_choice_items(
     Returns dicts ``{"prefix_ids": [...], "choice_ids": [[...], ...], "label": int}`` where
     ``label`` indexes the true continuation; deterministic for a given ``seed``.
     """
+    from ...testing import encode
+
     if n_choices < 2:
         raise ValueError(f"n_choices must be >= 2, got {n_choices}")
     if prefix_tokens < 1 or cont_tokens < 1:

@@ -1,10 +1,11 @@
-"""The weight schedule of a :class:`~tikmix_hf.mixture.DomainMixture`: which weights each sample index is drawn with.
+"""The weight swaps of a :class:`~tikmix_hf.mixture.DomainMixture`: which weights each sample index is drawn with.
 
-The schedule is a list of ``(first sample index, weight vector)`` entries, oldest first; sample ``k`` is
-drawn under the last entry whose start is ``<= k``. It lives in shared-memory tensors, so DataLoader
+The swaps are a list of ``(first sample index, weight vector)`` entries, oldest first; sample ``k`` is
+drawn under the last entry whose start is ``<= k``. They live in shared-memory tensors, so DataLoader
 workers (persistent ones too) see an entry published in the main process after they started, and
-every publish bumps :attr:`WeightSchedule.version`, which tells a running stream to redraw under the
-new entry.
+every publish bumps :attr:`WeightSwaps.version`, which tells a running stream to redraw under the
+new entry. (A *schedule*, in this package, is the replayable weights-over-training of
+:mod:`tikmix_hf.schedule`; the swaps are where a mixture's weights changed, by sample index.)
 
 It also turns what users write (``"natural"``, ``"uniform"``, a mapping domain -> weight) into
 validated, normalised weight vectors.
@@ -21,12 +22,12 @@ import numpy as np
 import torch
 
 
-class WeightSchedule:
+class WeightSwaps:
     """The weight vectors of a mixture over ``domains`` and the sample index from which each applies.
 
     Args:
         domains: the domain names, in the order of the weight vectors.
-        max_stages: capacity of the schedule (one entry per ``set_weights``).
+        max_stages: how many entries there is room for (one per ``set_weights``).
     """
 
     def __init__(self, domains: Sequence[str], max_stages: int):
@@ -41,7 +42,7 @@ class WeightSchedule:
 
     @property
     def capacity(self) -> int:
-        """How many entries the schedule can hold (``max_stages``)."""
+        """How many entries there is room for (``max_stages``)."""
         return self._start.numel()
 
     # ------------------------------------------------------------------ weights from what users write
@@ -117,7 +118,7 @@ class WeightSchedule:
             n -= 1  # replace an entry that has not taken effect yet
         if n >= self.capacity:
             raise RuntimeError(
-                f"the weight schedule is full ({self.capacity} entries); "
+                f"no room for another weight swap ({self.capacity} entries); "
                 "create the DomainMixture with a larger max_stages"
             )
         self._start[n] = start
@@ -126,23 +127,23 @@ class WeightSchedule:
         self.version += 1
 
     def replace(self, starts: np.ndarray, rows: np.ndarray) -> None:
-        """Make the schedule exactly ``starts`` / ``rows`` (from :meth:`check_saved`)."""
+        """Make the swaps exactly ``starts`` / ``rows`` (from :meth:`check_saved`)."""
         self._len[0] = 0
         for s, row in zip(starts, rows):
             self.publish(int(s), row)
 
     def check_saved(self, entries: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """The starts and weight rows of a saved schedule whose rows have the right shape, refused with
-        a ``ValueError`` unless every row is on the simplex, the starts begin at 0 and strictly increase,
-        and the schedule fits."""
+        """The starts and weight rows of saved swaps whose rows have the right shape, refused with a
+        ``ValueError`` unless every row is on the simplex, the starts begin at 0 and strictly increase,
+        and they fit."""
         if any(not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-6 for _, r in entries):
-            raise ValueError("corrupt DomainMixture state: a scheduled weight vector is not on the simplex")
+            raise ValueError("corrupt DomainMixture state: a swapped-in weight vector is not on the simplex")
         starts_list = [s for s, _ in entries]
         if starts_list[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts_list)):
-            raise ValueError("corrupt DomainMixture state: schedule starts must begin at 0 and strictly increase")
+            raise ValueError("corrupt DomainMixture state: swap starts must begin at 0 and strictly increase")
         if len(entries) > self.capacity:
             raise ValueError(
-                f"the state has {len(entries)} schedule entries; create the mixture with max_stages >= that"
+                f"the state has {len(entries)} weight swaps; create the mixture with max_stages >= that"
             )
         starts = np.array([s for s, _ in entries], dtype=np.int64)
         rows = np.stack([r for _, r in entries])  # bit-exact: no renormalisation
