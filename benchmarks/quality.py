@@ -177,7 +177,44 @@ def run_job(job: dict) -> dict:
     row["corpus"] = job["corpus"]
     row["max_steps"] = size.max_steps
     row["measurement_share"] = measurement_share(row)
+    if row.get("history"):
+        from tikmix_hf import load_history
+
+        row["reach"] = reach(load_history(base / row["history"]), size.max_steps * size.batch_size)
     return row
+
+
+def cumulative_mixture(history: dict, position: int) -> dict[str, float]:
+    """The mixture training actually drew over samples ``[0, position)``: each weight swap's weights, by the
+    samples it was in effect for."""
+    swaps = [(0, history["initial_weights"])]
+    swaps += [(int(s["effective_index"]), s["weights_after"]) for s in history["stages"]]
+    total = dict.fromkeys(history["domains"], 0.0)
+    for (start, weights), (end, _) in zip(swaps, [*swaps[1:], (position, None)]):
+        span = max(min(end, position) - start, 0)
+        for d in total:
+            total[d] += span * weights[d]
+    return {d: v / position for d, v in total.items()}
+
+
+def reach(history: dict, samples: int) -> dict:
+    """How early the run trained on its final mixture: KL(cumulative mixture at 25% and 50% || final mixture)."""
+    final = cumulative_mixture(history, samples) if not history["stages"] else history["stages"][-1]["weights_after"]
+    out = {}
+    for f in (0.25, 0.5):
+        cum = cumulative_mixture(history, round(f * samples))
+        out[f"kl_cumulative_{round(100 * f)}_final"] = sum(
+            p * math.log(p / max(final[d], 1e-12)) for d, p in cum.items() if p > 0)
+    return out
+
+
+def pairwise_kl(weights: list[dict]) -> float:
+    """Mean KL(w_s || w_t) over ordered pairs of seeds' final weights: how far runs of other seeds end apart."""
+    pairs = [(a, b) for i, a in enumerate(weights) for j, b in enumerate(weights) if i != j]
+    if not pairs:
+        return float("nan")
+    return float(np.mean([sum(p * math.log(p / max(b[d], 1e-12)) for d, p in a.items() if p > 0)
+                          for a, b in pairs]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +367,10 @@ def summarise(rows: list[dict]) -> dict:
                 "measurement_share": _mean_std([r["measurement_share"] for r in rs]),
                 "final_weights": {d: float(np.mean([r["final_weights"][d] for r in rs]))
                                   for d in rs[0]["final_weights"]},
+                "seed_kl": pairwise_kl([r["final_weights"] for r in rs]),
             }
+            if all("reach" in r for r in rs):
+                e["reach"] = {k: _mean_std([r["reach"][k] for r in rs]) for k in rs[0]["reach"]}
             for ref in ("uniform", "natural", "targets", "aligned", "hindsight_d"):
                 if all((s, ref) in by for s in seeds) and arm != ref:
                     d = [by[(s, arm)]["final"]["average"] - by[(s, ref)]["final"]["average"]
@@ -392,6 +432,7 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
             body.append(row)
         parts.append(f"### {corpus} corpus\n\n" + table(header, body))
         parts.append(paired_table(entry))
+        parts.append(reach_table(entry))
         if corpus in plots:
             parts.append(f"![quality on the {corpus} corpus]({plots[corpus]})")
         parts.append(verdicts(corpus, entry))
@@ -418,6 +459,21 @@ def paired_table(entry: dict) -> str:
     note = (f"Paired gain in average held-out loss, mean [95% t interval] (per seed), over {len(entry['seeds'])} "
             f"seeds; positive means the arm is better. Uniform's own seed-to-seed sd: {spread:.3f} in loss.")
     return note + "\n\n" + table(["arm", *(f"vs {LABELS[r]}" for r in refs)], body)
+
+
+def reach_table(entry: dict) -> str:
+    """How early each mixing arm trained on its final mixture, and how far apart its seeds ended."""
+    body = []
+    for arm, e in entry["arms"].items():
+        if "reach" not in e:
+            continue
+        r = e["reach"]
+        body.append([e["label"], _pm(r["kl_cumulative_25_final"]), _pm(r["kl_cumulative_50_final"]),
+                     f"{e['seed_kl']:.3f}"])
+    note = ("Reach: KL(the mixture training drew over the first 25% and 50% of its samples ‖ the run's final "
+            "mixture), in nats, mean ± sd over seeds; 0 means the run trained on its final mixture from the start. "
+            "Stability: the mean KL between two seeds' final mixtures.")
+    return note + "\n\n" + table(["arm", "reach at 25%", "reach at 50%", "seeds' final mixtures apart"], body)
 
 
 def verdicts(corpus: str, entry: dict) -> str:
