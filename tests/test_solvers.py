@@ -20,7 +20,7 @@ from tikmix_hf.solvers import (
     solve_direct,
     solve_surrogate,
 )
-from tikmix_hf.solvers._common import project_bounded_simplex
+from tikmix_hf.validation import project_bounded_simplex
 
 PROPERTY = settings(
     max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

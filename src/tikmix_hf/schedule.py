@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from ._io import FileReadError, read_structured, save_text_atomic, yaml_module
 from .history import HISTORY_FORMAT
+from .validation import check_weights
 
 __all__ = ["KINDS", "Phase", "Schedule", "export_schedule", "load_schedule", "parse_domain_map",
            "schedule_from_history", "schedule_from_list"]
@@ -181,24 +181,6 @@ def _position(at: Any, where: str) -> tuple[str, float | int]:
     return kind, int(number)
 
 
-def _weights(weights: Any, where: str) -> dict[str, float]:
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(
-            f"{where}: weights = {weights!r}; give a mapping domain -> weight, e.g. {{code: 0.3, web: 0.7}}"
-        )
-    out = {}
-    for name, w in weights.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: domain names must be non-empty strings, got {name!r}")
-        value = _number(w, f"{where}: weights[{name!r}]")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{where}: weights[{name!r}] = {w!r}; weights must be finite and >= 0")
-        out[name] = value
-    if sum(out.values()) <= 0:
-        raise ValueError(f"{where}: every weight is zero; at least one domain needs a positive weight")
-    return out
-
-
 def schedule_from_list(entries: Any, source: str) -> Schedule:
     """Check a list of ``{at, weights}`` entries (from a file or from code) and build the :class:`Schedule`."""
     if not isinstance(entries, list) or not entries:
@@ -211,7 +193,7 @@ def schedule_from_list(entries: Any, source: str) -> Schedule:
         if not isinstance(entry, Mapping) or set(entry) != {"at", "weights"}:
             raise ValueError(f"{where} is {entry!r}; each entry has exactly the keys at and weights")
         kind, at = _position(entry["at"], where)
-        phases.append(Phase(kind, at, _weights(entry["weights"], where)))
+        phases.append(Phase(kind, at, check_weights(entry["weights"], f"{where}: weights")))
     schedule = Schedule(tuple(phases), source)
     if "tokens" in schedule.kinds and len(schedule.kinds) > 1:
         raise ValueError(

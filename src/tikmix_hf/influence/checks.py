@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._loss import IGNORE_INDEX, labelled_targets
-from ..simplex import off_simplex
+from ..validation import off_simplex
 
 Batches = Mapping[str, "Sequence[Mapping[str, torch.Tensor]]"]
 ParamFilter = Callable[[str, torch.nn.Parameter], bool] | Sequence[str] | None

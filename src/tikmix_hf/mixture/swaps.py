@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..validation import off_simplex
+
 
 class WeightSwaps:
     """The weight vectors of a mixture over ``domains`` and the sample index from which each applies.
@@ -136,7 +138,8 @@ class WeightSwaps:
         """The starts and weight rows of saved swaps whose rows have the right shape, refused with a
         ``ValueError`` unless every row is on the simplex, the starts begin at 0 and strictly increase,
         and they fit."""
-        if any(not np.all(np.isfinite(r)) or np.any(r < 0) or abs(r.sum() - 1) > 1e-6 for _, r in entries):
+        # Saved rows were on the simplex when they were swapped in, so no entry may be negative at all.
+        if any(off_simplex(r)[0] or np.any(r < 0) for _, r in entries):
             raise ValueError("corrupt DomainMixture state: a swapped-in weight vector is not on the simplex")
         starts_list = [s for s, _ in entries]
         if starts_list[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts_list)):

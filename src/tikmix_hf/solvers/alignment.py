@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..simplex import check_vector
+from ..validation import check_vector
 
 __all__ = ["AlignmentResult", "aligned_mixture", "em_mixture_weights", "task_matches"]
 

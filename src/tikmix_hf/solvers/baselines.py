@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..simplex import check_vector, normalise
+from ..validation import check_positive, check_unit, check_vector, normalise
 
 DOGE_NORM_EPS = 1e-6
 """Added to the mean domain-gradient norm before dividing by it (DoGE's code uses 1e-6)."""
@@ -27,20 +27,7 @@ DOGE_CLIP = (0.0, 5.0)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks
-
-
-def _positive(value: float, name: str) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a finite number > 0")
-    return float(value)
-
-
-def _unit(value: float, name: str, *, closed_right: bool) -> float:
-    ok = isinstance(value, (int, float)) and (0 <= value <= 1 if closed_right else 0 <= value < 1)
-    if not ok:
-        raise ValueError(f"{name}={value!r} must lie in [0, 1{']' if closed_right else ')'}")
-    return float(value)
+# Helpers
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,7 +55,7 @@ def temperature_weights(sizes, temperature: float) -> np.ndarray:
     ``T -> inf`` the uniform one, ``T < 1`` sharpens toward the largest domain. ``sizes`` may be
     sizes or natural weights: the normalisation makes the answer the same.
     """
-    T = _positive(temperature, "temperature")
+    T = check_positive(temperature, "temperature")
     n = normalise(sizes, "sizes")
     return normalise(n ** (1.0 / T), "sizes ** (1/temperature)")
 
@@ -88,7 +75,7 @@ def odm_exploration_rate(t: int, num_domains: int, initial: float | None = None)
         raise ValueError(f"num_domains={num_domains!r} must be a positive integer")
     if not isinstance(t, (int, np.integer)) or t < 1:
         raise ValueError(f"t={t!r} must be a positive integer (the bandit's clock, 1 for the first update)")
-    cap = 1.0 / num_domains if initial is None else _positive(initial, "initial")
+    cap = 1.0 / num_domains if initial is None else check_positive(initial, "initial")
     if cap > 1.0 / num_domains + 1e-15:
         raise ValueError(
             f"initial={initial!r} exceeds 1/K = {1.0 / num_domains:.6g}: the policy's 1 - K eps would be negative"
@@ -129,7 +116,7 @@ def odm_update_rewards(reward_estimates, rewards, alpha: float, policy=None) -> 
     """
     R_hat = check_vector(reward_estimates, "reward_estimates")
     R = check_vector(rewards, "rewards", size=R_hat.size)
-    a = _unit(alpha, "alpha", closed_right=False)
+    a = check_unit(alpha, "alpha", closed_right=False)
     if policy is not None:
         pi = check_vector(policy, "policy", size=R_hat.size, nonnegative=True)
         seen = R != 0
@@ -157,8 +144,8 @@ def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-
     """
     w = normalise(weights)
     lam = check_vector(excess_loss, "excess_loss", size=w.size, nonnegative=True)
-    eta = _positive(eta, "eta")
-    c = _unit(smoothing, "smoothing", closed_right=True)
+    eta = check_positive(eta, "eta")
+    c = check_unit(smoothing, "smoothing", closed_right=True)
     new = _softmax(_log(w) + eta * lam)
     return (1.0 - c) * new + c / w.size
 
@@ -218,8 +205,8 @@ def doge_update(
     w = normalise(weights)
     W = check_vector(alignment, "alignment", size=w.size)
     norms = check_vector(grad_norms, "grad_norms", size=w.size, nonnegative=True)
-    eta = _positive(eta, "eta")
-    c = _unit(smoothing, "smoothing", closed_right=True)
+    eta = check_positive(eta, "eta")
+    c = check_unit(smoothing, "smoothing", closed_right=True)
     scores = W / (norms.mean() + DOGE_NORM_EPS)
     if clip is not None:
         low, high = clip

@@ -1,4 +1,5 @@
-"""TiKMiX-D: the mixture that directly optimises the normalised influence (paper Eqs. 9-11)."""
+"""TiKMiX-D with the paper's objective (Eqs. 9-11, ``--tikmix_objective paper``): the mixture that directly
+optimises the normalised influence. The default objective is the trust region's (:mod:`.trust_region`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from ._common import Problem, SolverResult, build_problem, one_blas_thread, project_bounded_simplex
+from ..validation import project_bounded_simplex
+from .problem import Problem, build_problem
+from .result import SolverResult
+from .threads import one_blas_thread
 
 OBJECTIVE_RTOL = 1e-9
 """An answer whose objective exceeds the reference's by more than this (relative) is refused."""
@@ -36,7 +40,10 @@ def solve_direct(
     tol: float = 1e-10,
     maxiter: int = 200,
 ) -> SolverResult:
-    r"""TiKMiX-D (paper Eqs. 9-11): the mixture that best trades off the tasks' normalised gains.
+    r"""TiKMiX-D with the paper's Eq. 10 objective (``--tikmix_objective paper``), not the default one.
+
+    The default, ``--tikmix_objective trust_region``, is :func:`solve_trust_region`. This solver finds
+    the mixture that best trades off the tasks' normalised gains (paper Eqs. 9-11).
 
     With ``P_hat = A w``, ``A_ij = S_ij / (max_j |S_ij| + 1e-8)`` (Eq. 9), it solves
 

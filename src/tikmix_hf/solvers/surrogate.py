@@ -10,16 +10,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from scipy.stats import qmc, spearmanr
 
-from ._common import (
-    BOUND_TOL,
-    PARETO_TOL,
-    SolverResult,
-    build_problem,
-    check_mixture,
-    format_value,
-    project_bounded_simplex,
-)
+from ..validation import Range, check_mixture, check_number, format_value, project_bounded_simplex
 from .direct import solve_direct
+from .problem import BOUND_TOL, PARETO_TOL, build_problem
+from .result import SolverResult
 
 MIN_CANDIDATES = 10
 """Fewer kept candidates than this and no surrogate is fitted (the TiKMiX-D answer is kept)."""
@@ -163,7 +157,7 @@ def solve_surrogate(
         w_d, d_status, d_message = d.weights, d.status, d.message
     else:
         w_d = direct.weights if isinstance(direct, SolverResult) else direct
-        w_d = check_mixture(w_d, m, "direct", None)
+        w_d = check_mixture(w_d, "direct", m)
         violation = problem.violation(w_d)
         if violation is not None:
             raise ValueError(
@@ -256,9 +250,7 @@ def solve_surrogate(
 
 
 def _check_int(value, arg: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{arg} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
+    return int(check_number(value, arg, Range(low=minimum, integer=True)))
 
 
 def _check_pair(value, arg: str) -> tuple[float, float]:

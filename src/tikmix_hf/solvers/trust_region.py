@@ -40,7 +40,10 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from ._common import SolverResult, build_problem, one_blas_thread, project_bounded_simplex
+from ..validation import check_positive, project_bounded_simplex
+from .problem import build_problem
+from .result import SolverResult
+from .threads import one_blas_thread
 
 #: Weight of the uniform mixture blended into the KL reference, so no domain is locked at zero.
 REFERENCE_BLEND = 1e-3
@@ -106,7 +109,7 @@ def solve_trust_region(
     started = time.perf_counter()
     problem = build_problem(S, prior, alpha=alpha, beta=1.0, gamma=0.0, pareto=pareto, floor=floor,
                             max_change=max_change, upper=upper, domains=domains, tasks=tasks)
-    radius, step = _positive(radius, "radius"), _positive(step, "step")
+    radius, step = check_positive(radius, "radius"), check_positive(step, "step")
     S = problem.S
     reference = problem.reference
     # Where the previous mixture breaks a guard (a repetition cap that tightened, a new floor), the move onto
@@ -217,12 +220,3 @@ def solve_trust_region(
                       "point better than the prior; that point is used.", {"attempt": attempt})
     return finish(weights, "converged", f"SLSQP converged in {attempt['nit']} iterations.", {"attempt": attempt})
 
-
-def _positive(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number; got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return value
