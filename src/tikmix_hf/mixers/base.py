@@ -5,8 +5,11 @@ and optimizer) and returns a :class:`Decision` (the next weights and what happen
 nothing about the Trainer, so a custom training loop can drive one too. Mixers with memory across
 stages keep it in :meth:`Mixer.state_dict` (JSON), which the callback stores in every checkpoint.
 
-Every mixer registers its name with :func:`register`; ``--tikmix_solver`` accepts exactly the
-registered names, and :func:`build_mixer` builds the one a config names.
+Every mixer registers its name with :func:`register`, and with it the option group it reads its own
+knobs from (a dataclass of ``tikmix_*`` fields, :mod:`tikmix_hf.options`); ``--tikmix_solver``
+accepts exactly the registered names, and :func:`build_mixer` builds the one a config names, with
+its options. What every measuring mixer shares (the probes, the preconditioner, the seed) is the
+callback's and reaches the mixer in :attr:`StageInputs.config`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from ..options import OptionGroup
 
 __all__ = ["MIXERS", "Decision", "Mixer", "StageInputs", "StagePlan", "build_mixer", "register"]
 
@@ -31,7 +36,9 @@ class StageInputs:
     optimizer: Any
     domain_batches: dict[str, list]  # probe batches per domain (this stage's draw)
     validation_batches: dict[str, list]
-    config: Any  # a TiKMiXConfig (read by attribute; mixers import no config)
+    # A TiKMiXConfig, read by attribute (mixers import no config): the measurement options every measuring
+    # mixer shares; a mixer's own knobs are in its options (Mixer.options), read from this config by default.
+    config: Any
     show_progress: bool = False
     learning_rate: float | None = None
     # The adaptive budget's draw beyond ``domain_batches`` (tikmix_probe_max_sequences): per domain a
@@ -81,12 +88,37 @@ class Decision:
 
 
 class Mixer:
-    """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods."""
+    """Base class: subclasses implement :meth:`decide`; stateful ones also the two state methods.
+
+    A mixer with an option group (``register(name, options=Group)``) reads its own knobs from
+    :attr:`options`: the group instance it was built with (``Mixer(options=Group(...))``, or
+    :func:`build_mixer`), or else, for a mixer built without one, the group read from the config it
+    is handed (:meth:`configure`, which a mixer calls first wherever it is handed a config).
+    """
 
     name = "mixer"
     #: False for mixers that decide without the model or data: the callback draws no probe or
     #: validation batches for them at a stage boundary.
     measures = True
+    #: The option group this mixer reads its own knobs from (set by :func:`register`); ``None``: it has none.
+    options_group: type | None = None
+    #: The options in effect (an ``options_group`` instance); ``None`` until given or configured.
+    options: Any = None
+    _options_given = False
+
+    def __init__(self, options: Any = None):
+        if options is not None:
+            group = type(self).options_group
+            if group is None or not isinstance(options, group):
+                wanted = "no options" if group is None else f"a {group.__name__}"
+                raise ValueError(f"options={options!r}: the {type(self).__name__} mixer takes {wanted}")
+            self.options, self._options_given = options, True
+
+    def configure(self, config) -> Any:
+        """The options this mixer decides with: those it was built with, else its group read from ``config``."""
+        if not self._options_given and self.options_group is not None:
+            self.options = self.options_group.from_config(config)
+        return self.options
 
     def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
@@ -112,8 +144,29 @@ class Mixer:
 MIXERS: dict[str, type[Mixer]] = {}
 
 
-def register(name: str):
-    """Class decorator: make a :class:`Mixer` subclass available as ``--tikmix_solver <name>``."""
+def register(name: str, options: type | None = None):
+    """Class decorator: make a :class:`Mixer` subclass available as ``--tikmix_solver <name>``.
+
+    ``options``: the option group (an :class:`~tikmix_hf.options.OptionGroup` dataclass of ``tikmix_*``
+    fields with their defaults, help and checks) the mixer reads its own knobs from; without it the
+    mixer keeps the group it inherits, if any. :func:`build_mixer` passes an instance as ``options=``
+    to its constructor. A config that lacks the group's fields gets their defaults; to make them flags
+    too, add the group to a subclass of the config (``class MyConfig(TiKMiXConfig, MyOptions)``).
+
+    Example::
+
+        @dataclass
+        class BanditOptions(OptionGroup):
+            tikmix_bandit_eta: Annotated[float, number(above=0)] = option(0.5, "bandit: step size.")
+
+        @register("bandit", options=BanditOptions)
+        class BanditMixer(Mixer):
+            def decide(self, inputs):
+                eta = self.configure(inputs.config).tikmix_bandit_eta
+                ...
+    """
+    if options is not None and not (isinstance(options, type) and issubclass(options, OptionGroup)):
+        raise TypeError(f"register({name!r}, options=...) takes an OptionGroup subclass, got {options!r}")
 
     def add(cls: type[Mixer]) -> type[Mixer]:
         if not (isinstance(cls, type) and issubclass(cls, Mixer)):
@@ -123,15 +176,21 @@ def register(name: str):
                 f"a mixer named {name!r} is already registered ({MIXERS[name].__name__}); pick another name"
             )
         cls.name = name
+        if options is not None:
+            cls.options_group = options
         MIXERS[name] = cls
         return cls
 
     return add
 
 
-def build_mixer(config) -> Mixer:
-    """The mixer named by ``config.tikmix_solver``."""
+def build_mixer(config, options: Any = None) -> Mixer:
+    """The mixer named by ``config.tikmix_solver``, with its own option group: ``options`` if given, else the
+    group read from ``config``'s fields."""
     try:
-        return MIXERS[config.tikmix_solver]()
+        cls = MIXERS[config.tikmix_solver]
     except KeyError:
         raise ValueError(f"tikmix_solver={config.tikmix_solver!r}: use one of {list(MIXERS)}") from None
+    if cls.options_group is None:
+        return cls(options=options) if options is not None else cls()
+    return cls(options=cls.options_group.from_config(config) if options is None else options)

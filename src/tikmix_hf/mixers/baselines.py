@@ -21,12 +21,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from .._distributed import unwrap
 from ..influence import group_influence
+from ..options import OptionGroup, number, option, text
 from ..solvers.baselines import (
     doge_update,
     doremi_update,
@@ -39,7 +42,10 @@ from ..solvers.baselines import (
 from .base import Decision, Mixer, StageInputs, register
 from .probe_losses import probe_losses
 
-__all__ = ["DoGEMixer", "DoReMiMixer", "ODMMixer", "StaticMixer"]
+__all__ = [
+    "DoGEMixer", "DoGEOptions", "DoReMiMixer", "DoReMiOptions", "ODMMixer", "ODMOptions", "StaticMixer",
+    "StaticOptions",
+]
 
 
 def _named(domains: list[str], values) -> dict[str, float]:
@@ -64,7 +70,18 @@ def _check_domains(owner: Mixer, vector: list | None, domains: list[str], what: 
 # Static
 
 
-@register("static")
+@dataclass
+class StaticOptions(OptionGroup):
+    """The static mixture's temperature."""
+
+    tikmix_temperature: Annotated[float, number(above=0)] = option(
+        1.0,
+        "static: w proportional to w0^(1/T), w0 the weights in effect at the first stage boundary "
+        "(with tikmix_initial_weights=natural: size^(1/T)); 1 keeps them.",
+    )
+
+
+@register("static", options=StaticOptions)
 class StaticMixer(Mixer):
     r"""Fixed weights: the static arms of a comparison.
 
@@ -77,11 +94,12 @@ class StaticMixer(Mixer):
     step 1, or pass ``temperature_weights(sizes, T)`` as ``tikmix_initial_weights``.
     """
 
-    def __init__(self):
+    def __init__(self, options: StaticOptions | None = None):
+        super().__init__(options)
         self.weights: list[float] | None = None
 
     def decide(self, inputs: StageInputs) -> Decision:
-        T = inputs.config.tikmix_temperature
+        T = self.configure(inputs.config).tikmix_temperature
         _check_domains(self, self.weights, inputs.domains, "weights")
         first = self.weights is None
         if first:
@@ -103,7 +121,22 @@ class StaticMixer(Mixer):
 # ODM
 
 
-@register("odm")
+@dataclass
+class ODMOptions(OptionGroup):
+    """ODM's reward smoothing and initial exploration rate."""
+
+    tikmix_odm_alpha: Annotated[
+        float, number(at_least=0, below=1, fix="must lie in [0, 1) (1 would never update the reward)")
+    ] = option(0.9, "odm: smoothing of the mean reward, R <- alpha R + (1 - alpha) loss; in [0, 1).")
+    tikmix_odm_exploration: Annotated[
+        float | None,
+        number(above=0, at_most=1, optional=True, fix="must lie in (0, 1/number of domains] (or unset for 1/K)"),
+    ] = option(
+        None, "odm: initial exploration rate eps_0 (at most 1/K); eps_t = min(eps_0, sqrt(ln K / (K t))). Default 1/K."
+    )
+
+
+@register("odm", options=ODMOptions)
 class ODMMixer(Mixer):
     r"""Online Data Mixing (Albalak et al. 2023): an EXP3 bandit whose reward is the domain's loss.
 
@@ -125,16 +158,17 @@ class ODMMixer(Mixer):
     validation tasks are not used. State: the reward estimates ``R``, ``eps_{t-1}`` and the update count.
     """
 
-    def __init__(self):
+    def __init__(self, options: ODMOptions | None = None):
+        super().__init__(options)
         self.rewards: list[float] | None = None
         self.eps_prev: float | None = None
         self.updates = 0
 
     def decide(self, inputs: StageInputs) -> Decision:
-        cfg = inputs.config
+        options = self.configure(inputs.config)
         K = len(inputs.domains)
         _check_domains(self, self.rewards, inputs.domains, "reward estimates")
-        initial = cfg.tikmix_odm_exploration
+        initial = options.tikmix_odm_exploration
         if initial is not None and initial > 1.0 / K:
             raise ValueError(f"tikmix_odm_exploration={initial!r} exceeds 1/K = {1.0 / K:.6g} for K={K} domains")
         started = time.perf_counter()
@@ -147,7 +181,7 @@ class ODMMixer(Mixer):
         rewards = np.zeros(K) if self.rewards is None else np.array(self.rewards)
         eps_prev = (1.0 / K if initial is None else initial) if self.eps_prev is None else self.eps_prev
         eps = odm_exploration_rate(max(int(inputs.step), 1), K, initial=initial)
-        rewards = odm_update_rewards(rewards, measured.losses, cfg.tikmix_odm_alpha)
+        rewards = odm_update_rewards(rewards, measured.losses, options.tikmix_odm_alpha)
         policy = odm_policy(rewards, eps, eps_prev)
         self.rewards, self.eps_prev, self.updates = rewards.tolist(), float(eps), self.updates + 1
         extra = {
@@ -189,7 +223,25 @@ class _AveragingMixer(Mixer):
         self.updates = int(state.get("updates", 0))
 
 
-@register("doremi")
+@dataclass
+class DoReMiOptions(OptionGroup):
+    """DoReMi's step size, uniform smoothing and reference model."""
+
+    tikmix_doremi_eta: Annotated[float, number(above=0)] = option(
+        1.0, "doremi: step size of the exponentiated-gradient update on the excess loss."
+    )
+    tikmix_doremi_smoothing: Annotated[float, number(at_least=0, at_most=1, fix="must lie in [0, 1]")] = option(
+        1e-3, "doremi: weight c of the uniform distribution mixed into each update; in [0, 1]."
+    )
+    # Whether the folder exists is checked when DoReMi loads it, so that a saved config can be rebuilt anywhere.
+    tikmix_reference_model: Annotated[
+        str | None,
+        text(optional=True, fix="must be the path of a local folder written by save_pretrained; or leave it unset "
+                                "and give the model object to DoReMiMixer(reference_model=...)"),
+    ] = option(None, "doremi: local folder of the reference model (AutoModelForCausalLM.from_pretrained).")
+
+
+@register("doremi", options=DoReMiOptions)
 class DoReMiMixer(_AveragingMixer):
     r"""DoReMi (Xie et al. 2023): Group DRO on the excess loss over a reference model.
 
@@ -216,7 +268,8 @@ class DoReMiMixer(_AveragingMixer):
             without arguments; to give a model object, set ``callback.mixer = DoReMiMixer(reference_model=ref)``.
     """
 
-    def __init__(self, reference_model: torch.nn.Module | None = None):
+    def __init__(self, reference_model: torch.nn.Module | None = None, options: DoReMiOptions | None = None):
+        super().__init__(options)
         if reference_model is not None and not isinstance(reference_model, torch.nn.Module):
             raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
         self.reference_model = reference_model
@@ -224,9 +277,9 @@ class DoReMiMixer(_AveragingMixer):
         self.updates = 0
 
     def check_ready(self, config) -> None:
+        path = self.configure(config).tikmix_reference_model
         if self.reference_model is not None:
             return
-        path = config.tikmix_reference_model
         if path is None:
             raise ValueError(
                 "tikmix_solver='doremi' needs a reference model: set tikmix_reference_model to a local folder "
@@ -242,7 +295,7 @@ class DoReMiMixer(_AveragingMixer):
         device = next(unwrap(inputs.model).parameters()).device
         if self.reference_model is None:
             self.check_ready(inputs.config)
-            path = inputs.config.tikmix_reference_model
+            path = self.options.tikmix_reference_model
             from transformers import AutoModelForCausalLM
 
             try:
@@ -255,7 +308,7 @@ class DoReMiMixer(_AveragingMixer):
         return ref
 
     def decide(self, inputs: StageInputs) -> Decision:
-        cfg = inputs.config
+        options = self.configure(inputs.config)
         _check_domains(self, self.average, inputs.domains, "average weights")
         reference = self._reference(inputs)
         started = time.perf_counter()
@@ -265,7 +318,8 @@ class DoReMiMixer(_AveragingMixer):
             return Decision(inputs.prior, "skipped", f"losses not measured, weights kept: {err}",
                             seconds_measure=time.perf_counter() - started)
         solve_started = time.perf_counter()
-        weights = doremi_update(inputs.prior, measured.excess, cfg.tikmix_doremi_eta, cfg.tikmix_doremi_smoothing)
+        weights = doremi_update(inputs.prior, measured.excess, options.tikmix_doremi_eta,
+                                options.tikmix_doremi_smoothing)
         average = running_average(self.average, self.updates, weights)
         self.average, self.updates = average.tolist(), self.updates + 1
         extra = {
@@ -284,7 +338,16 @@ class DoReMiMixer(_AveragingMixer):
 # DoGE
 
 
-@register("doge")
+@dataclass
+class DoGEOptions(OptionGroup):
+    """DoGE's step size."""
+
+    tikmix_doge_eta: Annotated[float, number(above=0)] = option(
+        1.0, "doge: step size of the mirror-descent update on the normalised alignment scores."
+    )
+
+
+@register("doge", options=DoGEOptions)
 class DoGEMixer(_AveragingMixer):
     r"""DoGE (Fan et al. 2023): up-weight the domains whose gradient aligns with the target's.
 
@@ -303,18 +366,19 @@ class DoGEMixer(_AveragingMixer):
     The influence matrix is logged like TiKMiX's (``tikmix/influence/...``).
     """
 
-    def __init__(self):
+    def __init__(self, options: DoGEOptions | None = None):
+        super().__init__(options)
         self.average: list[float] | None = None
         self.updates = 0
 
     def decide(self, inputs: StageInputs) -> Decision:
-        cfg = inputs.config
+        options = self.configure(inputs.config)
         _check_domains(self, self.average, inputs.domains, "average weights")
         started = time.perf_counter()
         try:
             result = group_influence(
                 inputs.model, inputs.domain_batches, inputs.validation_batches, preconditioner="identity",
-                seed=cfg.tikmix_seed, show_progress=inputs.show_progress, keep_domain_gradients=True,
+                seed=inputs.config.tikmix_seed, show_progress=inputs.show_progress, keep_domain_gradients=True,
             )
         except FloatingPointError as err:
             return Decision(inputs.prior, "skipped", f"influence not measured, weights kept: {err}",
@@ -326,7 +390,7 @@ class DoGEMixer(_AveragingMixer):
             result.domain_gradients = None  # free the m kept gradients
         measured = time.perf_counter()
         alignment = result.scores.sum(axis=0)
-        weights, scores = doge_update(inputs.prior, alignment, norms, cfg.tikmix_doge_eta)
+        weights, scores = doge_update(inputs.prior, alignment, norms, options.tikmix_doge_eta)
         average = running_average(self.average, self.updates, weights)
         self.average, self.updates = average.tolist(), self.updates + 1
         extra = {

@@ -18,33 +18,61 @@ Example (a custom loop, without the callback)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated
+
 import numpy as np
 
+from ..options import OptionGroup, custom, option, path
 from ..schedule import Schedule, load_schedule, parse_domain_map
 from .base import Decision, Mixer, StageInputs, StagePlan, register
 
-__all__ = ["ReplayMixer"]
+__all__ = ["ReplayMixer", "ReplayOptions"]
 
 
-@register("replay")
+def _check_domain_map(name: str, value) -> None:
+    parse_domain_map(value)  # its error names tikmix_schedule_domains
+
+
+@dataclass
+class ReplayOptions(OptionGroup):
+    """The schedule to replay and how its domain names map to this run's. Whether the file is a good schedule
+    is checked when training starts (:meth:`ReplayMixer.check_ready`), so that a saved config rebuilds anywhere."""
+
+    tikmix_schedule: Annotated[
+        str | None,
+        path(optional=True, fix="must be the path of a history.json or a schedule file (docs/schedules.md), or unset"),
+    ] = option(
+        None,
+        "replay: a history.json of an earlier run, or a YAML/JSON list of {at: <fraction | {steps: N} | "
+        "{tokens: N}>, weights: {domain: w}}; its positions are this run's stage boundaries.",
+    )
+    tikmix_schedule_domains: Annotated[str | None, custom(_check_domain_map, optional=True)] = option(
+        None, "replay: JSON mapping of the schedule's domain names to this run's, e.g. '{\"web\": \"cc\"}'."
+    )
+
+
+@register("replay", options=ReplayOptions)
 class ReplayMixer(Mixer):
     """The weights of a schedule file, at the schedule's positions (see the module docstring)."""
 
     measures = False
 
-    def __init__(self):
+    def __init__(self, options: ReplayOptions | None = None):
+        super().__init__(options)
         self.schedule: Schedule | None = None
         self.domains: list[str] = []
         self._starts: list[int] = []  # per phase: its step, or its token count for token schedules
         self._saved: list | None = None  # the schedule a checkpoint replayed, until plan() can compare
 
     def check_ready(self, config) -> None:
-        if not config.tikmix_schedule:
+        options = self.configure(config)
+        if not options.tikmix_schedule:
             raise ValueError(
                 "tikmix_solver='replay' needs tikmix_schedule: the path of a history.json or a schedule file"
             )
-        schedule = load_schedule(config.tikmix_schedule)
-        self.schedule = schedule.renamed(parse_domain_map(config.tikmix_schedule_domains))
+        schedule = load_schedule(options.tikmix_schedule)
+        self.schedule = schedule.renamed(parse_domain_map(options.tikmix_schedule_domains))
 
     def plan(self, config, max_steps: int, domains: list[str]) -> StagePlan:
         if self.schedule is None:

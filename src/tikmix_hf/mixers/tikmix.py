@@ -18,15 +18,18 @@ from ..solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
 from ..solvers.trust_region import solve_trust_region
 from ..solvers.uncertainty import PrecisionSmoother, shrink_influence
 from .base import Decision, Mixer, StageInputs, register
+from .tikmix_options import TiKMiXDOptions, TiKMiXMOptions
 
 __all__ = ["TiKMiXDirect", "TiKMiXSurrogate", "measure_influence", "solver_kwargs"]
 
 
-def solver_kwargs(inputs: StageInputs, tasks: list[str]) -> dict:
-    cfg = inputs.config
+def solver_kwargs(inputs: StageInputs, tasks: list[str], options: TiKMiXDOptions | None = None) -> dict:
+    """The keyword arguments of :func:`~tikmix_hf.solve_direct` for this stage: the objective's weights and
+    guards from ``options`` (default: read from ``inputs.config``), and the names."""
+    opts = TiKMiXDOptions.from_config(inputs.config) if options is None else options
     return dict(
-        alpha=cfg.tikmix_alpha, beta=cfg.tikmix_beta, gamma=cfg.tikmix_gamma, pareto=cfg.tikmix_pareto,
-        floor=cfg.tikmix_floor or None, max_change=cfg.tikmix_max_change, domains=list(inputs.domains),
+        alpha=opts.tikmix_alpha, beta=opts.tikmix_beta, gamma=opts.tikmix_gamma, pareto=opts.tikmix_pareto,
+        floor=opts.tikmix_floor or None, max_change=opts.tikmix_max_change, domains=list(inputs.domains),
         tasks=tasks,
     )
 
@@ -89,13 +92,14 @@ class UncertaintyAware(Mixer):
     off it returns ``result.scores`` itself, so the decisions are the paper's, bit for bit.
     """
 
-    def __init__(self):
+    def __init__(self, options: TiKMiXDOptions | None = None):
+        super().__init__(options)
         self._smoother: PrecisionSmoother | None = None
         self._radius: TrustRadius | None = None
 
-    def decision_scores(self, inputs: StageInputs, result: InfluenceResult) -> tuple[np.ndarray, dict]:
-        cfg = inputs.config
-        z, decay = float(cfg.tikmix_shrink_z), cfg.smoothing()
+    def decision_scores(self, result: InfluenceResult) -> tuple[np.ndarray, dict]:
+        opts = self.options  # configured by decide()
+        z, decay = float(opts.tikmix_shrink_z), opts.smoothing()
         adaptive = {"adaptive_budget": result.adaptive} if result.adaptive is not None else {}
         if z == 0 and decay == 0:
             return result.scores, ({"uncertainty": adaptive} if adaptive else {})
@@ -128,20 +132,20 @@ class UncertaintyAware(Mixer):
         and scaled down by the standard error of ``S``); the repetition cap ``tikmix_max_epochs``
         becomes an upper bound per domain where sizes are known.
         """
-        cfg = inputs.config
+        opts = self.options  # configured by decide()
         if self._radius is None:
-            self._radius = TrustRadius(cfg.tikmix_trust_radius, cfg.tikmix_trust_radius_min,
-                                       cfg.tikmix_trust_radius_max)
+            self._radius = TrustRadius(opts.tikmix_trust_radius, opts.tikmix_trust_radius_min,
+                                       opts.tikmix_trust_radius_max)
         losses = [result.task_losses[t] for t in result.task_names]
         radius, controller = self._radius.update(
             losses, gain_direction(result.scores, inputs.prior), matrix_rse(result.scores, result.stderr),
             accumulated=gain_direction(scores, inputs.prior),
         )
         step = (inputs.learning_rate or 1.0) * max(int(inputs.stage_steps or 1), 1)
-        upper, cap_note = repetition_cap(inputs, cfg.tikmix_max_epochs)
-        kwargs = solver_kwargs(inputs, result.task_names)
-        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=cfg.tikmix_alpha,
-                                    pareto=cfg.tikmix_pareto, floor=kwargs["floor"], upper=upper,
+        upper, cap_note = repetition_cap(inputs, opts.tikmix_max_epochs)
+        kwargs = solver_kwargs(inputs, result.task_names, opts)
+        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=opts.tikmix_alpha,
+                                    pareto=opts.tikmix_pareto, floor=kwargs["floor"], upper=upper,
                                     max_change=kwargs["max_change"], domains=kwargs["domains"],
                                     tasks=kwargs["tasks"])
         self._radius.record(solved.details["predicted_gain"], losses)
@@ -209,19 +213,21 @@ def repetition_cap(inputs: StageInputs, max_epochs: float | None) -> tuple[np.nd
     return caps, f"applied: at most {max_epochs:g} epochs of any domain over the remaining training"
 
 
-@register("direct")
+@register("direct", options=TiKMiXDOptions)
 class TiKMiXDirect(UncertaintyAware):
-    """TiKMiX-D: Group Influence (Eq. 8), then SLSQP with the Pareto constraint (Eqs. 9-11)."""
+    """TiKMiX-D: Group Influence (Eq. 8), then the trust-region solver, or SLSQP on the paper's objective with
+    the Pareto constraint (Eqs. 9-11)."""
 
     def decide(self, inputs: StageInputs) -> Decision:
+        options = self.configure(inputs.config)
         started = time.perf_counter()
         result, reason = measure_influence(inputs)
         measured = time.perf_counter()
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
-        scores, extra = self.decision_scores(inputs, result)
-        if inputs.config.tikmix_objective == "paper":
-            solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names))
+        scores, extra = self.decision_scores(result)
+        if options.tikmix_objective == "paper":
+            solved = solve_direct(scores, inputs.prior, **solver_kwargs(inputs, result.task_names, options))
         else:
             solved, more, _ = self.trust_region_answer(inputs, result, scores)
             extra = {**extra, **more}
@@ -230,27 +236,27 @@ class TiKMiXDirect(UncertaintyAware):
                         extra=extra, metrics=trust_region_metrics(extra))
 
 
-@register("surrogate")
+@register("surrogate", options=TiKMiXMOptions)
 class TiKMiXSurrogate(UncertaintyAware):
     """TiKMiX-M: a LightGBM surrogate of the look-ahead validation gain around the TiKMiX-D answer."""
 
     #: the look-ahead steps :meth:`calibrate_step` may try: ``learning_rate * 4**k`` for k in this range
     STEP_EXPONENTS = range(-6, 9)
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, options: TiKMiXMOptions | None = None):
+        super().__init__(options)
         self._step_exponent: int | None = None  # where the last calibration peaked; the next one starts there
 
     def decide(self, inputs: StageInputs) -> Decision:
-        cfg = inputs.config
+        options = self.configure(inputs.config)
         started = time.perf_counter()
         result, reason = measure_influence(inputs, keep_domain_gradients=True)
         measured = time.perf_counter()
         if result is None:
             return Decision(inputs.prior, "skipped", reason, seconds_measure=measured - started)
-        kwargs = solver_kwargs(inputs, result.task_names)
-        scores, uncertainty = self.decision_scores(inputs, result)
-        if cfg.tikmix_objective == "paper":
+        kwargs = solver_kwargs(inputs, result.task_names, options)
+        scores, uncertainty = self.decision_scores(result)
+        if options.tikmix_objective == "paper":
             direct = solve_direct(scores, inputs.prior, **kwargs)  # the surrogate's anchor
         else:
             # The surrogate searches within the repetition cap the anchor was solved under, so its answer
@@ -258,8 +264,8 @@ class TiKMiXSurrogate(UncertaintyAware):
             direct, more, kwargs["upper"] = self.trust_region_answer(inputs, result, scores)
             uncertainty = {**uncertainty, **more}
         lookahead_seconds = [0.0]
-        step, grid = cfg.tikmix_lookahead_lr, None
-        scored = first_sequences(inputs.validation_batches, cfg.tikmix_lookahead_sequences,
+        step, grid = options.tikmix_lookahead_lr, None
+        scored = first_sequences(inputs.validation_batches, options.tikmix_lookahead_sequences,
                                  "tikmix_lookahead_sequences")
         tokens_per_forward = sum(int(labelled_targets(b["labels"])) for bs in scored.values() for b in bs)
 
@@ -282,8 +288,8 @@ class TiKMiXSurrogate(UncertaintyAware):
             if step is None:
                 step, grid = self.calibrate_step(
                     inputs.learning_rate, lambda size: float(lookahead(direct.weights[None, :], size).sum()))
-            solved = solve_surrogate(scores, inputs.prior, evaluate, n_candidates=cfg.tikmix_surrogate_candidates,
-                                     seed=cfg.tikmix_seed + inputs.stage, direct=direct, **kwargs)
+            solved = solve_surrogate(scores, inputs.prior, evaluate, n_candidates=options.tikmix_surrogate_candidates,
+                                     seed=inputs.config.tikmix_seed + inputs.stage, direct=direct, **kwargs)
         except FloatingPointError as err:
             # A look-ahead that diverges says nothing about the mixture: keep the weights, as TiKMiX-D does
             # when the influence pass itself is not finite.
