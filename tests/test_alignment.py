@@ -97,13 +97,6 @@ def test_the_start_blends_the_base_with_the_tasks_mean_match():
         task_matches(domains, [tasks[0], [np.zeros(0, int)]])
 
 
-@pytest.mark.parametrize("field, value", [("tikmix_alignment_share", 1.5), ("tikmix_alignment_share", True),
-                                          ("tikmix_alignment_sequences", 0), ("tikmix_initial_weights", "aligne")])
-def test_bad_alignment_options_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        TiKMiXConfig(**{field: value})
-
-
 def test_a_run_starts_from_the_aligned_mixture_and_records_how(tmp_path):
     start = {"pattern": 0.2, "echo": 0.2, "noise": 0.6}
     mixture = DomainMixture(toy_domains(), weights=start, seed=3)

@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig, TiKMiXTrainingArguments
+from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig
 from tikmix_hf.history import load_history
 from tikmix_hf.mixers import (
     MIXERS,
@@ -404,37 +404,6 @@ def test_doge_moves_weight_toward_the_validation_domain(full_run):
 
 # ============================================================================================
 # Configuration
-
-
-def test_baseline_flags_parse_from_the_command_line(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--tikmix_solver", "doremi", "--tikmix_temperature", "3",
-            "--tikmix_odm_alpha", "0.5", "--tikmix_odm_exploration", "0.1", "--tikmix_doremi_eta", "0.1",
-            "--tikmix_doremi_smoothing", "0.01", "--tikmix_reference_model", str(tmp_path), "--tikmix_doge_eta", "2"]
-    (args,) = HfArgumentParser(TiKMiXTrainingArguments).parse_args_into_dataclasses(argv)
-    cfg = args.tikmix_config()
-    assert (cfg.tikmix_solver, cfg.tikmix_temperature, cfg.tikmix_odm_alpha, cfg.tikmix_odm_exploration,
-            cfg.tikmix_doremi_eta, cfg.tikmix_doremi_smoothing, cfg.tikmix_reference_model, cfg.tikmix_doge_eta) == (
-        "doremi", 3.0, 0.5, 0.1, 0.1, 0.01, str(tmp_path), 2.0)
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(tikmix_solver="regmix"), "tikmix_solver='regmix'"),
-        (dict(tikmix_temperature=0.0), "tikmix_temperature=0.0"),
-        (dict(tikmix_temperature=float("inf")), "tikmix_temperature=inf"),
-        (dict(tikmix_odm_alpha=1.0), "tikmix_odm_alpha=1.0"),
-        (dict(tikmix_odm_alpha=-0.1), "tikmix_odm_alpha=-0.1"),
-        (dict(tikmix_odm_exploration=0.0), "tikmix_odm_exploration=0.0"),
-        (dict(tikmix_odm_exploration=1.5), "tikmix_odm_exploration=1.5"),
-        (dict(tikmix_doremi_eta=-1.0), "tikmix_doremi_eta=-1.0"),
-        (dict(tikmix_doremi_smoothing=1.5), "tikmix_doremi_smoothing=1.5"),
-        (dict(tikmix_doge_eta=0), "tikmix_doge_eta=0"),
-    ],
-)
-def test_bad_config_names_the_field(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TiKMiXConfig(**kwargs)
 
 
 def test_a_missing_reference_folder_is_refused_when_training_starts_not_in_the_config(tmp_path):

@@ -215,19 +215,6 @@ def test_yaml_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
         load_schedule(path)
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(tikmix_solver="replay"), "tikmix_schedule=None: tikmix_solver='replay' needs the path"),
-    (dict(tikmix_schedule="s.yaml"), "only used with tikmix_solver='replay'"),
-    (dict(tikmix_solver="replay", tikmix_schedule="s.yaml", tikmix_stage_fractions=[0.5]),
-     "tikmix_stage_fractions=.*the schedule's positions are the stage boundaries"),
-    (dict(tikmix_solver="replay", tikmix_schedule="s.yaml", tikmix_schedule_domains="web=cc"),
-     "tikmix_schedule_domains='web=cc': give a JSON mapping"),
-])
-def test_bad_replay_config_names_the_field(fields, match):
-    with pytest.raises(ValueError, match=match):
-        TiKMiXConfig(**fields)
-
-
 def test_resume_in_the_middle_of_a_replay_equals_an_uninterrupted_one(tmp_path, source):
     history, *_ = source
     cb_full, col_full, _, mix_full = _run(tmp_path / "full", tikmix_schedule=str(history))
@@ -282,16 +269,3 @@ def test_exporting_the_final_mixture_replays_as_that_static_mixture(tmp_path, so
     assert tikmix(["schedule", "export", str(history), "--final", "-o", str(tmp_path / "f.yaml")]) == 0
     assert load_schedule(tmp_path / "f.yaml").to_list() == load_schedule(out).to_list()
 
-
-def test_replay_flags_parse_from_the_command_line(tmp_path):
-    from transformers import HfArgumentParser
-
-    from tikmix_hf.training_args import TiKMiXTrainingArguments
-
-    (args,) = HfArgumentParser(TiKMiXTrainingArguments).parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--tikmix_solver", "replay", "--tikmix_schedule", "s.yaml",
-        "--tikmix_schedule_domains", '{"cc": "common_crawl"}',
-    ])
-    config = args.tikmix_config()
-    assert (config.tikmix_solver, config.tikmix_schedule) == ("replay", "s.yaml")
-    assert config.tikmix_schedule_domains == '{"cc": "common_crawl"}'
