@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import brentq
 
 from tikmix_hf.solvers import solve_direct
-from tikmix_hf.solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
+from tikmix_hf.solvers.trust_radius import CONSISTENT, GROW, SHRINK, TrustRadius, gain_direction, matrix_rse
 from tikmix_hf.solvers.trust_region import kl_divergence, kl_reference, solve_trust_region
 
 
@@ -99,10 +99,14 @@ UPPER_LATE = np.array([1.0, 0.976, 0.742, 1.0, 0.652, 0.618, 0.497, 0.661, 1.0, 
 def test_a_slow_late_decision_still_moves_and_an_iterate_at_the_limit_is_used_when_it_improves():
     prior = PRIOR_LATE / PRIOR_LATE.sum()
     full = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE)
-    assert full.status == "converged" and "converged in" in full.message
-    assert full.details["attempt"]["nit"] > 150  # about 210: past the old limit of 200, where it was lost
-    limited = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=150)
-    assert limited.status == "converged" and "iteration limit (150)" in limited.message
+    assert full.status == "converged" and "converged in" in full.message  # within the default iteration limit
+    # A few iterations short of convergence SLSQP's iterate is feasible and better than the prior, so an
+    # iteration limit there still gives a decision that moves (with scipy 1.17: 208 iterations, cut at 198).
+    nit = full.details["attempt"]["nit"]
+    limit = nit - max(1, nit // 20)
+    limited = solve_trust_region(S_LATE, prior, radius=0.2, upper=UPPER_LATE, maxiter=limit)
+    assert limited.details["attempt"]["nit"] == limit and not limited.details["attempt"]["success"]
+    assert limited.status == "converged" and f"iteration limit ({limit})" in limited.message
     for res in (full, limited):
         w = res.weights
         assert kl_divergence(w, kl_reference(prior)) == pytest.approx(0.2, abs=1e-6)  # it moved the whole radius
@@ -244,7 +248,26 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     assert {e.step for e in events.Scalars("train/loss")} == {3, 6, 9, 12, 15, 18}
     # the realised gain is logged from the second decision on: the first has nothing to compare with
     assert len(events.Scalars("train/tikmix/realised_gain/held_out_pattern")) == 1
-    assert stages[1]["mixer"]["trust_region"]["action"] in ("grow", "keep", "shrink")
+    # Each decision is the solver's own, moved the whole radius it was given (one task: nothing else binds) and
+    # predicts a larger drop than the mixture it replaced; a solver that kept the prior fails every line.
+    for stage in stages:
+        trust, details = stage["mixer"]["trust_region"], stage["solver_result"]["details"]
+        assert stage["status"] == "converged" and details["solver"] == "trust_region"
+        before, after = (np.array(list(stage[k].values())) for k in ("weights_before", "weights_after"))
+        assert kl_divergence(after, kl_reference(before)) == pytest.approx(trust["radius_used"], rel=1e-4)
+        assert np.mean(details["predicted_gain"]) > np.mean(details["predicted_gain_prior"])
+        rse = trust["rse"] or 0.0
+        assert trust["radius_used"] == pytest.approx(trust["radius"] / (1 + rse * rse), rel=1e-12)
+    # The controller followed its rule on the evidence it recorded (docs/method.md, the radius).
+    first, second = (stage["mixer"]["trust_region"] for stage in stages)
+    assert first["action"] == "first" and first["radius"] == config.tikmix_trust_radius
+    ratio, consistency = second["realised_ratio"], second["consistency"]
+    expected = ("grow" if ratio > 0 and consistency >= CONSISTENT
+                else "shrink" if ratio <= 0 or consistency < 0 else "keep")
+    assert second["action"] == expected
+    factor = {"grow": GROW, "shrink": SHRINK, "keep": 1.0}[expected]
+    bounds = config.tikmix_trust_radius_min, config.tikmix_trust_radius_max
+    assert second["radius"] == pytest.approx(min(max(first["radius"] * factor, bounds[0]), bounds[1]))
 
 
 def test_repetition_cap_bounds_a_domain_by_its_epochs_over_the_remaining_training():
