@@ -26,10 +26,10 @@ __all__ = ["TiKMiXDirect", "TiKMiXSurrogate", "measure_influence", "solver_kwarg
 def solver_kwargs(inputs: StageInputs, tasks: list[str], options: TiKMiXDOptions | None = None) -> dict:
     """The keyword arguments of :func:`~tikmix_hf.solve_direct` for this stage: the objective's weights and
     guards from ``options`` (default: read from ``inputs.config``), and the names."""
-    opts = TiKMiXDOptions.from_config(inputs.config) if options is None else options
+    options = TiKMiXDOptions.from_config(inputs.config) if options is None else options
     return dict(
-        alpha=opts.tikmix_alpha, beta=opts.tikmix_beta, gamma=opts.tikmix_gamma, pareto=opts.tikmix_pareto,
-        floor=opts.tikmix_floor or None, max_change=opts.tikmix_max_change, domains=list(inputs.domains),
+        alpha=options.tikmix_alpha, beta=options.tikmix_beta, gamma=options.tikmix_gamma, pareto=options.tikmix_pareto,
+        floor=options.tikmix_floor or None, max_change=options.tikmix_max_change, domains=list(inputs.domains),
         tasks=tasks,
     )
 
@@ -98,8 +98,8 @@ class UncertaintyAware(Mixer):
         self._radius: TrustRadius | None = None
 
     def decision_scores(self, result: InfluenceResult) -> tuple[np.ndarray, dict]:
-        opts = self.options  # configured by decide()
-        z, decay = float(opts.tikmix_shrink_z), opts.smoothing()
+        options = self.options  # configured by decide()
+        z, decay = float(options.tikmix_shrink_z), options.smoothing()
         adaptive = {"adaptive_budget": result.adaptive} if result.adaptive is not None else {}
         if z == 0 and decay == 0:
             return result.scores, ({"uncertainty": adaptive} if adaptive else {})
@@ -132,20 +132,20 @@ class UncertaintyAware(Mixer):
         and scaled down by the standard error of ``S``); the repetition cap ``tikmix_max_epochs``
         becomes an upper bound per domain where sizes are known.
         """
-        opts = self.options  # configured by decide()
+        options = self.options  # configured by decide()
         if self._radius is None:
-            self._radius = TrustRadius(opts.tikmix_trust_radius, opts.tikmix_trust_radius_min,
-                                       opts.tikmix_trust_radius_max)
+            self._radius = TrustRadius(options.tikmix_trust_radius, options.tikmix_trust_radius_min,
+                                       options.tikmix_trust_radius_max)
         losses = [result.task_losses[t] for t in result.task_names]
         radius, controller = self._radius.update(
             losses, gain_direction(result.scores, inputs.prior), matrix_rse(result.scores, result.stderr),
             accumulated=gain_direction(scores, inputs.prior),
         )
         step = (inputs.learning_rate or 1.0) * max(int(inputs.stage_steps or 1), 1)
-        upper, cap_note = repetition_cap(inputs, opts.tikmix_max_epochs)
-        kwargs = solver_kwargs(inputs, result.task_names, opts)
-        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=opts.tikmix_alpha,
-                                    pareto=opts.tikmix_pareto, floor=kwargs["floor"], upper=upper,
+        upper, cap_note = repetition_cap(inputs, options.tikmix_max_epochs)
+        kwargs = solver_kwargs(inputs, result.task_names, options)
+        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=options.tikmix_alpha,
+                                    pareto=options.tikmix_pareto, floor=kwargs["floor"], upper=upper,
                                     max_change=kwargs["max_change"], domains=kwargs["domains"],
                                     tasks=kwargs["tasks"])
         self._radius.record(solved.details["predicted_gain"], losses)
