@@ -10,7 +10,8 @@ each piece can be used alone:
   model, trainer-agnostic.
 - The solvers (``solvers/``), pure numpy/scipy/lightgbm: :func:`solve_trust_region`, the default
   TiKMiX-D objective, with its radius controller :class:`TrustRadius` and the average of ``S``
-  over stages :class:`PrecisionSmoother`; :func:`solve_direct`, the paper's Eq. 10; and
+  over stages :class:`PrecisionSmoother`, all three stage after stage in :class:`TrustRegionDecider`
+  for a custom training loop; :func:`solve_direct`, the paper's Eq. 10; and
   :func:`solve_surrogate` (TiKMiX-M).
 - :class:`Mixer` and :func:`register` (``mixers/``): what happens at a stage boundary, and the
   extension point for a mixer of your own.
@@ -33,6 +34,7 @@ _EXPORTS = {
     "solve_trust_region": "tikmix_hf.solvers",
     "TrustRadius": "tikmix_hf.solvers",
     "PrecisionSmoother": "tikmix_hf.solvers",
+    "TrustRegionDecider": "tikmix_hf.solvers",
     "solve_direct": "tikmix_hf.solvers",
     "solve_surrogate": "tikmix_hf.solvers",
     "SolverResult": "tikmix_hf.solvers",

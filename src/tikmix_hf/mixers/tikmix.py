@@ -14,9 +14,7 @@ from .._loss import labelled_targets
 from ..influence import InfluenceResult, Lookahead, adaptive_group_influence, group_influence
 from ..influence.checks import first_sequences
 from ..solvers import solve_direct, solve_surrogate
-from ..solvers.trust_radius import TrustRadius, gain_direction, matrix_rse
-from ..solvers.trust_region import solve_trust_region
-from ..solvers.uncertainty import PrecisionSmoother, shrink_influence
+from ..solvers.decider import TrustRegionDecider
 from .base import Decision, Mixer, StageInputs, register
 from .tikmix_options import TiKMiXDOptions, TiKMiXMOptions
 
@@ -84,18 +82,30 @@ def measure_influence(
 
 
 class UncertaintyAware(Mixer):
-    """The uncertainty switches of ``docs/uncertainty.md`` shared by TiKMiX-D and TiKMiX-M.
+    """What TiKMiX-D and TiKMiX-M share: the default decision of
+    :class:`~tikmix_hf.solvers.decider.TrustRegionDecider`, built from this mixer's options.
 
-    :meth:`decision_scores` turns the measured ``S`` into the matrix the solver sees: smoothed over
-    stages (``tikmix_smoothing``, a precision-weighted average whose accumulators are this mixer's
-    JSON state), then shrunk toward zero by ``tikmix_shrink_z`` standard errors. With both switches
-    off it returns ``result.scores`` itself, so the decisions are the paper's, bit for bit.
+    :meth:`decision_scores` turns the measured ``S`` into the matrix the solver sees: averaged over
+    stages (``tikmix_smoothing``), then shrunk toward zero by ``tikmix_shrink_z`` standard errors
+    (``docs/uncertainty.md``). With both switches off it returns ``result.scores`` itself, so the
+    decisions with ``tikmix_objective="paper"`` are the paper's, bit for bit.
     """
 
     def __init__(self, options: TiKMiXDOptions | None = None):
         super().__init__(options)
-        self._smoother: PrecisionSmoother | None = None
-        self._radius: TrustRadius | None = None
+        self._decider: TrustRegionDecider | None = None
+        self._saved: dict = {}  # a checkpoint's state, until the options it is read with are known
+
+    def decider(self) -> TrustRegionDecider:
+        options = self.options  # configured by decide()
+        if self._decider is None:
+            self._decider = TrustRegionDecider(
+                radius=options.tikmix_trust_radius, radius_min=options.tikmix_trust_radius_min,
+                radius_max=options.tikmix_trust_radius_max, smoothing=options.smoothing(),
+                shrink_z=options.tikmix_shrink_z, alpha=options.tikmix_alpha, pareto=options.tikmix_pareto,
+                floor=options.tikmix_floor or None, max_change=options.tikmix_max_change)
+            self._decider.load_state_dict(self._saved)
+        return self._decider
 
     def decision_scores(self, result: InfluenceResult) -> tuple[np.ndarray, dict]:
         options = self.options  # configured by decide()
@@ -103,14 +113,12 @@ class UncertaintyAware(Mixer):
         adaptive = {"adaptive_budget": result.adaptive} if result.adaptive is not None else {}
         if z == 0 and decay == 0:
             return result.scores, ({"uncertainty": adaptive} if adaptive else {})
-        scores, stderr = result.scores, result.stderr
+        decider = self.decider()
         info: dict = {"shrink_z": z, "smoothing": decay, **adaptive}
+        scores, stderr = decider.smooth(result.scores, result.stderr, tasks=result.task_names,
+                                        domains=result.domain_names)
         if decay > 0:
-            if self._smoother is None:
-                self._smoother = PrecisionSmoother(decay)
-            self._smoother.decay = decay
-            scores, stderr = self._smoother.update(scores, stderr, result.task_names, result.domain_names)
-            info["smoothed_stages"] = self._smoother.stages
+            info["smoothed_stages"] = decider.smoother.stages
             info["smoothed_scores"] = jsonable(scores)
             info["smoothed_stderr"] = jsonable(stderr)
         if z > 0:
@@ -118,14 +126,15 @@ class UncertaintyAware(Mixer):
                 warnings.warn(f"tikmix_shrink_z={z}: S not shrunk, {result.uncertainty_note}", stacklevel=2)
                 info["shrink_skipped"] = result.uncertainty_note
             else:
-                scores = shrink_influence(scores, stderr, z)
-                info["zeroed_entries"] = int((scores == 0).sum() - (result.scores == 0).sum())
+                shrunk = decider.shrink(scores, stderr)
+                info["zeroed_entries"] = int((shrunk == 0).sum() - (result.scores == 0).sum())
+                scores = shrunk
         info["scores_used"] = jsonable(scores)
         return scores, {"uncertainty": info}
 
     def trust_region_answer(self, inputs: StageInputs, result: InfluenceResult, scores: np.ndarray):
-        """The scale-aware TiKMiX-D answer (``solvers/trust_region.py``), what the radius controller saw, and
-        the per-domain upper bound it was solved under (``None`` without a repetition cap).
+        """The scale-aware TiKMiX-D answer (:meth:`TrustRegionDecider.solve`), what the radius controller saw,
+        and the per-domain upper bound it was solved under (``None`` without a repetition cap).
 
         The radius comes from :class:`~tikmix_hf.solvers.trust_radius.TrustRadius` (grown when the
         last decision's predicted loss drops were realised and the evidence agrees, shrunk when not,
@@ -133,48 +142,25 @@ class UncertaintyAware(Mixer):
         becomes an upper bound per domain where sizes are known.
         """
         options = self.options  # configured by decide()
-        if self._radius is None:
-            self._radius = TrustRadius(options.tikmix_trust_radius, options.tikmix_trust_radius_min,
-                                       options.tikmix_trust_radius_max)
+        decider = self.decider()
         losses = [result.task_losses[t] for t in result.task_names]
-        radius, controller = self._radius.update(
-            losses, gain_direction(result.scores, inputs.prior), matrix_rse(result.scores, result.stderr),
-            accumulated=gain_direction(scores, inputs.prior),
-        )
         step = (inputs.learning_rate or 1.0) * max(int(inputs.stage_steps or 1), 1)
         upper, cap_note = repetition_cap(inputs, options.tikmix_max_epochs)
-        kwargs = solver_kwargs(inputs, result.task_names, options)
-        solved = solve_trust_region(scores, inputs.prior, radius=radius, step=step, alpha=options.tikmix_alpha,
-                                    pareto=options.tikmix_pareto, floor=kwargs["floor"], upper=upper,
-                                    max_change=kwargs["max_change"], domains=kwargs["domains"],
-                                    tasks=kwargs["tasks"])
-        self._radius.record(solved.details["predicted_gain"], losses)
-        info = {**controller, "step_length": step, "repetition_cap": cap_note,
+        solved = decider.solve(result.scores, scores, inputs.prior, stderr=result.stderr, task_losses=losses,
+                               step=step, upper=upper, domains=list(inputs.domains), tasks=result.task_names)
+        info = {**decider.last["controller"], "step_length": step, "repetition_cap": cap_note,
                 "predicted_gain_next": solved.details["predicted_gain"], "kl": solved.details["kl"]}
         return solved, {"trust_region": jsonable(dict(zip_tasks(info, result.task_names)))}, upper
 
     def state_dict(self) -> dict:
-        state = {}
-        if self._smoother is not None and self._smoother.stages > 0:
-            state["smoother"] = self._smoother.state_dict()
-        if self._radius is not None:
-            state["trust_radius"] = self._radius.state_dict()
-        return state
+        return dict(self._saved) if self._decider is None else self._decider.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state or {})
-        smoother = state.pop("smoother", None)
-        radius = state.pop("trust_radius", None)
-        if state:
-            raise ValueError(f"{type(self).__name__}: unknown mixer state {sorted(state)} in the checkpoint")
-        self._smoother = None
-        if smoother and smoother.get("stages"):
-            self._smoother = PrecisionSmoother(smoother["decay"])
-            self._smoother.load_state_dict(smoother)
-        self._radius = None
-        if radius:
-            self._radius = TrustRadius(radius["radius"], radius["minimum"], radius["maximum"])
-            self._radius.load_state_dict(radius)
+        unknown = sorted(set(state) - {"smoother", "trust_radius"})
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown mixer state {unknown} in the checkpoint")
+        self._decider, self._saved = None, state
 
 
 def trust_region_metrics(extra: dict) -> dict:

@@ -11,6 +11,8 @@
   caller-measured target around the TiKMiX-D answer, searched with Dirichlet sampling (``surrogate.py``).
 - :class:`PrecisionSmoother` and :func:`shrink_influence` (``uncertainty.py``): ``S`` averaged over
   stages and shrunk by its standard errors before solving.
+- :class:`TrustRegionDecider` (``decider.py``): all of TiKMiX-D's default decision, stage after stage,
+  for a custom training loop; the callback's TiKMiX-D wraps it.
 - :func:`normalised_performance` (Eq. 9) and :func:`objective_terms` (Eq. 10) for reporting
   (``objective.py``); :class:`SolverResult` (``result.py``), what every solver returns.
 - The baselines' update rules (``baselines.py``).
@@ -29,6 +31,7 @@ from .baselines import (
     running_average,
     temperature_weights,
 )
+from .decider import TrustRegionDecider
 from .direct import solve_direct
 from .objective import normalised_performance, objective_terms
 from .result import SolverResult
@@ -38,7 +41,8 @@ from .trust_region import solve_trust_region
 from .uncertainty import PrecisionSmoother, shrink_influence
 
 __all__ = [
-    "PrecisionSmoother", "SolverResult", "TrustRadius", "normalised_performance", "objective_terms", "shrink_influence",
+    "PrecisionSmoother", "SolverResult", "TrustRadius", "TrustRegionDecider", "normalised_performance",
+    "objective_terms", "shrink_influence",
     "solve_direct", "solve_surrogate", "solve_trust_region",
     # baselines (solvers/baselines.py)
     "doge_update", "doremi_update", "odm_exploration_rate",
