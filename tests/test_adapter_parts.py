@@ -198,3 +198,25 @@ def test_probes_are_drawn_per_domain_or_only_as_a_windows_top_up():
     assert draw_probes(_Mixture(), 2, cap=None, seen=seen, round=0) == {"b": ["b0-0"], "c": ["c0-0", "c0-1"]}
     assert draw_probes(_Mixture(), 2, cap=3, seen=None, round=0)["a"] == ["a0-0", "a0-1", "a0-2"]
     assert draw_probes(_Mixture(), 0, cap=None, seen=None, round=0) == {"a": [], "b": [], "c": []}
+
+
+def test_the_general_task_samples_the_natural_mixture_and_joins_the_tasks():
+    from tikmix_hf import DomainMixture, TiKMiXCallback
+    from tikmix_hf.batching import GENERAL_ROUND, general_task
+    from tikmix_hf.testing import toy_domains, toy_validation
+
+    domains = toy_domains()
+    domains["noise"] = domains["noise"][:64]  # natural weights 256 : 256 : 64
+    mixture = DomainMixture(domains, weights="uniform", seed=3)
+    examples = general_task(mixture, 10)
+    kinds = [e["sid"].split(":")[0] for e in examples]
+    # 4.44, 4.44 and 1.11 by largest remainder: the tie goes to the first domain
+    assert [kinds.count(d) for d in ("pattern", "echo", "noise")] == [5, 4, 1]
+    assert examples[0] == mixture.probe("pattern", 1, round=GENERAL_ROUND)[0]
+    config = TiKMiXConfig(tikmix_general_sequences=10, tikmix_stage_steps=4, tikmix_show_progress=False)
+    callback = TiKMiXCallback(mixture, toy_validation(), config)
+    assert list(callback.validation) == ["held_out_pattern", "general"]
+    with pytest.raises(ValueError, match="task named 'general'"):
+        TiKMiXCallback(mixture, {"general": toy_validation()["held_out_pattern"]}, config)
+    with pytest.raises(ValueError, match="tikmix_general_sequences"):
+        TiKMiXConfig(tikmix_general_sequences=-1)

@@ -122,3 +122,4 @@ def test_a_run_starts_from_the_aligned_mixture_and_records_how(tmp_path):
     assert history["alignment"]["sequences_per_domain"] == 32 and history["alignment"]["seconds"] > 0
     probes = by_hand.probe("pattern", 32, round=ALIGNMENT_ROUND)
     assert history["alignment"]["domain_tokens"]["pattern"] == sum(token_ids(e).size for e in probes)
+

@@ -3,6 +3,7 @@
 - :func:`check_validation`: the ``validation`` argument, checked once (names, clashes, emptiness);
 - :func:`select_validation`: the ``tikmix_validation_sequences`` examples of each task, drawn once with
   the seed, that give the task's gradient at every stage;
+- :func:`general_task`: a sample of the natural mixture, the validation task that guards general ability;
 - :func:`draw_probes`: each domain's probe examples at a boundary (only top-ups where a training
   window measured the domain already);
 - :class:`Batcher`: lists of examples to model batches with the run's collator, on the training device.
@@ -18,7 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Batcher", "check_validation", "draw_probes", "log_key", "select_validation"]
+__all__ = ["GENERAL_TASK", "Batcher", "check_validation", "draw_probes", "general_task", "log_key",
+           "select_validation", "with_general_task"]
+
+#: The name of the general-ability task (``tikmix_general_sequences``).
+GENERAL_TASK = "general"
+#: The probe round the general task is drawn from, apart from every stage's (stage k draws round k).
+GENERAL_ROUND = (1 << 30) + 1
 
 
 def log_key(name: str) -> str:
@@ -77,6 +84,27 @@ def draw_probes(mixture: Any, sequences: int, *, cap: int | None, seen: Mapping[
         if wanted or seen is None:
             drawn[d] = mixture.probe(d, max(wanted, cap or 0), round=round) if wanted else []
     return drawn
+
+
+def general_task(mixture: Any, sequences: int) -> list:
+    """``sequences`` examples of the natural mixture: each domain's share of them by its natural weight
+    (largest remainders), drawn from its probe stream."""
+    natural = mixture.resolve_weights("natural")
+    quota = {d: sequences * natural[d] for d in mixture.domains}
+    counts = {d: int(q) for d, q in quota.items()}
+    for d in sorted(quota, key=lambda d: counts[d] - quota[d])[: sequences - sum(counts.values())]:
+        counts[d] += 1
+    return [e for d in mixture.domains if counts[d] for e in mixture.probe(d, counts[d], round=GENERAL_ROUND)]
+
+
+def with_general_task(validation: dict[str, Any], mixture: Any, sequences: int) -> dict[str, Any]:
+    """``validation`` with the general-ability task added when ``sequences`` > 0 (``tikmix_general_sequences``)."""
+    if not sequences:
+        return validation
+    if GENERAL_TASK in validation:
+        raise ValueError(f"validation has a task named {GENERAL_TASK!r}, the name of the general-ability task that "
+                         "tikmix_general_sequences adds; rename yours or set tikmix_general_sequences=0")
+    return {**validation, GENERAL_TASK: general_task(mixture, sequences)}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ._distributed import agree, measured_module, rank_and_world
 from ._io import remove_stale_temporaries
 from .aligned_start import starting_weights
-from .batching import Batcher, check_validation, draw_probes, select_validation
+from .batching import Batcher, check_validation, draw_probes, select_validation, with_general_task
 from .callback_state import CallbackState
 from .config import TiKMiXConfig
 from .history import write_history
@@ -96,8 +96,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if mixer is not None and not isinstance(mixer, Mixer):
             raise TypeError(f"mixer must be a tikmix_hf.mixers.Mixer, got {type(mixer).__name__}")
         self.mixture = mixture
-        self.validation = check_validation(validation)
         self.config = config_from(config)
+        self.validation = with_general_task(check_validation(validation), mixture,
+                                            self.config.tikmix_general_sequences)
         self.mixer: Mixer = mixer if mixer is not None else build_mixer(self.config)
         self.collator = collator
         self.history: list[dict] = []

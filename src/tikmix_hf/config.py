@@ -149,6 +149,14 @@ class MeasurementOptions(OptionGroup):
     tikmix_window_steps: Annotated[
         int, integer(at_least=1, fix="must be a positive number of optimizer steps, e.g. 32")
     ] = option(32, "influence_source=training: optimizer steps before each boundary whose micro-batches count.")
+    tikmix_general_sequences: Annotated[
+        int, integer(at_least=0, fix="must be 0 (off) or a positive number of sequences, e.g. 16")
+    ] = option(
+        0,
+        "A guard for general ability: one more validation task, 'general', of this many sequences drawn from every "
+        "domain in proportion to its natural weight (from the mixture's probe stream). Its gradient enters S like "
+        "any task's, so the Pareto constraint keeps every decision from predicting a rise of its loss; 0 = off.",
+    )
     tikmix_window_sequences: Annotated[
         int | None,
         integer(at_least=1, optional=True, fix="must be a positive number of sequences per domain, or unset"),
@@ -242,7 +250,7 @@ class TiKMiXConfig(ReportingOptions, DoGEOptions, DoReMiOptions, ODMOptions, Sta
       ``tikmix_validation_sequences``, ``tikmix_probe_batch_size``, ``tikmix_preconditioner``,
       ``tikmix_damping``, where the domain gradients come from, ``tikmix_influence_source`` (probes, or the
       training window of ``tikmix_window_steps`` steps, reading up to ``tikmix_window_sequences`` per domain),
-      and the adaptive budget ``tikmix_target_rse``,
+      the guard for general ability ``tikmix_general_sequences``, and the adaptive budget ``tikmix_target_rse``,
       ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches`` (``docs/uncertainty.md``).
     - **TiKMiX-D** (:class:`~tikmix_hf.mixers.tikmix_options.TiKMiXDOptions`): ``tikmix_objective``
       (``trust_region`` or the paper's Eq. 10), ``tikmix_trust_radius`` with its bounds
