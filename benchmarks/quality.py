@@ -69,6 +69,13 @@ DEFAULT_VARIANTS = {
     "tikmix_d_quota": {"tikmix_window_sequences": 8},  # the window reads each domain's probe budget, no more
     "tikmix_d_aligned": {"tikmix_initial_weights": "aligned"},  # started from the tasks' token matches
     "tikmix_d_aligned_quota": {"tikmix_initial_weights": "aligned", "tikmix_window_sequences": 8},
+    "tikmix_d_aq256": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
+                       "tikmix_window_sequences": 8},
+    "tikmix_d_aq256_w64": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
+                           "tikmix_window_sequences": 8, "tikmix_window_steps": 64},
+    "tikmix_d_aq256_w64_v8": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
+                              "tikmix_window_sequences": 8, "tikmix_window_steps": 64,
+                              "tikmix_validation_sequences": 8},
 }
 #: Variants that start from a static mixture other than the natural one.
 VARIANT_INITIAL = {"tikmix_d_tilted": "targets"}
@@ -80,6 +87,7 @@ OTHER_MIXERS = {
     "doge": ("doge", {}),
     # the natural mixture tilted toward the tasks' token matches before step 0, kept all run
     "aligned": ("static", {"tikmix_initial_weights": "aligned"}),
+    "aligned256": ("static", {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256}),
 }
 STATIC = ("uniform", "natural", "temperature", "targets", "oracle")
 
@@ -97,6 +105,10 @@ LABELS = {
     "tikmix_d_quota": "TiKMiX-D, window reads 8 sequences per domain",
     "tikmix_d_aligned": "TiKMiX-D from the aligned mixture",
     "tikmix_d_aligned_quota": "TiKMiX-D from the aligned mixture, window reads 8 per domain",
+    "aligned256": "static aligned (256 sequences)",
+    "tikmix_d_aq256": "TiKMiX-D aligned (256), window reads 8",
+    "tikmix_d_aq256_w64": "TiKMiX-D aligned (256), window reads 8 of 64 steps",
+    "tikmix_d_aq256_w64_v8": "TiKMiX-D aligned (256), window reads 8 of 64 steps, 8 validation sequences",
 }
 #: Every arm that measures also runs at equal compute, ``<arm>_eq``: it gives up the training steps its
 #: measurement's seconds would have bought (window hooks, validation passes, probes and top-ups, look-aheads,
