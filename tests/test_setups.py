@@ -335,6 +335,47 @@ def test_overflowed_gradients_are_left_out_not_summed(monkeypatch):
     np.testing.assert_allclose(got.scores, clean.result().scores, rtol=1e-12)
 
 
+def z_loss_step(model, batch):
+    out = model(**batch)
+    logits = out.logits
+    (token_mean_loss(logits, batch["labels"], logits.shape[-1]) + torch.logsumexp(logits, -1).pow(2).mean()).backward()
+
+
+def test_a_strict_window_on_several_ranks_fails_on_every_rank_at_close(monkeypatch):
+    """A raise inside one rank's backward would leave the others waiting in DDP's all-reduce: with several ranks the
+    window stops reading and close() raises, after an all-reduce of the failure that every rank reaches."""
+    from tikmix_hf.influence import window as window_module
+
+    monkeypatch.setattr(window_module, "all_reduce", lambda tensor, world: tensor)  # this rank's view of the sum
+    model = toy_model(0, torch.float64)
+    window = TrainingWindow(model, named_batches(["a"], 1, seed=5), ["x"], strict=True)
+    window.world = 2
+    window.attach(lambda k, rows: (np.zeros(2 * rows, dtype=np.int64), 0))
+    batches = named_batches(["b"], 2, seed=9)["b"]
+    z_loss_step(model, batches[0])  # refused in the backward: no raise there
+    assert window.failure is not None and window._handles
+    model(**batches[1]).loss.backward()  # the next forward takes the hooks off
+    assert not window._handles
+    with pytest.raises(ValueError, match="differs from the next-token cross-entropy's"):
+        window.close()
+
+
+def test_a_window_fault_in_a_checkpoint_is_kept_not_raised():
+    """on_save takes the window's state between steps: a micro-batch it cannot read is refused there as in
+    training (auto: the window stops, its state says why, and the restored window reads nothing more)."""
+    model = swap_class(toy_model(0, torch.float64), FusedLinearCE)
+    model.train()
+    tasks = named_batches(["a"], 1, seed=5)
+    window = TrainingWindow(model, tasks, ["x"], strict=False)
+    window.attach(lambda k, rows: (np.zeros(rows, dtype=np.int64), 0))
+    model(**named_batches(["b"], 1, seed=9)["b"][0]).loss.backward()
+    meta, tensors = window.state()
+    assert "never called the model's output layer" in meta["failure"]
+    restored = TrainingWindow.restore(model, tasks, ["x"], meta, tensors, strict=False)
+    restored.attach(lambda k, rows: (np.zeros(rows, dtype=np.int64), 0))
+    assert not restored._handles and restored.failure == meta["failure"]
+
+
 def test_a_window_that_read_nothing_is_never_a_silent_decision():
     record = StageRecord(stage=1, step=8, samples_consumed=32, tokens_seen=None, effective_index=33,
                          weights_before=START, weights_after=START, entropy=1.0, solver="direct", status="converged",
