@@ -473,3 +473,29 @@ def test_ranks_that_train_independent_copies_are_told_how_to_join(monkeypatch):
     monkeypatch.setattr("tikmix_hf.run_checks.rank_and_world", lambda: (1, 2))
     with pytest.raises(RuntimeError, match=r"2 processes were launched, .* pass --use_cpu"):
         check_trainer(callback, FakeTrainer(), Args(), None)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_zero_1_and_2_measure_as_one_process_and_zero_3_is_refused_when_training_starts(tmp_path,
+                                                                                                  monkeypatch):
+    """Through ``Trainer(deepspeed=...)`` on two CPU ranks (gloo; deepspeed built with DS_BUILD_OPS=0, which
+    ``make test`` does not install: the test runs where deepspeed is importable)."""
+    pytest.importorskip("deepspeed")
+    from helpers.launch import load_script, torchrun
+
+    from tikmix_hf.history import load_history
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    script = load_script("dist_deepspeed")
+    for source in ("probes", "training"):
+        script.main(str(tmp_path / f"one-{source}"), 0, source)
+        want = load_history(tmp_path / f"one-{source}" / "tikmix" / "history.json")["stages"][0]["influence"]
+        for stage in (1, 2):
+            out = tmp_path / f"zero{stage}-{source}"
+            torchrun("dist_deepspeed.py", out, stage, source)
+            got = load_history(out / "tikmix" / "history.json")["stages"][0]["influence"]
+            assert (got["window"] is not None) == (source == "training")
+            np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5)
+    with pytest.raises(AssertionError, match=r"DeepSpeed ZeRO-3 partitions every parameter .* ZeRO stage 1 or 2"):
+        torchrun("dist_deepspeed.py", tmp_path / "zero3", 3, "probes")
