@@ -1,7 +1,9 @@
 """One TiKMiX run under DeepSpeed ZeRO (through ``Trainer(deepspeed=...)``) on CPU ranks, or its reference.
 
-    python dist_deepspeed.py OUT STAGE {probes|training}     (under torchrun, DS_ACCELERATOR=cpu)
-    python dist_deepspeed.py OUT 0 {probes|training}          (one process, no DeepSpeed: the reference)
+    python dist_deepspeed.py OUT STAGE {probes|training} [cuda]    (under torchrun; DS_ACCELERATOR=cpu on CPU)
+    python dist_deepspeed.py OUT 0 {probes|training} [cuda]         (one process, no DeepSpeed: the reference)
+
+``cuda`` trains on the GPUs (``scripts/gpu_check.sh``); without it, on CPU ranks with gloo.
 
 Learning rate 0, so that every measurement sees the same parameters; two ranks of 4 sequences or one of 8.
 """
@@ -18,14 +20,14 @@ from tikmix_hf import DomainMixture, TiKMiXCallback, TiKMiXConfig  # noqa: E402
 from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation  # noqa: E402
 
 
-def main(out: str, stage: int, source: str) -> None:
+def main(out: str, stage: int, source: str, device: str = "cpu") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {}
     if stage:
         extra["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                               "train_batch_size": "auto", "zero_optimization": {"stage": stage}}
     args = TrainingArguments(output_dir=out, max_steps=9, per_device_train_batch_size=8 // world, learning_rate=0.0,
-                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                             use_cpu=device == "cpu", report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
                              remove_unused_columns=False, lr_scheduler_type="constant", **extra)
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probe_collator = RecordingCollator()
@@ -40,5 +42,5 @@ def main(out: str, stage: int, source: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
     exit_rank()
