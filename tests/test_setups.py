@@ -376,6 +376,24 @@ def test_a_window_fault_in_a_checkpoint_is_kept_not_raised():
     assert not restored._handles and restored.failure == meta["failure"]
 
 
+def test_mixture_of_experts_layers_are_refused_not_misread():
+    """A layer on tokens gathered from several sequences (a mixture-of-experts router or expert) has no row per
+    sequence: the window stops (auto falls back to probes at the boundary) rather than attribute rows wrongly."""
+    model = toy_model(0, torch.float64)
+    mlp = model.model.layers[0].mlp
+
+    def routed(hidden):  # the expert sees the batch's tokens as one list, as a router hands them over
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(tokens)) * mlp.up_proj(tokens)).view_as(hidden)
+
+    mlp.forward = routed
+    window = TrainingWindow(model, named_batches(["a"], 1, seed=5), ["x"], strict=False)
+    window.attach(lambda k, rows: (np.zeros(rows, dtype=np.int64), 0))
+    model(**named_batches(["b"], 1, seed=9)["b"][0]).loss.backward()
+    window.close()
+    assert "'model.layers.0.mlp.gate_proj' gave 24 rows for a micro-batch of 2 sequences" in window.failure
+
+
 def test_a_window_that_read_nothing_is_never_a_silent_decision():
     record = StageRecord(stage=1, step=8, samples_consumed=32, tokens_seen=None, effective_index=33,
                          weights_before=START, weights_after=START, entropy=1.0, solver="direct", status="converged",
