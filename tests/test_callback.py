@@ -168,6 +168,7 @@ def test_training_features(tmp_path, extra):
     per_step = 8 * extra.get("gradient_accumulation_steps", 1)
     assert [s["samples_consumed"] for s in stages] == [10 * per_step, 20 * per_step]
     assert all(math.isfinite(x) for s in stages for row in s["influence"]["scores"] for x in row)
+    assert all(s["influence"]["window"] is not None and not s["warnings"] for s in stages)  # read in the window
     if extra.get("dataloader_num_workers", 0) == 0:
         expected = [f"{d}:{i}" for d, i in mixture.example_ids(0, len(collator.seen))]
         assert collator.seen == expected
