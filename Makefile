@@ -26,7 +26,7 @@ install: $(STAMP)
 
 # Two pytest workers, one per core; a file's tests stay on one worker, so its module fixtures are built once.
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)

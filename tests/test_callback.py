@@ -131,13 +131,19 @@ def test_resume_from_checkpoint_without_callback_state_warns(tmp_path):
 
 
 def test_history_file_is_written_atomically_on_every_stage(tmp_path):
-    trainer, callback, *_ = build(tmp_path, args_kw=dict(max_steps=12))
+    trainer, callback, _, catcher, _ = build(tmp_path, args_kw=dict(max_steps=12))
     trainer.train()
     folder = tmp_path / "tikmix"
     assert sorted(os.listdir(folder)) == ["history.json"]  # no temporary file left behind
+    mask = os.umask(0o22)
+    os.umask(mask)
+    assert (folder / "history.json").stat().st_mode & 0o777 == 0o666 & ~mask  # readable as any other output
     doc = json.loads((folder / "history.json").read_text())
     assert doc["format"] == "tikmix_hf.history/1" and doc["domains"] == ["pattern", "echo", "noise"]
     assert doc["initial_weights"] == pytest.approx(START)
+    # the integrations get the starting weights too, at step 0
+    first = next(log for log in catcher.logs if "tikmix/weight/pattern" in log)
+    assert first["tikmix/weight/pattern"] == pytest.approx(0.2) and "tikmix/stage" not in first
 
 
 @pytest.mark.slow
@@ -160,6 +166,7 @@ def test_training_features(tmp_path, extra):
     per_step = 8 * extra.get("gradient_accumulation_steps", 1)
     assert [s["samples_consumed"] for s in stages] == [10 * per_step, 20 * per_step]
     assert all(math.isfinite(x) for s in stages for row in s["influence"]["scores"] for x in row)
+    assert all(s["influence"]["window"] is not None and not s["warnings"] for s in stages)  # read in the window
     if extra.get("dataloader_num_workers", 0) == 0:
         expected = [f"{d}:{i}" for d, i in mixture.example_ids(0, len(collator.seen))]
         assert collator.seen == expected

@@ -433,3 +433,16 @@ assert "matplotlib.pyplot" not in sys.modules
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("weights.png", "influence_stage1.png"):
         _check_png(tmp_path / "png" / name)
+
+
+def test_train_defaults_suit_a_new_model_and_leave_a_saved_one_alone():
+    from tikmix_hf.cli.train import _inject_new_model_defaults, _train_parser
+
+    def parsed(*argv):
+        argv = _inject_new_model_defaults(["--output_dir", "run", "--max_steps", "100", *argv])
+        return _train_parser().parse_args_into_dataclasses(args=argv)[2]
+
+    new = parsed()
+    assert (new.learning_rate, str(new.lr_scheduler_type.value), new.warmup_steps) == (1e-3, "cosine", 0.05)
+    assert parsed("--learning_rate", "3e-4").learning_rate == 3e-4  # a flag given wins
+    assert parsed("--model_name_or_path", "saved").learning_rate == 5e-5  # fine-tuning: the Trainer's defaults

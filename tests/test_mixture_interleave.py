@@ -9,6 +9,8 @@ from scipy import stats
 
 from tikmix_hf import DomainMixture, interleave_datasets
 
+pytestmark = pytest.mark.filterwarnings("ignore:interleave_datasets. the datasets carry no distinct names")
+
 
 def parts(sizes=(30, 20, 10)):
     return [datasets.Dataset.from_dict({"d": [i] * n, "i": list(range(n))}) for i, n in enumerate(sizes)]
@@ -18,7 +20,8 @@ def test_same_inputs_as_datasets_give_a_mixture_with_those_probabilities():
     probabilities = [0.5, 0.3, 0.2]
     theirs = datasets.interleave_datasets(parts(), probabilities=probabilities, seed=3,
                                           stopping_strategy="all_exhausted")
-    ours = interleave_datasets(parts(), probabilities=probabilities, seed=3, stopping_strategy="all_exhausted")
+    with pytest.warns(UserWarning, match=r"no distinct names of their own .* pass names="):
+        ours = interleave_datasets(parts(), probabilities=probabilities, seed=3, stopping_strategy="all_exhausted")
     assert isinstance(ours, DomainMixture) and ours.domains == ["domain_0", "domain_1", "domain_2"]
     n = 6000
     observed = np.bincount([e["d"] for e in islice(ours, n)], minlength=3)
@@ -46,6 +49,22 @@ def test_names_come_from_argument_or_dataset_info():
         ds.info.dataset_name = f"corpus{k}"
     infos[1].info.config_name = "en"
     assert interleave_datasets(infos).domains == ["corpus0", "corpus1/en", "corpus2"]
+    assert interleave_datasets(dict(zip(["web", "code", "law"], parts()))).domains == ["web", "code", "law"]
+
+
+def test_local_files_are_named_by_their_splits_not_their_builder(tmp_path):
+    """``load_dataset("json", ...)`` names every dataset "json"; the split names of ``data_files`` are kept."""
+    for name in ("code", "web"):
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    files = {name: str(tmp_path / f"{name}.jsonl") for name in ("code", "web")}
+    loaded = datasets.load_dataset("json", data_files=files)
+    assert interleave_datasets([loaded["code"], loaded["web"]]).domains == ["code", "web"]
+    streamed = datasets.load_dataset("json", data_files=files, streaming=True)
+    assert interleave_datasets([streamed["code"], streamed["web"]]).domains == ["code", "web"]
+    assert interleave_datasets(loaded).domains == ["code", "web"]  # a DatasetDict: its keys
+    plain = [datasets.load_dataset("json", data_files=path, split="train") for path in files.values()]
+    with pytest.warns(UserWarning, match="domain_0, domain_1 in history.json"):
+        assert interleave_datasets(plain).domains == ["domain_0", "domain_1"]
 
 
 @pytest.mark.parametrize(

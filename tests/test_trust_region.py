@@ -239,9 +239,12 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
                 "tikmix/predicted_gain/held_out_pattern", "tikmix/realised_gain/held_out_pattern",
                 "tikmix/influence/held_out_pattern/noise"):
         assert tag in tags, f"{tag} missing from {sorted(t for t in tags if t.startswith('tikmix'))}"
-    # the event file holds the history's numbers: the weights after each stage, the radius each used
-    weights = [e.value for e in events.Scalars("train/tikmix/weight/pattern")]
-    np.testing.assert_allclose(weights, [s["weights_after"]["pattern"] for s in stages], rtol=1e-6)
+    # the event file holds the history's numbers: the starting weights at step 0, then the weights after each
+    # stage, and the radius each used
+    weights = events.Scalars("train/tikmix/weight/pattern")
+    assert [e.step for e in weights] == [0, 6, 12]
+    np.testing.assert_allclose([e.value for e in weights], [0.2] + [s["weights_after"]["pattern"] for s in stages],
+                               rtol=1e-6)
     radii = [e.value for e in events.Scalars("train/tikmix/trust_radius")]
     np.testing.assert_allclose(radii, [s["mixer"]["trust_region"]["radius_used"] for s in stages], rtol=1e-6)
     # the Trainer's own loss log is kept at the boundaries, which are logging steps too

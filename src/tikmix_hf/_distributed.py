@@ -67,6 +67,7 @@ def unwrap(model, *, sharded: bool = False):
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile: measure through the eager module it wraps
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ValueError(
             "DeepSpeed engines are not supported: this model's parameters are partitioned by ZeRO-3 (they carry "

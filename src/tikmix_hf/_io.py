@@ -26,6 +26,9 @@ def save_text_atomic(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            mask = os.umask(0o22)  # mkstemp makes the file 0600: give it the mode of any other output
+            os.umask(mask)
+            os.fchmod(fh.fileno(), 0o666 & ~mask)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -47,7 +47,8 @@ from .mixers import Mixer, StageInputs, build_mixer
 from .mixture import DomainMixture
 from .report import stage_line
 from .run_checks import check_first_batches, check_trainer
-from .stage_record import StageRecord, StageSeconds, entropy, stage_metrics, stage_notes
+from .setup_checks import check_window_setup
+from .stage_record import StageRecord, StageSeconds, entropy, stage_metrics, stage_notes, start_metrics
 from .stages import Stages, plan_stages, plan_windows
 from .training_args import config_from
 
@@ -148,8 +149,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             remove_stale_temporaries(os.path.dirname(self._history_path))
         self._val_examples = select_validation(self.validation, cfg.tikmix_validation_sequences, cfg.tikmix_seed)
         check_first_batches(self._batcher, self._val_examples, self.mixture, batch_size=self._probe_batch_size(args),
-                            probe_sequences=cfg.tikmix_probe_sequences,
-                            device=next(model.parameters()).device if model is not None else args.device)
+                            probe_sequences=cfg.tikmix_probe_sequences, model=self._measured(model),
+                            measures=self.mixer.measures, device=args.device)
         self._max_steps = int(state.max_steps)
         domains = list(self.mixture.domains)
         self._stages = plan_stages(cfg, self._max_steps, self.mixer.plan(cfg, self._max_steps, domains))
@@ -159,6 +160,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._windows = WindowLifecycle(source, strict=cfg.tikmix_influence_source == "training",
                                         preconditioner=cfg.tikmix_preconditioner, quota=cfg.tikmix_window_sequences)
         self._windows.plan(plan_windows(self._stages.steps, cfg.tikmix_window_steps))
+        check_window_setup(self._windows, self._measured(model), self._trainer, self._geometry)
         if self._stages.counts_tokens:
             self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
 
@@ -186,6 +188,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             self._initial_weights = self.mixture.weights
             self.history, self.stage, self._tokens_prev = [], 0, 0
             self._write_history()
+            log_to_integrations(self._trainer, start_metrics(self._initial_weights))
         # Trainer._save_checkpoint indexes stateful_callbacks by name: make sure the entry exists.
         if isinstance(state.stateful_callbacks, dict):
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())

@@ -17,7 +17,7 @@ from typing import Any
 from .batching import log_key
 
 __all__ = ["STATUS_CODES", "StageRecord", "StageSeconds", "entropy", "measurement_passes", "measurement_tokens",
-           "stage_metrics", "stage_notes"]
+           "stage_metrics", "stage_notes", "start_metrics"]
 
 #: ``tikmix/status`` as a number, for the integrations that plot only numbers.
 STATUS_CODES = {"converged": 0, "restarted": 1, "fallback": 2, "skipped": 3, "replayed": 4}
@@ -66,8 +66,17 @@ def entropy(weights: Mapping[str, float]) -> float:
 
 
 def stage_notes(record: StageRecord, entropy_warning: float) -> list[str]:
-    """What a user should be warned about: a mixture collapsing onto few domains, a skipped decision."""
+    """What a user should be warned about: a mixture collapsing onto few domains, a skipped decision, a
+    training window that read no sequence (its hooks never ran) or some whose gradients overflowed."""
     notes = []
+    window = (record.influence or {}).get("window")
+    if window and not any(window["sequences"].values()):
+        notes.append("the training window read no training sequence (its hooks never ran on the training forward: a "
+                     "compiled model, or a forward that bypasses the model's layers), so this decision rests on the "
+                     "top-up probes alone; set tikmix_influence_source='probes' to measure on the full probe budget")
+    if window and window.get("nonfinite"):
+        notes.append(f"{window['nonfinite']} training sequences' gradients overflowed (fp16 loss scaling) and were "
+                     "left out of the training window's influence")
     m = len(record.weights_after)
     if m > 1 and record.entropy < entropy_warning * math.log(m):
         notes.append(f"the weights' entropy {record.entropy:.3f} is below {entropy_warning} x log({m}): the mixture "
@@ -75,6 +84,11 @@ def stage_notes(record: StageRecord, entropy_warning: float) -> list[str]:
     if record.status == "skipped":
         notes.append(record.message)
     return notes
+
+
+def start_metrics(weights: Mapping[str, float]) -> dict[str, float]:
+    """``tikmix/weight/<domain>`` of the mixture training starts from (logged at step 0)."""
+    return {f"tikmix/weight/{log_key(d)}": float(w) for d, w in weights.items()}
 
 
 def stage_metrics(record: StageRecord | Mapping[str, Any], *, log_matrix: bool = True) -> dict[str, float]:

@@ -58,13 +58,28 @@ def _inject_distributed_defaults(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
+#: ``tikmix train``'s defaults for a new model: the Trainer's own (5e-5, no warm-up, linear decay) suit
+#: fine-tuning, and a model trained from scratch barely moves with them.
+NEW_MODEL_DEFAULTS = {"--learning_rate": "1e-3", "--lr_scheduler_type": "cosine", "--warmup_steps": "0.05"}
+
+
+def _inject_new_model_defaults(argv: list[str]) -> list[str]:
+    """:data:`NEW_MODEL_DEFAULTS` where the model is new (no ``--model_name_or_path``) and the flag is not given."""
+    flags = {a.split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if "__model_name_or_path" in flags:
+        return argv
+    extra = [x for flag, value in NEW_MODEL_DEFAULTS.items() if flag.replace("-", "_") not in flags
+             for x in (flag, value)]
+    return [*argv, *extra]
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(argv: list[str]) -> int:
     parser = _train_parser()
-    argv = _inject_distributed_defaults(argv)
+    argv = _inject_new_model_defaults(_inject_distributed_defaults(argv))
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # the dataclasses' own checks (TrainingArguments, --tikmix_* values)
@@ -132,7 +147,8 @@ def cmd_train(argv: list[str]) -> int:
         rows = [(n, len(b), f"{mixture.weights[n]:.3f}") for n, b in blocks.items()]
         print(f"tikmix train: {sum(p.numel() for p in model.parameters()):,} parameters, {len(blocks)} domains "
               f"({', '.join(f'{n}: {k} blocks, w={w}' for n, k, w in rows)}), validation {list(val_blocks)}, "
-              f"world size {training_args.world_size}", flush=True)
+              f"world size {training_args.world_size}, learning rate {training_args.learning_rate:g} "
+              f"({getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)})", flush=True)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()

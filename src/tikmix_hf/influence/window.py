@@ -2,11 +2,14 @@
 
 :func:`group_influence` differentiates probe sequences drawn for the purpose; every probe token is
 compute that training does not get. A :class:`TrainingWindow` instead reads the gradients that
-training computes anyway: over the steps before a boundary, hooks on every ``nn.Linear`` and
-``nn.Embedding`` take, for each training sequence, the dot product of its own gradient with the
-``n`` preconditioned validation gradients, without forming any per-sequence gradient of the whole
-model. Per layer, sequence ``b``'s weight gradient is ``sum_t G_bt A_bt^T`` (output gradient times
-input), so ``<V, grad_b> = <V, G_b^T A_b>``; for an embedding it is ``sum_t <G_bt, V[id_bt]>``.
+training computes anyway: over the steps before a boundary, hooks on every ``nn.Linear``,
+``nn.Embedding`` and Hugging Face ``Conv1D`` (GPT-2's layers) take, for each training sequence, the
+dot product of its own gradient with the ``n`` preconditioned validation gradients, without forming
+any per-sequence gradient of the whole model. Per layer, sequence ``b``'s weight gradient is
+``sum_t G_bt A_bt^T`` (output gradient times input), so ``<V, grad_b> = <V, G_b^T A_b>``; for an
+embedding it is ``sum_t <G_bt, V[id_bt]>``. Each layer's input is saved for its backward the way
+autograd saves any activation (:class:`_Tap`), so activation checkpointing frees and recomputes it
+like the rest.
 
 The Trainer's loss scales every gradient by a constant of its own (one over the batch's labelled
 tokens, the accumulation steps, the number of ranks...). The window recovers it exactly from the
@@ -16,12 +19,13 @@ soft-capped logits) is refused by the size of the misfit rather than measured wr
 
 The result is the same ratio estimator as the probes' (``S_ij`` is the summed dot products of
 domain ``j``'s sequences over their labelled tokens), with sequences as the sampling units of the
-standard errors, on the parameters the hooks see: those owned by ``Linear`` and ``Embedding``
-modules (normalisation weights are left out; ``result.parameter_names`` lists what counts).
+standard errors, on the parameters the hooks see: those owned by ``Linear``, ``Embedding`` and
+``Conv1D`` modules (normalisation weights are left out; ``result.parameter_names`` lists what counts).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -39,7 +43,8 @@ from .sharding import sharding_of
 from .stats import BatchStats
 from .timer import DeviceTimer
 
-#: The modules whose parameters' per-sequence gradients the hooks can take.
+#: The modules whose parameters' per-sequence gradients the hooks can take (and Hugging Face's ``Conv1D``,
+#: a linear layer with its weight stored transposed, recognised by :func:`is_conv1d`).
 COVERED = (torch.nn.Linear, torch.nn.Embedding)
 #: The largest misfit ``||G - c D|| / ||G||`` of the logits' gradient that still counts as the token
 #: cross-entropy; float32 rounding is far below it, bfloat16 logits about a tenth of it.
@@ -49,16 +54,56 @@ WINDOW_FORMAT = "tikmix_hf.window/1"
 #: Per-sequence weight gradients are formed for at most this many values at a time; a layer whose weight
 #: alone is larger is scored task by task instead.
 _CHUNK_VALUES = 1 << 24
+_NO_LOGITS = (
+    "the training forward never called the model's output layer (get_output_embeddings()) on the hidden states: a "
+    "fused linear cross-entropy (Liger's kernels, or a forward that returns only the loss) computes the loss "
+    "without the logits, from which the training window reads each sequence's gradient scale; measure with probes "
+    "(tikmix_influence_source='probes'), which call the model without labels, or turn the fused loss off"
+)
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2 and its kin): ``x @ weight + bias`` with ``weight`` of shape (in, out).
+
+    Recognised by its name and shape rather than imported, so that this layer imports no ``transformers``.
+    """
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def _covered(module: torch.nn.Module) -> bool:
+    return isinstance(module, COVERED) or is_conv1d(module)
 
 
 def covered_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Trainable parameters that only ``Linear`` and ``Embedding`` modules use (tied weights included)."""
+    """Trainable parameters that only ``Linear``, ``Embedding`` and ``Conv1D`` modules use (tied weights
+    included)."""
     owners: dict[int, list[torch.nn.Module]] = {}
     for sub in module.modules():
         for p in sub.parameters(recurse=False):
             owners.setdefault(id(p), []).append(sub)
     return [(name, p) for name, p in module.named_parameters()
-            if p.requires_grad and all(isinstance(m, COVERED) for m in owners[id(p)])]
+            if p.requires_grad and all(_covered(m) for m in owners[id(p)])]
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on a layer's output whose backward hands the output's gradient, and the layer's input, to
+    ``read``. The input is saved as autograd saves any activation: under activation checkpointing it is freed
+    after the forward and recomputed for the backward like the rest of the layer's activations, where a hook's
+    closure would keep it alive."""
+
+    @staticmethod
+    def forward(ctx, output, inp, read):
+        ctx.read = read
+        ctx.save_for_backward(inp)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inp,) = ctx.saved_tensors
+        ctx.read(grad, inp)
+        return grad, None, None
 
 
 class TrainingWindow:
@@ -71,8 +116,10 @@ class TrainingWindow:
             measured now, at the window's start, and held (``n x P`` values) until :meth:`result`.
         domain_names: the mixture's domains, in the order of the ids ``domain_of`` returns.
         preconditioner: ``"identity"`` or ``"adam"`` (read from ``optimizer`` now, once).
-        strict: raise ``ValueError`` from the training step when a batch cannot be read (no labels,
-            a loss of another form, a row that is not one mixture example); with ``False`` the window
+        strict: raise ``ValueError`` when a batch cannot be read (no labels, a loss of another form, a row
+            that is not one mixture example, an output layer the forward never calls): from the training step
+            in one process, from :meth:`close` on every rank together with several (a raise inside one rank's
+            backward would leave the others waiting in their gradient all-reduce). With ``False`` the window
             stops collecting instead and ``failure`` says why, so the caller can measure with probes.
 
     Use: ``attach(domain_of)`` before the window's first training step, where ``domain_of(k, rows)``
@@ -121,8 +168,8 @@ class TrainingWindow:
         chosen = covered_parameters(self.module)
         if not chosen:
             raise ValueError(
-                f"{type(self.module).__name__} has no trainable nn.Linear or nn.Embedding parameter for the training "
-                "window's hooks to measure; measure with probes (tikmix_influence_source='probes')"
+                f"{type(self.module).__name__} has no trainable nn.Linear, nn.Embedding or Conv1D parameter for the "
+                "training window's hooks to measure; measure with probes (tikmix_influence_source='probes')"
             )
         self.layout = ParameterLayout([n for n, _ in chosen], [p for _, p in chosen])
         self.domain_names = list(domain_names)
@@ -133,6 +180,7 @@ class TrainingWindow:
         self.loss_sums = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.sequences = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.micro_batches = 0
+        self.nonfinite = 0  # sequences whose dot products overflowed (fp16), left out of the sums
         self.timer = DeviceTimer(self.layout.device)
         self._handles: list = []
         self._pending: dict | None = None
@@ -160,11 +208,14 @@ class TrainingWindow:
         """What a checkpoint inside the window must keep: JSON-ready facts and this rank's tensors.
 
         Call between training steps (the last micro-batch's backward has run); :meth:`restore` with
-        both continues the window exactly where it stood.
+        both continues the window exactly where it stood. A batch the window cannot read is refused here as
+        in training (not ``strict``: the window stops, and its state says why), so a checkpoint never fails
+        for it.
         """
-        self._flush()
+        self._guarded(self._flush)
         meta = {
             "format": WINDOW_FORMAT, "micro_batches": self.micro_batches, "units": self._units,
+            "failure": self.failure, "nonfinite": self.nonfinite,
             "quota": self.quota, "taken": self._taken.tolist(), "full": self.full,
             "hook_seconds": self.hook_seconds, "validation_seconds": self.validation_seconds,
             "preconditioner": self.preconditioner_name, "preconditioner_used": self.preconditioner_used,
@@ -206,6 +257,7 @@ class TrainingWindow:
             raise ValueError(f"the saved training window read {meta.get('quota')} sequences per domain and this run "
                              f"reads {self.quota}; resume with the same tikmix_probe_sequences")
         self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
+        self.failure, self.nonfinite = meta.get("failure"), int(meta.get("nonfinite", 0))
         self._taken, self.full = np.asarray(meta["taken"], dtype=np.int64), bool(meta["full"])
         self.timer = DeviceTimer(self.layout.device, float(meta["hook_seconds"]))
         self.validation_seconds = float(meta["validation_seconds"])
@@ -224,20 +276,15 @@ class TrainingWindow:
         if self._handles:
             raise RuntimeError("this TrainingWindow is already attached")
         self._domain_of = domain_of
-        if self.full:
-            return  # a window restored after it had every domain's quota: nothing more to read
+        if self.full or self.failure is not None:
+            return  # a window restored after it had every domain's quota, or had stopped: nothing more to read
+        output = output_layer(self.module)
         self._handles.append(self.module.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        output = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
-        if not isinstance(output, torch.nn.Linear):
-            self.detach()
-            raise ValueError(
-                f"the training window needs the model's output layer as an nn.Linear (get_output_embeddings(), got "
-                f"{type(output).__name__}) to read the loss's scale from the logits; measure with probes "
-                "(tikmix_influence_source='probes')"
-            )
         self._output = output
+        self._names = {id(sub): name for name, sub in self.module.named_modules()}
         for sub in self.module.modules():
-            if isinstance(sub, COVERED) and any(id(p) in self.views for p in sub.parameters(recurse=False)):
+            # the output layer is read even when frozen (LoRA): its logits give the loss's scale
+            if sub is output or (_covered(sub) and any(id(p) in self.views for p in sub.parameters(recurse=False))):
                 self._handles.append(sub.register_forward_hook(self._on_layer))
 
     def detach(self) -> None:
@@ -245,33 +292,50 @@ class TrainingWindow:
             handle.remove()
         self._handles = []
 
-    def _refuse(self, error: ValueError) -> None:
-        """A run the window cannot read: raise (``strict``), or stop collecting and keep why in ``failure``."""
-        if self.strict:
+    def _refuse(self, error: Exception) -> None:
+        """A run the window cannot read: raise (``strict``, one process), or stop reading and keep why in
+        ``failure`` (not ``strict``; or ``strict`` with several ranks, where :meth:`close` raises it on all).
+
+        The hooks stay until the next forward: a backward under way may still recompute checkpointed layers,
+        which must save what their first forward saved.
+        """
+        if self.strict and self.world == 1:
             raise error
-        self.failure = str(error)
+        if self.failure is None:
+            self.failure = str(error)
+
+    def _guarded(self, work, *args) -> None:
+        try:
+            work(*args)
+        except (ValueError, RuntimeError) as error:  # a RuntimeError too: auto must never crash training
+            self._refuse(error)
+
+    def _stop(self, error: Exception | None = None) -> None:
+        """Before a forward (no backward under way): refuse ``error`` and take the hooks off."""
+        if error is not None:
+            self._refuse(error)
         self._pending = None
         self.detach()
 
     def _on_forward(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or self.failure is not None:
+        if self.failure is not None:
+            return self._stop()  # stopped in the last micro-batch's backward
+        if not torch.is_grad_enabled():
             return None  # evaluation and generation: no backward follows
         labels = kwargs.get("labels")
         if labels is None:
-            self._refuse(ValueError(
+            return self._stop(ValueError(
                 "the training window reads the labels from the model's forward, and this training forward got none "
                 "(a label smoother or a custom compute_loss pops them); measure with probes "
                 "(tikmix_influence_source='probes')"
             ))
-            return None
         with self.timer.section():  # the hooks' whole cost counts, their bookkeeping included
             rows = int(labels.shape[0])
             try:
                 self._flush()
                 ids, keep = self._choose(rows)
             except ValueError as error:
-                self._refuse(error)
-                return None
+                return self._stop(error)
             self.micro_batches += 1
             if keep is not None and keep.numel() == 0:
                 if self.full:
@@ -283,7 +347,7 @@ class TrainingWindow:
                 "labels": labels.detach() if keep is None else labels.detach().index_select(0, keep),
                 "dots": torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype,
                                     device=self.layout.device),
-                "scale": None, "tokens": None, "losses": None, "logits": None,
+                "scale": None, "tokens": None, "losses": None, "logits": None, "positions": int(labels.numel()),
             }
         return None
 
@@ -312,84 +376,132 @@ class TrainingWindow:
         pending = self._pending
         if pending is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        keep = pending["keep"]
-        with self.timer.section():  # only the chosen rows' activations stay alive
-            inp = _rows_of(inputs[0].detach(), keep, pending["all_rows"])
+        keep, ids = pending["keep"], inputs[0]
+        with self.timer.section():  # only the chosen rows' activations are saved
+            if output.shape[0] != pending["all_rows"]:
+                if not (isinstance(sub, torch.nn.Embedding) and output.shape[0] == ids.shape[0] == 1):
+                    self._refuse(ValueError(
+                        f"layer {self._names.get(id(sub), type(sub).__name__)!r} gave {output.shape[0]} rows for a "
+                        f"micro-batch of {pending['all_rows']} sequences (a layer on tokens gathered from several "
+                        "sequences, as mixture-of-experts layers are): the training window reads each layer batch "
+                        "first, one row per sequence; measure with probes (tikmix_influence_source='probes')"
+                    ))
+                    return None
+                # a position embedding looked up once for the whole batch (GPT-2's wpe): read it per sequence from
+                # its expansion, which training adds to the token embeddings with the same values and gradients
+                output = output.expand(pending["all_rows"], *output.shape[1:])
+                ids = ids.expand(pending["all_rows"], *ids.shape[1:])
             if sub is self._output:
-                pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
+                positions = output.numel() // output.shape[-1]
+                if positions != pending["positions"] and self.failure is None:
+                    self._refuse(ValueError(
+                        f"the model's output layer gave logits for {positions} positions where the labels have "
+                        f"{pending['positions']} (logits_to_keep, or logits computed for part of the sequence): the "
+                        "training window reads the loss's scale from every labelled position's logits; return the "
+                        "logits of every position in training, or measure with probes "
+                        "(tikmix_influence_source='probes')"
+                    ))
+                if self.failure is None:
+                    pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
+            inp = _rows_of(ids.detach(), keep, pending["all_rows"])
 
-        def on_grad(grad, sub=sub, inp=inp, pending=pending):
-            if self.failure is not None:
-                return
-            with self.timer.section(), torch.no_grad():
-                grad = _rows_of(grad, pending["keep"], pending["all_rows"])
-                if sub is self._output:
-                    try:
-                        self._loss_scale(pending, grad)
-                    except ValueError as error:
-                        self._refuse(error)
-                        return
-                pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
+        def read(grad, inp, sub=sub, pending=pending):
+            if self.failure is None:
+                with self.timer.section(), torch.no_grad():
+                    self._guarded(self._read, sub, pending, _rows_of(grad, keep, pending["all_rows"]), inp)
 
-        output.register_hook(on_grad)
-        return None
+        return _Tap.apply(output, inp, read)
+
+    def _read(self, sub, pending, grad, inp) -> None:
+        """One layer's share of each chosen sequence's dot products, from its output gradient and input."""
+        if sub is self._output:
+            self._loss_scale(pending, grad)
+        pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
 
     def _layer_dots(self, sub, inp, grad, rows) -> torch.Tensor:
-        """``(rows, n)``: each sequence's ``<V_i, its gradient>`` through this layer's parameters."""
+        """``(rows, n)``: each sequence's ``<V_i, its gradient>`` through this layer's parameters.
+
+        Every temporary is bounded by ``_CHUNK_VALUES`` values or the layer's activations, whatever the
+        width of the layer's output (a large vocabulary): the gradient is converted to the compute dtype a
+        few sequences at a time.
+        """
         dtype = self.layout.compute_dtype
-        g = grad.reshape(rows, -1, grad.shape[-1]).to(dtype)
+        g = grad.reshape(rows, -1, grad.shape[-1])
         dots = torch.zeros((rows, len(self.tasks)), dtype=dtype, device=g.device)
         weight = self.views.get(id(sub.weight))
+        bias = self.views.get(id(sub.bias)) if getattr(sub, "bias", None) is not None else None
         if isinstance(sub, torch.nn.Embedding):
+            if weight is None:
+                return dots
             ids = inp.reshape(rows, -1)
-            if weight is not None:
-                if sub.padding_idx is not None:  # the padding row gets no gradient
-                    g = g * (ids != sub.padding_idx)[:, :, None]
-                for i in range(weight.shape[0]):  # one task at a time: (rows, T, d), the activations' size
-                    dots[:, i] += (g * weight[i][ids]).sum(dim=(1, 2))
-            return dots
-        a = inp.reshape(rows, -1, inp.shape[-1]).to(dtype)
-        if weight is not None and weight[0].numel() <= _CHUNK_VALUES:
-            # G_b^T A_b per sequence (the cost of the layer's weight gradient), then n dot products
-            flat = weight.reshape(weight.shape[0], -1)
-            step = max(1, _CHUNK_VALUES // weight[0].numel())
+            step = max(1, _CHUNK_VALUES // g[0].numel())
             for lo in range(0, rows, step):
-                per_sequence = torch.einsum("bto,bti->boi", g[lo:lo + step], a[lo:lo + step])
-                dots[lo:lo + step] += per_sequence.reshape(per_sequence.shape[0], -1) @ flat.T
-        elif weight is not None:
-            # A weight too large to form per sequence (a big output layer): sum_t <G_bt, V_i A_bt>, task by
-            # task, in the activations' size (n times the weight gradient's cost instead of once)
-            for i in range(weight.shape[0]):
-                dots[:, i] += ((a @ weight[i].T) * g).sum(dim=(1, 2))
-        bias = self.views.get(id(sub.bias)) if sub.bias is not None else None
-        if bias is not None:
-            dots += g.sum(dim=1) @ bias.T
+                gc, idc = g[lo:lo + step].to(dtype), ids[lo:lo + step]
+                if sub.padding_idx is not None:  # the padding row gets no gradient
+                    gc = gc * (idc != sub.padding_idx)[:, :, None]
+                for i in range(weight.shape[0]):  # one task at a time: (rows, T, d), the activations' size
+                    dots[lo:lo + step, i] += (gc * weight[i][idc]).sum(dim=(1, 2))
+            return dots
+        a = inp.reshape(rows, -1, inp.shape[-1])
+        conv1d = is_conv1d(sub)  # weight (in, out): the transpose of a Linear's
+        per_sequence = weight is not None and weight[0].numel() <= _CHUNK_VALUES
+        width = max(g[0].numel(), a[0].numel(), weight[0].numel() if per_sequence else 0)
+        step = max(1, _CHUNK_VALUES // width)
+        flat = weight.reshape(weight.shape[0], -1) if per_sequence else None
+        for lo in range(0, rows, step):
+            gc, ac = g[lo:lo + step].to(dtype), a[lo:lo + step].to(dtype)
+            if per_sequence:
+                # G_b^T A_b per sequence (the cost of the layer's weight gradient), then n dot products
+                if conv1d:
+                    product = torch.einsum("bti,bto->bio", ac, gc)
+                else:
+                    product = torch.einsum("bto,bti->boi", gc, ac)
+                dots[lo:lo + step] += product.reshape(product.shape[0], -1) @ flat.T
+            elif weight is not None:
+                # A weight too large to form per sequence (a big output layer): sum_t <V_i^T G_bt, A_bt>, task
+                # by task, in the activations' size (n times the weight gradient's cost instead of once)
+                for i in range(weight.shape[0]):
+                    back = gc @ (weight[i].T if conv1d else weight[i])
+                    dots[lo:lo + step, i] += (back * ac).sum(dim=(1, 2))
+            if bias is not None:
+                dots[lo:lo + step] += gc.sum(dim=1) @ bias.T
         return dots
 
     def _loss_scale(self, pending, grad) -> None:
-        """Fit ``grad = c (softmax - onehot)`` of the logits: ``c`` per sequence, tokens and losses too."""
+        """Fit ``grad = c (softmax - onehot)`` of the logits: ``c`` per sequence, tokens and losses too.
+
+        With ``p = softmax(z)`` and ``d = p - onehot`` on labelled tokens, the fit needs ``<g, d>`` and
+        ``<d, d>`` per token, from vocabulary-wide dot products; they are taken a few tokens at a time, so
+        the probabilities and the compute-dtype copies are never the size of the logits.
+        """
         logits, rows = pending["logits"], pending["rows"]
-        targets = shifted_targets(pending["labels"]).reshape(rows, -1)
+        if logits is None:
+            raise ValueError(_NO_LOGITS)
+        targets = shifted_targets(pending["labels"]).reshape(-1)
         dtype = self.layout.compute_dtype
-        z = logits.reshape(rows, -1, logits.shape[-1]).to(dtype)
-        g = grad.reshape(z.shape).to(dtype)
-        mask = targets != IGNORE_INDEX
-        safe = targets.clamp(min=0)[..., None]
-        # With p = softmax(z) and d = p - onehot on labelled tokens: <g, d> and <d, d> per token, from
-        # vocabulary-wide dot products (one probability tensor, no product tensor of the logits' size).
-        lse = torch.logsumexp(z, dim=-1)
-        p = (z - lse[..., None]).exp_()
-        p_t, g_t = p.gather(-1, safe)[..., 0], g.gather(-1, safe)[..., 0]
-        width = z.shape[-1]
-        gp = torch.einsum("nv,nv->n", g.reshape(-1, width), p.reshape(-1, width)).view(lse.shape)
-        pp = torch.einsum("nv,nv->n", p.reshape(-1, width), p.reshape(-1, width)).view(lse.shape)
-        on = mask.to(dtype)
-        num = ((gp - g_t) * on).sum(dim=1)
-        den = ((pp - p_t * p_t + (1 - p_t) ** 2) * on).sum(dim=1)
-        gg = float(torch.dot(g.reshape(-1), g.reshape(-1)))
+        width = logits.shape[-1]
+        z_all, g_all = logits.reshape(-1, width), grad.reshape(-1, width)
+        gd, dd, loss = (torch.zeros(targets.shape[0], dtype=dtype, device=z_all.device) for _ in range(3))
+        gg = 0.0
+        step = max(1, _CHUNK_VALUES // width)
+        for lo in range(0, targets.shape[0], step):
+            z, g = z_all[lo:lo + step].to(dtype), g_all[lo:lo + step].to(dtype)
+            target = targets[lo:lo + step]
+            on = (target != IGNORE_INDEX).to(dtype)
+            safe = target.clamp(min=0)[:, None]
+            lse = torch.logsumexp(z, dim=-1)
+            z_t = z.gather(-1, safe)[:, 0]
+            # the probabilities overwrite z where z is already a copy (logits of another dtype)
+            p = z.sub_(lse[:, None]).exp_() if logits.dtype != dtype else (z - lse[:, None]).exp_()
+            p_t, g_t = p.gather(-1, safe)[:, 0], g.gather(-1, safe)[:, 0]
+            gd[lo:lo + step] = (torch.einsum("nv,nv->n", g, p) - g_t) * on
+            dd[lo:lo + step] = (torch.einsum("nv,nv->n", p, p) - p_t * p_t + (1 - p_t) ** 2) * on
+            loss[lo:lo + step] = (lse - z_t) * on
+            gg += float(torch.dot(g.reshape(-1), g.reshape(-1)))
+        num, den = gd.view(rows, -1).sum(dim=1), dd.view(rows, -1).sum(dim=1)
         scale = torch.where(den > 0, num / den.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(num))
         misfit = max(gg - float((num * scale).sum()), 0.0)
-        if gg > 0 and (misfit / gg) ** 0.5 > LOSS_MISFIT:
+        if gg > 0 and math.isfinite(gg) and (misfit / gg) ** 0.5 > LOSS_MISFIT:
             raise ValueError(
                 f"the training loss's gradient of the logits differs from the next-token cross-entropy's by "
                 f"{(misfit / gg) ** 0.5:.1%} (at most {LOSS_MISFIT:.0%} counts as the same loss): the training window "
@@ -397,22 +509,32 @@ class TrainingWindow:
                 "logits change it); measure with probes (tikmix_influence_source='probes')"
             )
         pending["scale"] = scale
-        pending["tokens"] = mask.sum(dim=1)
-        pending["losses"] = ((lse - z.gather(-1, safe)[..., 0]) * on).sum(dim=1)
+        pending["tokens"] = (targets != IGNORE_INDEX).view(rows, -1).sum(dim=1)
+        pending["losses"] = loss.view(rows, -1).sum(dim=1)
 
     def _flush(self) -> None:
         """Record the last micro-batch, whose backward has run by now, sequence by sequence."""
         pending, self._pending = self._pending, None
-        if pending is None or pending["scale"] is None:
-            return  # a forward with gradients but no backward (or no labelled token): nothing to record
+        if pending is None or self.failure is not None:
+            return
+        if pending["logits"] is None and pending["rows"] > 0:
+            raise ValueError(_NO_LOGITS)
+        if pending["scale"] is None:
+            return  # a forward with gradients but no backward: nothing to record
         ids = pending["ids"]
         scale = pending["scale"]
         # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
         column = (pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
-        tokens, scales, losses = pending["tokens"].tolist(), scale.tolist(), pending["losses"].double()
+        losses = pending["losses"].double()
+        # An overflowed gradient (fp16 with a loss scaler, which then skips the step) gives no measurement.
+        finite = (torch.isfinite(column).all(dim=1) & torch.isfinite(losses) & torch.isfinite(scale)).tolist()
+        tokens, scales = pending["tokens"].tolist(), scale.tolist()
         for b, (t, c, j) in enumerate(zip(tokens, scales, ids.tolist())):
             if t == 0 or c == 0:
                 continue  # no labelled token: no gradient, nothing to record
+            if not finite[b]:
+                self.nonfinite += 1
+                continue
             # Sequences alternate between the even and the odd half on every rank.
             self.stats.add(j, self._units, t, column[b], 1)
             self._units += 1
@@ -424,14 +546,14 @@ class TrainingWindow:
 
         Not ``strict``: when any rank's window could not read its batches, ``failure`` says why on every rank.
         """
-        try:
-            self._flush()
-        except ValueError as error:
-            self._refuse(error)
+        self._guarded(self._flush)
         self.detach()
+        self._pending = None
         failed = all_reduce(torch.tensor([float(self.failure is not None)], device=self.layout.device), self.world)
         if failed.item() and self.failure is None:
             self.failure = "another rank's training window could not read its batches (that rank's warning says why)"
+        if self.failure is not None and self.strict:
+            raise ValueError(self.failure)  # several ranks: every rank raises here, together
         self.stats.reduce(self.world)
         all_reduce(self.loss_sums, self.world)
         all_reduce(self.sequences, self.world)
@@ -505,8 +627,21 @@ class TrainingWindow:
                 "validation_seconds": self.validation_seconds,
                 "hook_seconds": self.hook_seconds,
                 "parameters": self.layout.total,
+                "nonfinite": self.nonfinite,
             },
         )
+
+
+def output_layer(module: torch.nn.Module) -> torch.nn.Linear:
+    """The model's output layer (``get_output_embeddings()``), whose logits give the loss's scale."""
+    output = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if not isinstance(output, torch.nn.Linear):
+        raise ValueError(
+            f"the training window needs the model's output layer as an nn.Linear (get_output_embeddings(), got "
+            f"{type(output).__name__}) to read the loss's scale from the logits; measure with probes "
+            "(tikmix_influence_source='probes')"
+        )
+    return output
 
 
 def _rows_of(tensor: torch.Tensor, keep: torch.Tensor | None, rows: int) -> torch.Tensor:

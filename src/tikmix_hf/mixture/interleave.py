@@ -9,7 +9,8 @@ An existing pipeline switches with one line::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .mixture import DomainMixture
@@ -17,20 +18,46 @@ from .mixture import DomainMixture
 STOPPING_STRATEGIES = {"first_exhausted": "stop", "all_exhausted": "cycle"}
 
 
+#: ``info.dataset_name`` of a dataset loaded from local files is its builder's name, not a name of its own.
+FILE_BUILDERS = frozenset({"arrow", "audiofolder", "cache", "csv", "generator", "hdf5", "imagefolder", "json",
+                           "pandas", "parquet", "spark", "sql", "text", "videofolder", "webdataset", "xml"})
+#: Split names that say nothing about a domain.
+PLAIN_SPLITS = frozenset({"train", "validation", "test", "all"})
+
+
+def _names_of(datasets_: Sequence[Any], named) -> list[str] | None:
+    names = [named(ds) for ds in datasets_]
+    return names if all(names) and len(set(names)) == len(names) else None
+
+
+def _dataset_name(ds: Any) -> str | None:
+    info = getattr(ds, "info", None)
+    name, config = getattr(info, "dataset_name", None), getattr(info, "config_name", None)
+    if not name or name in FILE_BUILDERS:
+        return None
+    return f"{name}/{config}" if config and config != "default" else name
+
+
+def _split_name(ds: Any) -> str | None:
+    split = str(getattr(ds, "split", None) or "")
+    return split if split and split not in PLAIN_SPLITS else None
+
+
 def _default_names(datasets_: Sequence[Any]) -> list[str]:
-    """``info.dataset_name`` (with the config when it is not ``default``) of each dataset where present
-    and unique, else ``domain_0, domain_1, ...`` for all."""
-    names = []
-    for ds in datasets_:
-        info = getattr(ds, "info", None)
-        name = getattr(info, "dataset_name", None)
-        config = getattr(info, "config_name", None)
-        if name and config and config != "default":
-            name = f"{name}/{config}"
-        names.append(name)
-    if all(names) and len(set(names)) == len(names):
+    """The datasets' own names where each has a distinct one: ``info.dataset_name`` (with its config) of a
+    hub dataset, else the split name ``load_dataset(..., data_files={"code": ...})`` gives; otherwise
+    ``domain_0, domain_1, ...``, with a warning (``history.json`` and the logs will show those)."""
+    names = _names_of(datasets_, _dataset_name) or _names_of(datasets_, _split_name)
+    if names is not None:
         return names
-    return [f"domain_{i}" for i in range(len(datasets_))]
+    names = [f"domain_{i}" for i in range(len(datasets_))]
+    warnings.warn(
+        f"interleave_datasets: the datasets carry no distinct names of their own (datasets read from local files "
+        f"are all named after their builder), so the domains are called {', '.join(names)} in history.json and the "
+        "logs; pass names=[...] or a mapping {name: dataset}",
+        stacklevel=3,
+    )
+    return names
 
 
 def interleave_datasets(
@@ -48,15 +75,17 @@ def interleave_datasets(
     weights TiKMiX can change while training runs.
 
     Args:
-        datasets: the domains, ``datasets.Dataset`` or ``IterableDataset`` (mixing both is allowed here).
+        datasets: the domains, ``datasets.Dataset`` or ``IterableDataset`` (mixing both is allowed here); or a
+            mapping ``{name: dataset}`` (a ``DatasetDict`` too), whose keys name the domains.
         probabilities: sampling probability per dataset (normalised); ``None`` samples them uniformly.
         seed: the mixture's seed (``None``: 0, so that every rank draws the same stream).
         info, split: accepted for signature compatibility and ignored: the mixture yields the source
             examples unchanged.
         stopping_strategy: ``"first_exhausted"`` maps to ``exhausted="stop"`` (the stream ends at the first
             sample that would need a new pass of any dataset), ``"all_exhausted"`` to ``exhausted="cycle"``.
-        names: the domain names; by default each dataset's ``info.dataset_name`` (plus its config), or
-            ``domain_0, domain_1, ...`` when those are missing or repeat.
+        names: the domain names; by default each dataset's ``info.dataset_name`` (plus its config) where it
+            has one of its own, else its split name where that is not ``train``/``validation``/``test``, else
+            ``domain_0, domain_1, ...`` with a warning.
         **mixture_kwargs: passed to :class:`DomainMixture` (``shuffle_buffer``, ``num_samples``, ...).
 
     Where the semantics differ from ``datasets.interleave_datasets``:
@@ -71,8 +100,11 @@ def interleave_datasets(
     - The order of examples differs from the ``datasets`` function even for the same seed; the
       probabilities are the same.
     """
+    if isinstance(datasets, Mapping) and datasets and names is None:
+        names, datasets = [str(k) for k in datasets], list(datasets.values())
     if not isinstance(datasets, Sequence) or isinstance(datasets, (str, bytes)) or not datasets:
-        raise ValueError(f"datasets must be a non-empty list of datasets, got {datasets!r:.80}")
+        raise ValueError(f"datasets must be a non-empty list of datasets (or a mapping name -> dataset), got "
+                         f"{datasets!r:.80}")
     if stopping_strategy not in STOPPING_STRATEGIES:
         raise ValueError(
             f"stopping_strategy={stopping_strategy!r} is not one of {sorted(STOPPING_STRATEGIES)}"
