@@ -12,26 +12,68 @@ from typing import Any
 
 import numpy as np
 
+#: Temporary files of the atomic writes start with this; a killed write can leave one behind.
+TEMPORARY_PREFIX = ".tmp-"
 
-def save_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) through a temporary file in the same folder and a rename.
 
-    A crash or a full disk leaves either the previous file or the new one, never half of one.
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Flush ``directory``'s entries (a rename into it, a new file) to disk.
+
+    A rename is durable only once the folder that holds it is: without this, a power cut right after
+    an atomic write can bring back the previous file, or no file at all.
+    """
+    if os.name == "nt":  # folders cannot be opened there, and NTFS journals renames itself
+        return
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str | os.PathLike, suffix: str, write) -> None:
+    """Call ``write(temporary path)``, flush that file to disk, rename it onto ``path`` and flush the folder.
+
+    A crash, a full disk or a read-only folder leaves either the previous file or the new one, never half
+    of one, and no temporary file: an ``OSError`` of the write, the flush or the rename reaches the caller
+    after the temporary file is removed.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(directory)
+
+
+def save_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` durably through a temporary file in the same folder and a rename (:func:`_write_atomic`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    _write_atomic(path, os.path.splitext(os.fspath(path))[1], write)
+
+
+def save_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) durably through a temporary file in the same folder and a rename.
+
+    A crash or a full disk leaves either the previous file or the new one, never half of one.
+    """
+    save_bytes_atomic(path, text.encode("utf-8"))
 
 
 def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -40,21 +82,10 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` as safetensors (with string ``metadata``) through a temporary file and a rename."""
+    """Write ``tensors`` as safetensors (with string ``metadata``) durably, through a temporary file and a rename."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _write_atomic(path, ".safetensors", lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
@@ -135,17 +166,23 @@ def read_structured(path: str | os.PathLike, what: str | None = None) -> Any:
         raise FileReadError(what, f"not valid JSON ({err}){named}") from None
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Delete temporary files that a killed :func:`save_json_atomic` left in ``directory``."""
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete temporary files that a killed atomic write left in ``directory``; returns why any stayed.
+
+    A file that cannot be removed (a read-only folder) is harmless, since nothing reads it: the caller
+    shows the reasons instead of failing.
+    """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        return
+        return []
+    kept = []
     for name in os.listdir(directory):
-        if name.startswith(".tmp-") and name.endswith((".json", ".safetensors")):
+        if name.startswith(TEMPORARY_PREFIX) and name.endswith((".json", ".safetensors")):
             try:
                 os.remove(os.path.join(directory, name))
-            except OSError:
-                pass
+            except OSError as err:
+                kept.append(f"the stale temporary file {os.path.join(directory, name)} could not be removed ({err})")
+    return kept
 
 
 def jsonable(value: Any) -> Any:
