@@ -54,6 +54,7 @@ class StageRecord:
     metrics: dict[str, Any]  # the mixer's diagnostics (Decision.metrics): numbers, or {task: number}
     seconds: StageSeconds
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what this stage could not record, and why
 
     def to_dict(self) -> dict:
         """The ``history.json`` entry."""
