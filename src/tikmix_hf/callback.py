@@ -382,10 +382,12 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self.history = list(restored.history)
         self.mixer.load_state_dict(restored.mixer_state)
         self.mixture.seek(self._resume_start(args, state))
+        self.mixture.check_resume_layout()  # streamed domains read by shard: refused now, not at the first batch
         note = self._windows.restore(
             os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), restored.window,
             self._measured(model), self._validation_batches(args), list(self.mixture.domains), self._domain_of,
-            show_progress=self._shows_progress(args), saved_source=restored.influence_source)
+            step=state.global_step, micro_steps=g.grad_accum, show_progress=self._shows_progress(args),
+            saved_source=restored.influence_source)
         if note:
             warnings.warn(note, stacklevel=3)
         if not args.ignore_data_skip and state.global_step > 0:
