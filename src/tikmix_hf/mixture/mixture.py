@@ -62,6 +62,12 @@ def _fence() -> None:
         pass
 
 
+def _describe_layout(layout: tuple[int, int, int]) -> str:
+    workers, ranks, batch = layout
+    per_batch = f", {batch} samples per worker batch" if batch else ""
+    return f"{tuple(layout)} (workers, ranks, batch: {workers} DataLoader worker(s) x {ranks} rank(s){per_batch})"
+
+
 class DomainMixture(IterableDataset):
     """A training stream over named domains with sampling weights that can change while training runs.
 
@@ -418,6 +424,14 @@ class DomainMixture(IterableDataset):
         logical = (start // chunk + worker) % workers
         yield from self._generate(start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank)
 
+    def check_resume_layout(self) -> None:
+        """Refuse, before any batch is read, a loaded state whose domains read by shard were read in another
+        reader layout than the one :meth:`bind_loader` describes (the error names both, and the fix)."""
+        if self._sharded:
+            workers, ranks = max(int(self._ctrl[_WORKERS]), 1), int(self._ctrl[_RANKS])
+            batch = int(self._ctrl[_BATCH]) if workers * ranks > 1 else 0
+            self._check_layout(int(self._ctrl[_SEEK]), (workers, ranks, batch))
+
     def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
         chunk = layout[2]
         names = [self.domains[d] for d in self._sharded]
@@ -429,10 +443,10 @@ class DomainMixture(IterableDataset):
         saved = self._checkpoints.loaded_layout
         if start > 0 and saved is not None and saved != layout:
             raise RuntimeError(
-                f"this state was saved with a reader layout of (workers, ranks, batch) = {saved} and the stream now "
-                f"runs with {layout}: domains {names} are read by shard, so each layout is a different stream. "
-                f"Resume with the saved num_workers, number of processes and batch size, or start the stream "
-                "afresh with mixture.seek(0)"
+                f"this state was saved with a reader layout of {_describe_layout(saved)} and the stream now runs with "
+                f"{_describe_layout(layout)}: domains {names} are read by shard, so each layout is a different "
+                "stream. Resume with the saved DataLoader workers (dataloader_num_workers), number of processes "
+                "reading the stream and per-device batch size; or start the stream afresh with mixture.seek(0)"
             )
 
     def _generate(self, start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank) -> Iterator[Any]:
