@@ -65,6 +65,7 @@ class TiKMiXConfig:
     - **Uncertainty** (``docs/uncertainty.md``): ``tikmix_shrink_z``, ``tikmix_smoothing``, and the
       adaptive budget ``tikmix_target_rse``, ``tikmix_probe_max_sequences``, ``tikmix_min_probe_batches``.
     - **Reporting**: ``tikmix_log_matrix``, ``tikmix_entropy_warning``, ``tikmix_show_progress``.
+    - **Reliability** (``docs/reliability.md``): ``tikmix_collective_timeout``.
     - **Replay** (``docs/schedules.md``): ``tikmix_schedule``, ``tikmix_schedule_domains``.
     - **Baselines** (``docs/baselines.md``): ``tikmix_temperature``, ``tikmix_odm_*``,
       ``tikmix_doremi_*``, ``tikmix_reference_model``, ``tikmix_doge_eta``.
@@ -256,6 +257,15 @@ class TiKMiXConfig:
         metadata=_help("Warn when the weights' entropy falls below this fraction of log(number of domains)."),
     )
     tikmix_show_progress: bool = field(default=True, metadata=_help("Show a progress bar during the influence pass."))
+    tikmix_collective_timeout: float | None = field(
+        default=600.0,
+        metadata=_help(
+            "Seconds TiKMiX's own collectives (the all-reduces of the influence pass and the training window, the "
+            "decision's broadcast) wait for every rank; past it, or at once where a rank died, every rank stops with "
+            "an error naming the collective and the ranks that may be lost. Unset: the process group's timeout "
+            "(TrainingArguments.ddp_timeout, 30 minutes by default). The Trainer's own collectives keep ddp_timeout."
+        ),
+    )
     # Replay (docs/schedules.md)
     tikmix_schedule: str | None = field(
         default=None,
@@ -480,6 +490,12 @@ def validate_config(c) -> None:
     mb = c.tikmix_min_probe_batches
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 2:
         _fail("tikmix_min_probe_batches", mb, "must be an integer >= 2 (a standard error needs two batches)")
+    timeout = c.tikmix_collective_timeout
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 1e9
+    ):
+        _fail("tikmix_collective_timeout", timeout, "must be a number of seconds in (0, 1e9], e.g. 600 (or unset for "
+              "the process group's own timeout, TrainingArguments.ddp_timeout)")
     if not isinstance(c.tikmix_seed, int) or c.tikmix_seed < 0:
         _fail("tikmix_seed", c.tikmix_seed, "must be a non-negative integer")
     for name in ("tikmix_temperature", "tikmix_doremi_eta", "tikmix_doge_eta"):
