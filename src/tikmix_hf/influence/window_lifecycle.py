@@ -92,6 +92,9 @@ class WindowLifecycle:
         counts = window.close()
         if window.failure is not None:
             return None, self.fall_back(window.failure) + " (this stage included)"
+        if window.non_finite:
+            return (window, counts), (f"the training window left out {window.non_finite} sequences whose loss or "
+                                      "gradient was not finite (an overflowed step); S is measured on the others")
         return (window, counts), None
 
     def fall_back(self, why: str) -> str:
@@ -158,7 +161,10 @@ class WindowLifecycle:
         device = next(model.parameters()).device  # NCCL reduces only device tensors
         failed = int(all_reduce(torch.tensor([float(problem is not None)], device=device), world).item())
         if failed:
-            problem = problem or "another rank could not read its part (that rank's warning says which file)"
+            absent = [WINDOW_FILE.format(rank=r) for r in range(world)
+                      if not os.path.isfile(os.path.join(folder, WINDOW_FILE.format(rank=r)))]
+            problem = problem or (f"another rank could not read its part ({', '.join(absent)} not in {folder})" if
+                                  absent else "another rank could not read its part (that rank's warning says why)")
             self.lost = f"{problem}, on {failed} of {world} ranks"
             return (f"the checkpoint was taken inside a training window but {self.lost}: the coming stage is "
                     "measured with probes")
