@@ -1,7 +1,8 @@
 """Resume under another layout: another number of DataLoader workers, another per-device batch at the same
 global batch, another number of ranks (1 <-> 2), for map-style and streamed domains, measuring with probes or
 in the training window. Each continues exactly (the same samples from the same index, the same decision to
-rounding) or is refused before the first step, naming both layouts and the fix (docs/reliability.md)."""
+rounding) or is refused before the first step, naming both layouts and the fix (docs/reliability.md). And a
+two-rank resume inside a window where one rank lacks its window file: every rank measures with probes."""
 
 import json
 import warnings
@@ -9,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 from helpers.launch import load_script, torchrun
+
+from tikmix_hf.influence.window_lifecycle import WINDOW_FILE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 RUN = load_script("layout_run")
@@ -56,7 +59,11 @@ def same_continuation(base, resumed, source):
         assert not stage["warnings"]
 
 
-def test_resume_under_another_layout_continues_exactly_or_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this module: one-rank runs here, two-rank runs in one torchrun launch, then the resumes."""
+    tmp_path = tmp_path_factory.mktemp("layouts")
+
     def checkpoint(name, kind, source):
         return str(tmp_path / f"{name}-{kind}-{source}" / f"checkpoint-{RUN.SAVE}")
 
@@ -69,13 +76,19 @@ def test_resume_under_another_layout_continues_exactly_or_is_refused(tmp_path):
             jobs.append(spec(tmp_path / f"two-{kind}-{source}", kind, source, TWO_RANKS))
             jobs.append(spec(tmp_path / f"up-{kind}-{source}", kind, source, TWO_RANKS,
                              checkpoint("one", kind, source)))
+        jobs.append(spec(tmp_path / "lacking", "map", "training", TWO_RANKS,  # rank 1's window file left behind
+                         checkpoint("two", "map", "training") + "!" + WINDOW_FILE.format(rank=1)))
         torchrun("layout_run.py", *jobs)
         for kind, source in CASES:
             for name, layout, base in (("workers", WORKERS, "one"), ("batch", SMALLER_BATCH, "one"),
                                        ("down", ONE_RANK, "two")):
                 RUN.job(str(tmp_path / f"{name}-{kind}-{source}"), kind, source, *layout,
                         checkpoint(base, kind, source))
+    return tmp_path
 
+
+def test_resume_under_another_layout_continues_exactly_or_is_refused(runs):
+    tmp_path = runs
     table = {}
     for kind, source in CASES:
         one, two = outcome(tmp_path / f"one-{kind}-{source}"), outcome(tmp_path / f"two-{kind}-{source}", 2)
@@ -91,3 +104,14 @@ def test_resume_under_another_layout_continues_exactly_or_is_refused(tmp_path):
                 assert "Resume with the saved DataLoader workers (dataloader_num_workers)" in got[1]
                 assert not (tmp_path / f"{name}-{kind}-{source}" / "checkpoint-9").exists()  # no step was taken
     assert table == {(change, kind, source): EXPECTED[change][kind] for change in EXPECTED for kind, source in CASES}
+
+
+def test_a_resume_where_one_rank_lacks_its_window_file_measures_with_probes_on_every_rank(runs):
+    """The ranks agree on the files before any other collective: no rank hangs in a window's all-reduce that the
+    other never joins, and the stage says why it was measured with probes."""
+    kind, stream, stage = outcome(runs / "lacking", 2)  # both ranks finished
+    assert stage["influence"]["window"] is None and stage["status"] in ("converged", "restarted")
+    (note,) = [w for w in stage["warnings"] if "measured with probes" in w]
+    assert WINDOW_FILE.format(rank=1) in note and "on 1 of 2 ranks" in note
+    _, base_stream, _ = outcome(runs / "two-map-training", 2)
+    assert stream == base_stream[RUN.SAVE * RUN.GLOBAL_BATCH:RUN.STEPS * RUN.GLOBAL_BATCH]

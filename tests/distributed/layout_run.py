@@ -6,9 +6,10 @@ A JOB is ``OUT,KIND,SOURCE,BATCH,ACCUM,WORKERS[,RESUME]``: KIND ``map`` (lists) 
 ``datasets.IterableDataset`` of 4 shards per domain, read by shard), SOURCE ``probes`` or ``training`` (the
 training window), the per-device batch, the gradient accumulation steps, ``dataloader_num_workers`` and
 optionally a checkpoint folder of another run to resume from (it is copied into OUT first, where the
-callback looks for its window files). Every run checkpoints at step ``SAVE`` (inside the window of the stage
-at ``STAGE``) and stops at ``STEPS``. Each rank writes the sample ids it trained on, in stream order over
-its micro-batches, to ``OUT/seen-rank<r>.json``, and an error that stopped the run to ``OUT/error-rank<r>.txt``.
+callback looks for its window files; ``FOLDER!NAME`` leaves the file NAME out of the copy). Every run
+checkpoints at step ``SAVE`` (inside the window of the stage at ``STAGE``) and stops at ``STEPS``. Each rank
+writes the sample ids it trained on, in stream order over its micro-batches, to ``OUT/seen-rank<r>.json``,
+and an error that stopped the run to ``OUT/error-rank<r>.txt``.
 """
 
 import json
@@ -63,8 +64,10 @@ class Recording(Trainer):
 
 def job(out: str, kind: str, source: str, batch: int, accum: int, workers: int, resume: str | None = None) -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    resume, _, left_out = (resume or "").partition("!")
     if resume and rank == 0:
-        shutil.copytree(resume, os.path.join(out, os.path.basename(resume)), dirs_exist_ok=True)
+        shutil.copytree(resume, os.path.join(out, os.path.basename(resume)), dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if n == left_out])
     args = TrainingArguments(
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         dataloader_num_workers=workers, learning_rate=3e-3, use_cpu=True, report_to="none", save_strategy="steps",
