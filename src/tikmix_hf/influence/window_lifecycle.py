@@ -216,4 +216,35 @@ def _read_window(folder: str, rank: int, world: int) -> tuple[dict, dict[str, to
         sums = {key: torch.zeros_like(value) for key, value in sums.items()}
         meta["units"] = 0
     meta["rank"], meta["world"] = rank, world
+    _check_counts(meta, sums)
     return meta, {"rows": rows["rows"], **sums}
+
+
+def _check_counts(meta: dict, sums: dict[str, torch.Tensor]) -> None:
+    """Refuse (``ValueError``) saved counters and sums of the wrong kind or shape, which the window would
+    otherwise take in and fail on, or read wrong, in the middle of training."""
+    domains, tasks = meta.get("domains"), meta.get("tasks")
+    if not isinstance(domains, list) or not isinstance(tasks, list):
+        raise ValueError("no list of domains or tasks")
+    m, n = len(domains), len(tasks)
+    for key in ("micro_batches", "units", "non_finite"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} = {value!r} is not a count")
+    taken, quota = meta.get("taken"), meta.get("quota")
+    if not (isinstance(taken, list) and len(taken) == m and all(type(t) is int and t >= 0 for t in taken)):
+        raise ValueError(f"taken = {str(taken)[:40]} is not a count for each of {m} domains")
+    if quota is not None and (type(quota) is not int or quota < 1) or not isinstance(meta.get("full"), bool):
+        raise ValueError(f"quota = {quota!r} or full = {meta.get('full')!r} is not what a window writes")
+    for key in ("hook_seconds", "validation_seconds"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{key} = {value!r} is not a number of seconds")
+    losses = meta.get("task_losses")
+    if not isinstance(losses, dict) or sorted(losses) != sorted(tasks) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses.values()):
+        raise ValueError(f"task_losses = {str(losses)[:40]} is not a number for each task")
+    shapes = {"cell": (4, n, m), "dom": (4, m), "loss_sums": (m,), "sequences": (m,)}
+    wrong = {k: tuple(sums[k].shape) for k, shape in shapes.items() if tuple(sums[k].shape) != shape}
+    if wrong:
+        raise ValueError(f"sums of shapes {wrong} where {n} tasks and {m} domains give {shapes}")
