@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -82,10 +83,24 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` as safetensors (with string ``metadata``) durably, through a temporary file and a rename."""
+    """Write ``tensors`` as safetensors (with string ``metadata``) durably, through a temporary file and a rename.
+
+    safetensors reports a failed write (a full disk) as its own error; it reaches the caller as the
+    ``OSError`` it is, with its errno, like the other writes' failures.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    _write_atomic(path, ".safetensors", lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
+    def write(tmp: str) -> None:
+        try:
+            save_file(dict(tensors), tmp, metadata=dict(metadata))
+        except SafetensorError as err:
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from err
+
+    _write_atomic(path, ".safetensors", write)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:

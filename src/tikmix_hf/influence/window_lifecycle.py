@@ -125,10 +125,20 @@ class WindowLifecycle:
         meta, tensors = self.window.state()
         rank, world = rank_and_world()
         info = {"tikmix": json.dumps(meta), "opened_at": str(self.opened_at), "world": str(world)}
+        parts = [(WINDOW_FILE.format(rank=rank), {k: v for k, v in tensors.items() if k != "rows"})]
         if rank == 0:
-            save_tensors_atomic(os.path.join(folder, WINDOW_GRADIENTS), {"rows": tensors["rows"]}, info)
-        save_tensors_atomic(os.path.join(folder, WINDOW_FILE.format(rank=rank)),
-                            {k: v for k, v in tensors.items() if k != "rows"}, info)
+            parts.insert(0, (WINDOW_GRADIENTS, {"rows": tensors["rows"]}))
+        for name, part in parts:
+            path = os.path.join(folder, name)
+            try:
+                save_tensors_atomic(path, part, info)
+            except OSError as err:
+                raise OSError(
+                    f"TiKMiX could not write the training window's state to {path} ({err}); nothing half-written "
+                    f"is left, but checkpoint {folder} lacks it: a resume from it measures this stage with probes "
+                    "(the checkpoint before it continues exactly). Free disk space or fix the folder's "
+                    "permissions, then resume"
+                ) from err
 
     def restore(self, folder: str, saved: Mapping[str, Any] | None, model, validation_batches, domains: list[str],
                 domain_of_from: Callable[[int], Callable[[int, int], tuple[np.ndarray, int]]], *,
