@@ -284,3 +284,10 @@ def test_a_tampered_callback_state_is_read_or_refused_naming_it(key, value, dele
         CallbackState.from_json(saved)
     except ValueError as err:
         assert "TiKMiXCallback state" in str(err), err
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), 1e10, True, "600", [600]])
+def test_the_collective_timeout_is_a_number_of_seconds(value):
+    with pytest.raises(ValueError, match=r"tikmix_collective_timeout=.*: must be a number of seconds in \(0, 1e9\]"):
+        TiKMiXConfig(tikmix_collective_timeout=value)
+    assert TiKMiXConfig(tikmix_collective_timeout=None).tikmix_collective_timeout is None
