@@ -11,6 +11,7 @@ scope's, and a collective that fails, because another rank died or stopped answe
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
@@ -50,6 +51,9 @@ class _Scope:
 
 _SCOPE: ContextVar[_Scope | None] = ContextVar("tikmix_collectives", default=None)
 _GROUPS: dict[float, tuple[Any, Any]] = {}  # timeout -> (the default group it was made under, the group)
+# Let go of the groups while the interpreter still runs: a gloo group freed in its final teardown can abort
+# the process ("terminate called without an active exception") after all its work is done.
+atexit.register(_GROUPS.clear)
 
 
 def bounded_group(timeout: float | None):
