@@ -2,11 +2,24 @@
 
 Every collective here is a no-op in a single process, so the same code runs unchanged in a
 notebook, under ``torchrun`` and inside an accelerate-launched Trainer.
+
+Inside :func:`collectives` (the callback opens one around each thing it does that talks to the
+other ranks), :func:`all_reduce` and :func:`agree` run on a process group whose timeout is the
+scope's, and a collective that fails, because another rank died or stopped answering, raises
+:class:`LostRankError` naming what TiKMiX was doing, the ranks that may be lost and the fix.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -24,10 +37,88 @@ def is_launcher_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class LostRankError(RuntimeError):
+    """A collective of TiKMiX failed: another rank died, or stopped answering within the scope's timeout."""
+
+
+@dataclass(frozen=True)
+class _Scope:
+    what: str  # what TiKMiX is doing, e.g. "stage 2 (step 10): measuring S"
+    group: Any  # the process group of its collectives (None: the default group)
+    timeout: float | None  # its timeout in seconds (None: the default group's)
+    option: str  # the option that sets the timeout, for the message
+
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("tikmix_collectives", default=None)
+_GROUPS: dict[float, tuple[Any, Any]] = {}  # timeout -> (the default group it was made under, the group)
+# Let go of the groups while the interpreter still runs: a gloo group freed in its final teardown can abort
+# the process ("terminate called without an active exception") after all its work is done.
+atexit.register(_GROUPS.clear)
+
+
+def bounded_group(timeout: float | None):
+    """A process group of every rank whose collectives give up after ``timeout`` seconds.
+
+    ``None`` (one process, or no timeout): the default group. The group is made once per default group
+    and timeout; making it is itself a collective, so every rank must call this at the same point.
+    """
+    if timeout is None or rank_and_world()[1] == 1:
+        return None
+    default = torch.distributed.group.WORLD
+    made = _GROUPS.get(float(timeout))
+    if made is None or made[0] is not default:
+        made = (default, torch.distributed.new_group(timeout=timedelta(seconds=float(timeout))))
+        _GROUPS[float(timeout)] = made
+    return made[1]
+
+
+@contextlib.contextmanager
+def collectives(what: str, timeout: float | None, *, option: str = "tikmix_collective_timeout") -> Iterator[None]:
+    """Run the collectives of :func:`all_reduce` and :func:`agree` inside on a group that waits at most
+    ``timeout`` seconds (:func:`bounded_group`), and name ``what`` when one fails."""
+    token = _SCOPE.set(_Scope(what, bounded_group(timeout), timeout, option))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def _reported(operation: str) -> Iterator[Any]:
+    """Yield the scope's group; turn a failure of the collective into a :class:`LostRankError`."""
+    scope = _SCOPE.get()
+    started = time.monotonic()
+    try:
+        yield None if scope is None else scope.group
+    except RuntimeError as err:  # DistBackendError, gloo's "Connection closed by peer", a timeout
+        raise LostRankError(lost_rank_message(operation, scope, time.monotonic() - started, err)) from err
+
+
+def lost_rank_message(operation: str, scope: _Scope | None, waited: float, err: BaseException) -> str:
+    """What a rank says when one of TiKMiX's collectives fails: what, where, which ranks, the bound, the fix."""
+    rank, world = rank_and_world()
+    others = [r for r in range(world) if r != rank]
+    suspects = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+    what = scope.what if scope is not None else "a TiKMiX collective outside the callback"
+    if scope is not None and scope.timeout is not None:
+        bound = f"TiKMiX waits at most {scope.option}={scope.timeout:g} s in its own collectives"
+    else:
+        bound = "this collective waits as long as the process group's timeout (TrainingArguments.ddp_timeout)"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"TiKMiX lost contact with {suspects} in the {operation} of {what}: rank {rank} of {world} gave up after "
+        f"{waited:.1f} s ({reason}). That rank died or stopped answering (killed, out of memory, preempted, "
+        f"frozen); {bound}. Nothing of this stage was written: history.json and the checkpoints hold the stages "
+        "before it. Restart every rank and resume from the last complete checkpoint "
+        "(tikmix_hf.history.latest_checkpoint(output_dir))"
+    )
+
+
 def all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (nothing to do with one rank); returns it."""
     if world_size > 1:
-        torch.distributed.all_reduce(tensor)
+        with _reported("all-reduce") as group:
+            torch.distributed.all_reduce(tensor, group=group)
     return tensor
 
 
@@ -35,7 +126,8 @@ def agree(values: list) -> list:
     """Rank 0's ``values`` on every rank, so that values every rank computed agree to the bit."""
     if rank_and_world()[1] > 1:
         box = [values]
-        torch.distributed.broadcast_object_list(box, src=0)
+        with _reported("broadcast") as group:
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
         return box[0]
     return values
 

@@ -6,35 +6,78 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+#: Temporary files of the atomic writes start with this; a killed write can leave one behind.
+TEMPORARY_PREFIX = ".tmp-"
 
-def save_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) through a temporary file in the same folder and a rename.
 
-    A crash or a full disk leaves either the previous file or the new one, never half of one.
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Flush ``directory``'s entries (a rename into it, a new file) to disk.
+
+    A rename is durable only once the folder that holds it is: without this, a power cut right after
+    an atomic write can bring back the previous file, or no file at all.
+    """
+    if os.name == "nt":  # folders cannot be opened there, and NTFS journals renames itself
+        return
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str | os.PathLike, suffix: str, write) -> None:
+    """Call ``write(temporary path)``, flush that file to disk, rename it onto ``path`` and flush the folder.
+
+    A crash, a full disk or a read-only folder leaves either the previous file or the new one, never half
+    of one, and no temporary file: an ``OSError`` of the write, the flush or the rename reaches the caller
+    after the temporary file is removed.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            mask = os.umask(0o22)  # mkstemp makes the file 0600: give it the mode of any other output
-            os.umask(mask)
-            os.fchmod(fh.fileno(), 0o666 & ~mask)
-            os.fsync(fh.fileno())
+        write(tmp)
+        mask = os.umask(0o22)  # mkstemp makes the file 0600: give it the mode of any other output
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(directory)
+
+
+def save_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` durably through a temporary file in the same folder and a rename (:func:`_write_atomic`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    _write_atomic(path, os.path.splitext(os.fspath(path))[1], write)
+
+
+def save_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) durably through a temporary file in the same folder and a rename.
+
+    A crash or a full disk leaves either the previous file or the new one, never half of one.
+    """
+    save_bytes_atomic(path, text.encode("utf-8"))
 
 
 def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -43,21 +86,24 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` as safetensors (with string ``metadata``) through a temporary file and a rename."""
+    """Write ``tensors`` as safetensors (with string ``metadata``) durably, through a temporary file and a rename.
+
+    safetensors reports a failed write (a full disk) as its own error; it reaches the caller as the
+    ``OSError`` it is, with its errno, like the other writes' failures.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def write(tmp: str) -> None:
+        try:
+            save_file(dict(tensors), tmp, metadata=dict(metadata))
+        except SafetensorError as err:
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from err
+
+    _write_atomic(path, ".safetensors", write)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
@@ -138,17 +184,23 @@ def read_structured(path: str | os.PathLike, what: str | None = None) -> Any:
         raise FileReadError(what, f"not valid JSON ({err}){named}") from None
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Delete temporary files that a killed :func:`save_json_atomic` left in ``directory``."""
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete temporary files that a killed atomic write left in ``directory``; returns why any stayed.
+
+    A file that cannot be removed (a read-only folder) is harmless, since nothing reads it: the caller
+    shows the reasons instead of failing.
+    """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        return
+        return []
+    kept = []
     for name in os.listdir(directory):
-        if name.startswith(".tmp-") and name.endswith((".json", ".safetensors")):
+        if name.startswith(TEMPORARY_PREFIX) and name.endswith((".json", ".safetensors")):
             try:
                 os.remove(os.path.join(directory, name))
-            except OSError:
-                pass
+            except OSError as err:
+                kept.append(f"the stale temporary file {os.path.join(directory, name)} could not be removed ({err})")
+    return kept
 
 
 def jsonable(value: Any) -> Any:

@@ -33,7 +33,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from ._distributed import agree, measured_module, rank_and_world
+from ._distributed import agree, collectives, measured_module, rank_and_world
 from ._io import remove_stale_temporaries
 from .aligned_start import starting_weights
 from .batching import Batcher, check_validation, draw_probes, select_validation, with_general_task
@@ -50,6 +50,7 @@ from .run_checks import check_first_batches, check_trainer
 from .setup_checks import check_window_setup
 from .stage_record import StageRecord, StageSeconds, entropy, stage_metrics, stage_notes, start_metrics
 from .stages import Stages, plan_stages, plan_windows
+from .token_count import TokenCount
 from .training_args import config_from
 
 logger = logging.get_logger(__name__)
@@ -112,12 +113,12 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._val_examples: dict[str, list] = {}
         self._max_steps: int | None = None
         self._step = 0
+        self._tokens = TokenCount()
         self._tokens_prev = 0
         self._history_path: str | None = None
         self._is_main = True
         self._initial_weights: dict[str, float] | None = None
         self._alignment: dict | None = None  # how an aligned starting mixture came about
-        self._count_input_tokens = False
         if trainer is not None:
             self.bind(trainer)
 
@@ -141,12 +142,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if train_dataloader is None:
             raise RuntimeError("TiKMiXCallback needs the Trainer's training DataLoader (transformers >= 4.46)")
         self._bind_loader(train_dataloader, args)
-        self._count_input_tokens = getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None)
+        self._tokens = TokenCount(self.mixture, self._geometry,
+                                  getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None))
         self.mixer.check_ready(cfg)
         self._is_main = bool(state.is_world_process_zero)
         self._history_path = os.path.join(args.output_dir, "tikmix", "history.json")
-        if self._is_main:
-            remove_stale_temporaries(os.path.dirname(self._history_path))
+        for note in remove_stale_temporaries(os.path.dirname(self._history_path)) if self._is_main else []:
+            warnings.warn(f"TiKMiX: {note}; it is harmless, delete it by hand", stacklevel=2)
         self._val_examples = select_validation(self.validation, cfg.tikmix_validation_sequences, cfg.tikmix_seed)
         check_first_batches(self._batcher, self._val_examples, self.mixture, batch_size=self._probe_batch_size(args),
                             probe_sequences=cfg.tikmix_probe_sequences, model=self._measured(model),
@@ -162,7 +164,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._windows.plan(plan_windows(self._stages.steps, cfg.tikmix_window_steps))
         check_window_setup(self._windows, self._measured(model), self._trainer, self._geometry)
         if self._stages.counts_tokens:
-            self._tokens_seen(state)  # a run that cannot count tokens fails now, not at the first boundary
+            self._tokens.seen(state)  # a run that cannot count tokens fails now, not at the first boundary
 
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved.get("attributes", {}).get("tikmix") if isinstance(saved, Mapping) else None
@@ -175,14 +177,15 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                 stacklevel=2,
             )
             self._step = state.global_step
-            self._tokens_prev = self._tokens_seen(state)
+            self._tokens_prev = self._tokens.recorded(state)[0] or 0
             self.mixture.seek(self._resume_start(args, state))
         else:
             self.mixture.seek(0)
             initial = self._stages.initial if self._stages.initial is not None else cfg.initial_weights()
-            initial, self._alignment = starting_weights(
-                initial, self.mixture, self.validation, sequences=cfg.tikmix_alignment_sequences,
-                share=cfg.tikmix_alignment_share, seed=cfg.tikmix_seed)
+            with self._collectives("the aligned starting mixture"):
+                initial, self._alignment = starting_weights(
+                    initial, self.mixture, self.validation, sequences=cfg.tikmix_alignment_sequences,
+                    share=cfg.tikmix_alignment_share, seed=cfg.tikmix_seed)
             if initial != "keep":
                 self.mixture.set_weights(self.mixture.resolve_weights(initial), at=0)
             self._initial_weights = self.mixture.weights
@@ -208,23 +211,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                                  global_batch=g.micro_global, ranks=g.ranks, rank=g.rank)
         self._batcher = Batcher(self.collator or loader.collate_fn, args.device)
 
-    def _tokens_seen(self, state) -> int:
-        if self._count_input_tokens:
-            return int(state.num_input_tokens_seen)
-        tokens = [v["tokens"] for v in self.mixture.drawn(self._geometry.consumed(state.global_step)).values()]
-        if None in tokens:
-            raise ValueError(
-                "tikmix_stage_tokens needs token counts: set TrainingArguments.include_num_input_tokens_seen=True, "
-                "or use map-style domains whose examples carry input_ids"
-            )
-        return int(sum(tokens))
-
-    def _safe_tokens(self, state) -> int | None:
-        """The training tokens so far, or ``None`` where this run cannot count them (a stage then records none)."""
-        try:
-            return self._tokens_seen(state)
-        except ValueError:
-            return None
+    def _collectives(self, what: str):
+        """TiKMiX's collectives inside wait at most ``tikmix_collective_timeout`` and name ``what`` when they fail."""
+        return collectives(what, self.config.tikmix_collective_timeout)
 
     def _resume_start(self, args, state) -> int:
         return self._geometry.resume_start(state.global_step, ignore_data_skip=args.ignore_data_skip,
@@ -246,9 +235,10 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ the training window
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._windows.due(state.global_step):
-            note = self._windows.open(state.global_step, self._measured(model), self._validation_batches(args),
-                                      list(self.mixture.domains), optimizer, self._domain_of(state.global_step),
-                                      show_progress=self._shows_progress(args))
+            with self._collectives(f"stage {self.stage + 1}'s training window, opening at step {state.global_step}"):
+                note = self._windows.open(state.global_step, self._measured(model), self._validation_batches(args),
+                                          list(self.mixture.domains), optimizer, self._domain_of(state.global_step),
+                                          show_progress=self._shows_progress(args))
             if note:
                 warnings.warn(f"TiKMiX: {note}", stacklevel=2)
 
@@ -267,7 +257,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._step = state.global_step
         boundary = state.global_step in self._stages.steps
         if self._stages.counts_tokens:
-            tokens = self._tokens_seen(state)
+            tokens = self._tokens.seen(state)
             crossed = self._stages.crossed(self._tokens_prev, tokens)
             boundary = boundary or (crossed and state.global_step < state.max_steps)
             self._tokens_prev = tokens
@@ -286,12 +276,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
 
     def _run_stage(self, args, state, model, optimizer) -> None:
         started = time.perf_counter()
-        tokens_seen = self._safe_tokens(state)
+        tokens_seen, tokens_note = self._tokens.recorded(state)
         domains = list(self.mixture.domains)
         before = self.mixture.weights
-        closed, window_note = self._windows.close()
-        decision = self.mixer.decide(self._stage_inputs(args, state, model, optimizer, closed, before, tokens_seen))
-        new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
+        with self._collectives(f"stage {self.stage + 1} at step {state.global_step} (measuring S and deciding)"):
+            closed, window_note = self._windows.close()
+            decision = self.mixer.decide(self._stage_inputs(args, state, model, optimizer, closed, before, tokens_seen))
+            new = np.asarray(agree(np.asarray(decision.weights, dtype=np.float64).tolist()), dtype=np.float64)
         # A window's validation pass and hooks ran during the steps before: they are this stage's cost too.
         during = 0.0 if closed is None else closed[0].validation_seconds + closed[0].hook_seconds
         consumed = self._geometry.consumed(state.global_step)
@@ -306,6 +297,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             mixer=decision.extra, metrics=dict(decision.metrics),
             seconds=StageSeconds(influence=decision.seconds_measure + during, solve=decision.seconds_solve,
                                  total=time.perf_counter() - started + during),
+            notes=[tokens_note] if tokens_note else [],
         )
         record.warnings = stage_notes(record, self.config.tikmix_entropy_warning) + (
             [window_note] if window_note else [])
@@ -386,10 +378,13 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self.history = list(restored.history)
         self.mixer.load_state_dict(restored.mixer_state)
         self.mixture.seek(self._resume_start(args, state))
-        note = self._windows.restore(
-            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), restored.window,
-            self._measured(model), self._validation_batches(args), list(self.mixture.domains), self._domain_of,
-            show_progress=self._shows_progress(args), saved_source=restored.influence_source)
+        self.mixture.check_resume_layout()  # streamed domains read by shard: refused now, not at the first batch
+        with self._collectives(f"the resume at step {state.global_step} (agreeing on the training window's files)"):
+            note = self._windows.restore(
+                os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), restored.window,
+                self._measured(model), self._validation_batches(args), list(self.mixture.domains), self._domain_of,
+                step=state.global_step, micro_steps=g.grad_accum, show_progress=self._shows_progress(args),
+                saved_source=restored.influence_source)
         if note:
             warnings.warn(note, stacklevel=3)
         if not args.ignore_data_skip and state.global_step > 0:

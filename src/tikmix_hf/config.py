@@ -230,11 +230,29 @@ class ReportingOptions(OptionGroup):
     tikmix_show_progress: Annotated[bool, flag()] = option(True, "Show a progress bar during the influence pass.")
 
 
+@dataclass
+class ReliabilityOptions(OptionGroup):
+    """How long TiKMiX's own collectives wait for a rank that may be lost (``docs/reliability.md``)."""
+
+    tikmix_collective_timeout: Annotated[
+        float | None,
+        number(above=0, at_most=1e9, optional=True,
+               fix="must be a number of seconds in (0, 1e9], e.g. 600 (or unset for the process group's own timeout, "
+                   "TrainingArguments.ddp_timeout)"),
+    ] = option(
+        600.0,
+        "Seconds TiKMiX's own collectives (the all-reduces of the influence pass and the training window, the "
+        "decision's broadcast) wait for every rank; past it, or at once where a rank died, every rank stops with "
+        "an error naming the collective and the ranks that may be lost. Unset: the process group's timeout "
+        "(TrainingArguments.ddp_timeout, 30 minutes by default). The Trainer's own collectives keep ddp_timeout.",
+    )
+
+
 # The first base's fields come last: the flags are listed mixer, stages, measurement, TiKMiX-D/M, replay,
 # baselines, reporting.
 @dataclass
-class TiKMiXConfig(ReportingOptions, DoGEOptions, DoReMiOptions, ODMOptions, StaticOptions, ReplayOptions,
-                   TiKMiXMOptions, MeasurementOptions, StageOptions, MixerChoice):
+class TiKMiXConfig(ReliabilityOptions, ReportingOptions, DoGEOptions, DoReMiOptions, ODMOptions, StaticOptions,
+                   ReplayOptions, TiKMiXMOptions, MeasurementOptions, StageOptions, MixerChoice):
     """How and when TiKMiX re-mixes the training domains (see docs/method.md of the project).
 
     The fields, by the option group that declares them (``--help`` of any script that parses them gives
@@ -265,6 +283,7 @@ class TiKMiXConfig(ReportingOptions, DoGEOptions, DoReMiOptions, ODMOptions, Sta
       ``tikmix_odm_*``, ``tikmix_doremi_*``, ``tikmix_reference_model``, ``tikmix_doge_eta``.
     - **Reporting** (:class:`ReportingOptions`): ``tikmix_log_matrix``, ``tikmix_entropy_warning``,
       ``tikmix_show_progress``.
+    - **Reliability** (:class:`ReliabilityOptions`, ``docs/reliability.md``): ``tikmix_collective_timeout``.
 
     Bad values raise ``ValueError`` naming the field, the value and the fix.
     """

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from ._io import save_bytes_atomic
 
 __all__ = ["plot_history", "plot_influence", "plot_validation_curves", "plot_weights", "weight_segments"]
 
@@ -42,9 +45,11 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Draw ``fig`` into ``path`` through a temporary file and a rename: never half a picture on disk."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    save_bytes_atomic(path, buffer.getvalue())
     return path
 
 

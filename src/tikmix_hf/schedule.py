@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -176,7 +177,7 @@ def _position(at: Any, where: str) -> tuple[str, float | int]:
                 "(use {steps: N} or {tokens: N} for an absolute position)"
             )
         return kind, number
-    if number != int(number) or number < 0:
+    if not math.isfinite(number) or number != int(number) or number < 0:
         raise ValueError(f"{where}: at = {{{kind}: {value!r}}}; {kind} must be a non-negative integer")
     return kind, int(number)
 
@@ -230,14 +231,21 @@ def schedule_from_history(doc: Mapping, source: str, *, total_steps: int | None 
         return step / total if total else {"steps": step}
 
     entries = []
-    if doc.get("initial_weights"):
-        entries.append({"at": 0.0 if total else {"steps": 0}, "weights": dict(doc["initial_weights"])})
-    for stage in stages:
-        if not isinstance(stage, Mapping) or "step" not in stage or "weights_after" not in stage:
+    initial = doc.get("initial_weights")
+    if initial is not None and not isinstance(initial, Mapping):
+        raise ValueError(f"tikmix_schedule={source!r}: initial_weights = {str(initial)[:60]!r} is not a mapping "
+                         "domain -> weight; the history is damaged")
+    if initial:
+        entries.append({"at": 0.0 if total else {"steps": 0}, "weights": dict(initial)})
+    for k, stage in enumerate(stages):
+        step = stage.get("step") if isinstance(stage, Mapping) else None
+        weights = stage.get("weights_after") if isinstance(stage, Mapping) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(weights, Mapping):
             raise ValueError(
-                f"tikmix_schedule={source!r}: a stage without step or weights_after; the history is damaged"
+                f"tikmix_schedule={source!r}: stage {k} has no step (a non-negative integer) and weights_after (a "
+                f"mapping), got {str(stage)[:80]!r}; the history is damaged"
             )
-        entries.append({"at": at(int(stage["step"])), "weights": dict(stage["weights_after"])})
+        entries.append({"at": at(step), "weights": dict(weights)})
     if not entries:
         raise ValueError(f"tikmix_schedule={source!r}: the history records no weights (no stage, no initial weights)")
     return schedule_from_list(entries, source)

@@ -54,6 +54,7 @@ class StageRecord:
     metrics: dict[str, Any]  # the mixer's diagnostics (Decision.metrics): numbers, or {task: number}
     seconds: StageSeconds
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what this stage could not record, and why
 
     def to_dict(self) -> dict:
         """The ``history.json`` entry."""
@@ -67,16 +68,14 @@ def entropy(weights: Mapping[str, float]) -> float:
 
 def stage_notes(record: StageRecord, entropy_warning: float) -> list[str]:
     """What a user should be warned about: a mixture collapsing onto few domains, a skipped decision, a
-    training window that read no sequence (its hooks never ran) or some whose gradients overflowed."""
+    training window that read no sequence (its hooks never ran). (Sequences a window left out because they
+    overflowed are said by the window itself.)"""
     notes = []
     window = (record.influence or {}).get("window")
     if window and not any(window["sequences"].values()):
         notes.append("the training window read no training sequence (its hooks never ran on the training forward: a "
                      "compiled model, or a forward that bypasses the model's layers), so this decision rests on the "
                      "top-up probes alone; set tikmix_influence_source='probes' to measure on the full probe budget")
-    if window and window.get("nonfinite"):
-        notes.append(f"{window['nonfinite']} training sequences' gradients overflowed (fp16 loss scaling) and were "
-                     "left out of the training window's influence")
     m = len(record.weights_after)
     if m > 1 and record.entropy < entropy_warning * math.log(m):
         notes.append(f"the weights' entropy {record.entropy:.3f} is below {entropy_warning} x log({m}): the mixture "

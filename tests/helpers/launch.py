@@ -58,3 +58,22 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def two_nodes(script: str, *args: str, timeout: int = 600) -> list[subprocess.Popen]:
+    """Start ``tests/distributed/<script>`` as two torchrun "nodes" of one rank each (``--nnodes 2``).
+
+    Each agent watches only its own rank, as on two machines: when one rank dies, the other is left to
+    find out by itself (a single-node torchrun would kill it at once). Returns both agents, node 0 first,
+    running; the caller waits for them.
+    """
+    port = str(free_port())
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+             os.path.join(SCRIPTS, script), *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._io import FileReadError, read_structured
+from .._io import FileReadError, read_structured, save_text_atomic
 from .errors import UsageError
 
 
@@ -43,9 +43,10 @@ def _run_dir_state(history_path: Path) -> dict | None:
     run_dir = history_path.parent.parent if history_path.parent.name == "tikmix" else history_path.parent
     state = run_dir / "trainer_state.json"
     try:
-        return read_structured(state)
+        doc = read_structured(state)
     except FileReadError:
         return None
+    return doc if isinstance(doc, Mapping) else None
 
 
 def _eval_curves(state: Mapping | None) -> dict[str, list[tuple[int, float]]]:
@@ -93,16 +94,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 raise UsageError(f"HISTORY {path}: the history has no {key} list; it is damaged")
         state = _run_dir_state(path)
         total = args.total_steps or (state or {}).get("max_steps") or None
-        try:
+        try:  # a history edited by hand or damaged on disk: one line naming the file, not a traceback
             paths = P.plot_history(doc, out, total_steps=total)
-        except (KeyError, ValueError, TypeError) as err:
+            curves = _eval_curves(state)
+            if curves:
+                paths.append(P.plot_validation_curves({"this run": curves}, out / "validation.png"))
+            report = history_report(doc, title=f"TiKMiX history of {path}")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
             raise UsageError(
                 f"HISTORY {path}: cannot draw it ({type(err).__name__}: {err}); the file is damaged"
             ) from None
-        curves = _eval_curves(state)
-        if curves:
-            paths.append(P.plot_validation_curves({"this run": curves}, out / "validation.png"))
-        (out / "history.md").write_text(history_report(doc, title=f"TiKMiX history of {path}"))
+        save_text_atomic(out / "history.md", report)
         print(f"{len(doc['stages'])} stage(s), {len(doc['domains'])} domains; tables in {out / 'history.md'}")
     for p in paths:
         print(p)

@@ -73,6 +73,33 @@ def _inject_new_model_defaults(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
+def _unused_hint(message: str, argv: list[str]) -> str:
+    """``message``, and where HfArgumentParser left a value unused, the flag before it and how to pass it."""
+    prefix = "Some specified arguments are not used by the HfArgumentParser: "
+    if not message.startswith(prefix):
+        return message
+    for k, value in enumerate(argv[1:], start=1):
+        if value in message[len(prefix):] and argv[k - 1].startswith("--") and value.startswith("-"):
+            flag = argv[k - 1].split("=")[0]
+            return (f"{flag} {value}: a value that starts with '-' is read as another flag; write {flag}={value} "
+                    f"(and check that the value suits {flag})")
+    return message
+
+
+def _first_step():
+    """A Trainer callback that knows whether training took its first step: an error before it is a mistake in
+    the command line (transformers is imported here, as by the rest of ``tikmix train``, not by ``tikmix``)."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        reached = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.reached = True
+
+    return FirstStep()
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -83,7 +110,7 @@ def cmd_train(argv: list[str]) -> int:
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # the dataclasses' own checks (TrainingArguments, --tikmix_* values)
-        raise UsageError(str(err)) from None
+        raise UsageError(_unused_hint(str(err), argv)) from None
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise UsageError(
             f"--max_steps {training_args.max_steps}: the training stream (a DomainMixture) is endless, so training "
@@ -149,7 +176,16 @@ def cmd_train(argv: list[str]) -> int:
               f"({', '.join(f'{n}: {k} blocks, w={w}' for n, k, w in rows)}), validation {list(val_blocks)}, "
               f"world size {training_args.world_size}, learning rate {training_args.learning_rate:g} "
               f"({getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)})", flush=True)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    started = _first_step()
+    trainer.add_callback(started)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        if started.reached:
+            raise  # a failure while training is not a mistake in the command line: its traceback is the record
+        # What TiKMiX checks when training starts (the schedule file, initial weights that name unknown domains,
+        # the reference model's folder...) is part of the command line too.
+        raise UsageError(str(err)) from None
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():

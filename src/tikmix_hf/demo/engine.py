@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import save_json_atomic
+from .._io import save_json_atomic, save_text_atomic
 from ..stage_record import measurement_tokens
 from .arms import ARMS, DEFAULT_ARMS, Arm
 from .data import DemoData, prepare_data
@@ -270,7 +270,7 @@ def run_demo(
     if plots:
         results["plots"] = [str(p.relative_to(out)) for p in draw_results(results, out / "plots", base=out)]
     save_json_atomic(out / "results.json", results)
-    (out / "report.md").write_text(demo_report(results))
+    save_text_atomic(out / "report.md", demo_report(results))
     say()
     say(demo_tables(results))
     say(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(results['plots'])} pictures in {out / 'plots'}")

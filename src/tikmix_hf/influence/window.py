@@ -180,7 +180,7 @@ class TrainingWindow:
         self.loss_sums = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.sequences = torch.zeros(m, dtype=torch.float64, device=self.layout.device)
         self.micro_batches = 0
-        self.nonfinite = 0  # sequences whose dot products overflowed (fp16), left out of the sums
+        self.non_finite = 0  # sequences left out: their loss or gradient was not finite (an overflowed step)
         self.timer = DeviceTimer(self.layout.device)
         self._handles: list = []
         self._pending: dict | None = None
@@ -215,7 +215,7 @@ class TrainingWindow:
         self._guarded(self._flush)
         meta = {
             "format": WINDOW_FORMAT, "micro_batches": self.micro_batches, "units": self._units,
-            "failure": self.failure, "nonfinite": self.nonfinite,
+            "failure": self.failure, "non_finite": self.non_finite,
             "quota": self.quota, "taken": self._taken.tolist(), "full": self.full,
             "hook_seconds": self.hook_seconds, "validation_seconds": self.validation_seconds,
             "preconditioner": self.preconditioner_name, "preconditioner_used": self.preconditioner_used,
@@ -257,7 +257,7 @@ class TrainingWindow:
             raise ValueError(f"the saved training window read {meta.get('quota')} sequences per domain and this run "
                              f"reads {self.quota}; resume with the same tikmix_probe_sequences")
         self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
-        self.failure, self.nonfinite = meta.get("failure"), int(meta.get("nonfinite", 0))
+        self.failure, self.non_finite = meta.get("failure"), int(meta.get("non_finite", 0))
         self._taken, self.full = np.asarray(meta["taken"], dtype=np.int64), bool(meta["full"])
         self.timer = DeviceTimer(self.layout.device, float(meta["hook_seconds"]))
         self.validation_seconds = float(meta["validation_seconds"])
@@ -525,15 +525,13 @@ class TrainingWindow:
         scale = pending["scale"]
         # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
         column = (pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
-        losses = pending["losses"].double()
-        # An overflowed gradient (fp16 with a loss scaler, which then skips the step) gives no measurement.
+        tokens, scales, losses = pending["tokens"].tolist(), scale.tolist(), pending["losses"].double()
         finite = (torch.isfinite(column).all(dim=1) & torch.isfinite(losses) & torch.isfinite(scale)).tolist()
-        tokens, scales = pending["tokens"].tolist(), scale.tolist()
         for b, (t, c, j) in enumerate(zip(tokens, scales, ids.tolist())):
             if t == 0 or c == 0:
                 continue  # no labelled token: no gradient, nothing to record
-            if not finite[b]:
-                self.nonfinite += 1
+            if not finite[b]:  # an overflow (a step the loss scaler skips): left out, counted, said at the boundary
+                self.non_finite += 1
                 continue
             # Sequences alternate between the even and the odd half on every rank.
             self.stats.add(j, self._units, t, column[b], 1)
@@ -549,8 +547,10 @@ class TrainingWindow:
         self._guarded(self._flush)
         self.detach()
         self._pending = None
-        failed = all_reduce(torch.tensor([float(self.failure is not None)], device=self.layout.device), self.world)
-        if failed.item() and self.failure is None:
+        failed, non_finite = all_reduce(torch.tensor([float(self.failure is not None), float(self.non_finite)],
+                                                     device=self.layout.device), self.world).tolist()
+        self.non_finite = int(non_finite)
+        if failed and self.failure is None:
             self.failure = "another rank's training window could not read its batches (that rank's warning says why)"
         if self.failure is not None and self.strict:
             raise ValueError(self.failure)  # several ranks: every rank raises here, together
@@ -622,12 +622,12 @@ class TrainingWindow:
             uncertainty_note=note,
             window={
                 "micro_batches": self.micro_batches,
+                "non_finite_sequences": self.non_finite,
                 "sequences": seen,
                 "probe_tokens": probe_tokens,
                 "validation_seconds": self.validation_seconds,
                 "hook_seconds": self.hook_seconds,
                 "parameters": self.layout.total,
-                "nonfinite": self.nonfinite,
             },
         )
 

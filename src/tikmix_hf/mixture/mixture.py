@@ -51,7 +51,8 @@ STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
 _HW_SLOTS = 257  # slot 0: the main process; slot 1 + i: DataLoader worker i
 # _ctrl slots
-(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK) = range(11)
+(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK, _ENDED,
+ _ENDED_DOMAIN) = range(13)
 # A lock taken and released at once is a full memory fence: it orders a worker's "reserve" store before
 # its "swap pending?" load, and the main process's "swap pending" store before its "reserved?" load.
 _FENCE = threading.Lock()
@@ -60,6 +61,12 @@ _FENCE = threading.Lock()
 def _fence() -> None:
     with _FENCE:
         pass
+
+
+def _describe_layout(layout: tuple[int, int, int]) -> str:
+    workers, ranks, batch = layout
+    per_batch = f", {batch} samples per worker batch" if batch else ""
+    return f"{tuple(layout)} (workers, ranks, batch: {workers} DataLoader worker(s) x {ranks} rank(s){per_batch})"
 
 
 class DomainMixture(IterableDataset):
@@ -162,7 +169,7 @@ class DomainMixture(IterableDataset):
         m = len(self.domains)
         self._swaps = WeightSwaps(self.domains, max_stages)
         self._choices = DomainChoices(seed, self._swaps)
-        self._ctrl = torch.zeros(11, dtype=torch.int64).share_memory_()
+        self._ctrl = torch.zeros(13, dtype=torch.int64).share_memory_()
         self._ctrl[_PREFETCH], self._ctrl[_RANKS] = 2, 1
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
         # Per slot: the end of the samples that copy has drawn (main process) or reserved (workers).
@@ -258,12 +265,23 @@ class DomainMixture(IterableDataset):
         return dict(zip(self.domains, map(int, self._choices.counts(upto))))
 
     def exhausted_domains(self, upto: int) -> list[str]:
-        """Map-style domains that samples ``[0, upto)`` would draw past their end (policy ``"stop"``).
+        """Domains that samples ``[0, upto)`` would draw past their end (policy ``"stop"``).
 
-        Iterable domains are not listed: their length is only known once they were read to the end.
+        An iterable domain's length is only known once it was read to the end: it is listed once a copy of
+        the stream (the DataLoader reads ahead) has found it ran out before sample ``upto``.
         """
         counts = self._choices.counts(upto)
-        return [s.name for s, c in zip(self._sources, counts) if s.random_access and c > s.n]
+        out = [s.name for s, c in zip(self._sources, counts) if s.random_access and c > s.n]
+        ended = int(self._ctrl[_ENDED])
+        name = self.domains[int(self._ctrl[_ENDED_DOMAIN])]
+        return out + [name] if 0 < ended <= upto and name not in out else out
+
+    def _end(self, index: int, domain: int) -> None:
+        """Record that the stream ends at sample ``index`` because ``domain`` ran out (policy ``"stop"``)."""
+        ended = int(self._ctrl[_ENDED])
+        if ended == 0 or index + 1 < ended:
+            self._ctrl[_ENDED_DOMAIN] = domain
+            self._ctrl[_ENDED] = index + 1
 
     def drawn(self, upto: int) -> dict[str, dict[str, int | None]]:
         """Examples and tokens drawn from each domain by samples ``[0, upto)``.
@@ -358,6 +376,7 @@ class DomainMixture(IterableDataset):
     def _set_seek(self, index: int, cursors: np.ndarray) -> None:
         self._seek_cursors.copy_(torch.as_tensor(cursors, dtype=torch.int64))
         self._ctrl[_SEEK] = index
+        self._ctrl[_ENDED] = 0
         self._position = index
         self._high_water.zero_()
 
@@ -418,6 +437,14 @@ class DomainMixture(IterableDataset):
         logical = (start // chunk + worker) % workers
         yield from self._generate(start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank)
 
+    def check_resume_layout(self) -> None:
+        """Refuse, before any batch is read, a loaded state whose domains read by shard were read in another
+        reader layout than the one :meth:`bind_loader` describes (the error names both, and the fix)."""
+        if self._sharded:
+            workers, ranks = max(int(self._ctrl[_WORKERS]), 1), int(self._ctrl[_RANKS])
+            batch = int(self._ctrl[_BATCH]) if workers * ranks > 1 else 0
+            self._check_layout(int(self._ctrl[_SEEK]), (workers, ranks, batch))
+
     def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
         chunk = layout[2]
         names = [self.domains[d] for d in self._sharded]
@@ -429,10 +456,10 @@ class DomainMixture(IterableDataset):
         saved = self._checkpoints.loaded_layout
         if start > 0 and saved is not None and saved != layout:
             raise RuntimeError(
-                f"this state was saved with a reader layout of (workers, ranks, batch) = {saved} and the stream now "
-                f"runs with {layout}: domains {names} are read by shard, so each layout is a different stream. "
-                f"Resume with the saved num_workers, number of processes and batch size, or start the stream "
-                "afresh with mixture.seek(0)"
+                f"this state was saved with a reader layout of {_describe_layout(saved)} and the stream now runs with "
+                f"{_describe_layout(layout)}: domains {names} are read by shard, so each layout is a different "
+                "stream. Resume with the saved DataLoader workers (dataloader_num_workers), number of processes "
+                "reading the stream and per-device batch size; or start the stream afresh with mixture.seek(0)"
             )
 
     def _generate(self, start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank) -> Iterator[Any]:
@@ -478,6 +505,8 @@ class DomainMixture(IterableDataset):
                 if not mine and not sequential:  # nothing to read: advance the cursors in one go
                     seg_ids, seg_draw = ids[a:b], draw[a:b]
                     if not cycle and np.any(seg_draw >= sizes[seg_ids]):
+                        first = int(np.argmax(seg_draw >= sizes[seg_ids]))
+                        self._end(k + a + first, int(seg_ids[first]))
                         return
                     np.maximum.at(cursors, seg_ids, seg_draw + 1)
                     pos = k + b
@@ -497,16 +526,19 @@ class DomainMixture(IterableDataset):
                     example = None
                     if src.random_access:
                         if not cycle and c >= src.n:
+                            self._end(k + i, d)
                             return
                         example = fetched.get(i - a)
                     elif d in by_shard:
                         if kept:  # only this reader's own samples: the others are other readers' rows
                             example = next(sharded[d])
                             if example is None:
+                                self._end(k + i, d)
                                 return
                     else:
                         example = next(sequential[d])
                         if example is None:
+                            self._end(k + i, d)
                             return
                     pos = k + i + 1
                     if mine:
