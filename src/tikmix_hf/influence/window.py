@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,6 +107,26 @@ class _Tap(torch.autograd.Function):
         return grad, None, None
 
 
+@dataclass
+class _MicroBatch:
+    """The training micro-batch whose forward and backward the hooks are reading: what its forward chose, and
+    what the hooks have gathered of it so far. Recorded by :meth:`TrainingWindow._flush` once its backward ran."""
+
+    rows: int  # the sequences read: the chosen rows
+    all_rows: int  # the sequences of the micro-batch, on this rank
+    keep: torch.Tensor | None  # the chosen rows' indices; None: every row
+    ids: np.ndarray  # the domain id of each chosen sequence
+    labels: torch.Tensor  # the chosen sequences' labels
+    dots: torch.Tensor  # (rows, n): <V_i, each sequence's gradient>, summed over the layers read so far
+    positions: int  # the labels' positions, all rows: the output layer must give logits for each
+    logits: torch.Tensor | None = None  # the output layer's logits of the chosen sequences, from the forward
+    # From the fit of the logits' gradient (_loss_scale), in the backward: per sequence, the Trainer's gradient
+    # scale, the labelled tokens and the summed loss.
+    scale: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    losses: torch.Tensor | None = None
+
+
 class TrainingWindow:
     """Collects Group Influence from training micro-batches between :meth:`attach` and :meth:`close`.
 
@@ -157,7 +178,8 @@ class TrainingWindow:
 
     def _setup(self, model, validation_batches, domain_names, show_progress, strict) -> None:
         self.started = time.perf_counter()
-        self.strict, self.failure = bool(strict), None
+        self.strict = bool(strict)
+        self.failure: str | None = None  # why the window stopped reading (not strict)
         self.module = unwrap(model, sharded=True)
         self.rank, self.world = rank_and_world()
         if sharding_of(self.module, self.world) is not None:
@@ -183,7 +205,7 @@ class TrainingWindow:
         self.non_finite = 0  # sequences left out: their loss or gradient was not finite (an overflowed step)
         self.timer = DeviceTimer(self.layout.device)
         self._handles: list = []
-        self._pending: dict | None = None
+        self._pending: _MicroBatch | None = None
         self._units = 0
         self._taken = np.zeros(m, dtype=np.int64)  # sequences chosen per domain so far, all ranks (the quota)
         self.full = False  # every domain has its quota: the hooks are off for the rest of the window
@@ -195,7 +217,7 @@ class TrainingWindow:
 
     def _hold(self, rows: torch.Tensor) -> None:
         """Keep the ``n`` preconditioned validation gradients, and each parameter's view of them."""
-        self.rows = rows
+        self.rows: torch.Tensor | None = rows  # None once the result is out
         dtype = self.layout.compute_dtype
         self.views = {
             id(p): rows[:, a:b].to(dtype).reshape(len(self.tasks), *p.shape)
@@ -222,6 +244,8 @@ class TrainingWindow:
             "fallback": self.fallback, "task_losses": self.task_losses, "parameters": list(self.layout.names),
             "domains": list(self.domain_names), "tasks": list(self.tasks), "rank": self.rank, "world": self.world,
         }
+        if self.rows is None:
+            raise RuntimeError("this TrainingWindow gave its result and let go of its validation gradients: no state")
         tensors = {"rows": self.rows, "cell": self.stats.cell, "dom": self.stats.dom, "loss_sums": self.loss_sums,
                    "sequences": self.sequences}
         return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -342,13 +366,12 @@ class TrainingWindow:
                     self.detach()  # every domain has its quota: training runs without hooks from here
                 return None
             chosen = rows if keep is None else int(keep.numel())
-            self._pending = {
-                "rows": chosen, "all_rows": rows, "keep": keep, "ids": ids,
-                "labels": labels.detach() if keep is None else labels.detach().index_select(0, keep),
-                "dots": torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype,
-                                    device=self.layout.device),
-                "scale": None, "tokens": None, "losses": None, "logits": None, "positions": int(labels.numel()),
-            }
+            self._pending = _MicroBatch(
+                rows=chosen, all_rows=rows, keep=keep, ids=ids,
+                labels=labels.detach() if keep is None else labels.detach().index_select(0, keep),
+                dots=torch.zeros((chosen, len(self.tasks)), dtype=self.layout.compute_dtype, device=self.layout.device),
+                positions=int(labels.numel()),
+            )
         return None
 
     def _choose(self, rows: int) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -376,47 +399,47 @@ class TrainingWindow:
         pending = self._pending
         if pending is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        keep, ids = pending["keep"], inputs[0]
+        keep, ids = pending.keep, inputs[0]
         with self.timer.section():  # only the chosen rows' activations are saved
-            if output.shape[0] != pending["all_rows"]:
+            if output.shape[0] != pending.all_rows:
                 if not (isinstance(sub, torch.nn.Embedding) and output.shape[0] == ids.shape[0] == 1):
                     self._refuse(ValueError(
                         f"layer {self._names.get(id(sub), type(sub).__name__)!r} gave {output.shape[0]} rows for a "
-                        f"micro-batch of {pending['all_rows']} sequences (a layer on tokens gathered from several "
+                        f"micro-batch of {pending.all_rows} sequences (a layer on tokens gathered from several "
                         "sequences, as mixture-of-experts layers are): the training window reads each layer batch "
                         "first, one row per sequence; measure with probes (tikmix_influence_source='probes')"
                     ))
                     return None
                 # a position embedding looked up once for the whole batch (GPT-2's wpe): read it per sequence from
                 # its expansion, which training adds to the token embeddings with the same values and gradients
-                output = output.expand(pending["all_rows"], *output.shape[1:])
-                ids = ids.expand(pending["all_rows"], *ids.shape[1:])
+                output = output.expand(pending.all_rows, *output.shape[1:])
+                ids = ids.expand(pending.all_rows, *ids.shape[1:])
             if sub is self._output:
                 positions = output.numel() // output.shape[-1]
-                if positions != pending["positions"] and self.failure is None:
+                if positions != pending.positions and self.failure is None:
                     self._refuse(ValueError(
                         f"the model's output layer gave logits for {positions} positions where the labels have "
-                        f"{pending['positions']} (logits_to_keep, or logits computed for part of the sequence): the "
+                        f"{pending.positions} (logits_to_keep, or logits computed for part of the sequence): the "
                         "training window reads the loss's scale from every labelled position's logits; return the "
                         "logits of every position in training, or measure with probes "
                         "(tikmix_influence_source='probes')"
                     ))
                 if self.failure is None:
-                    pending["logits"] = _rows_of(output.detach(), keep, pending["all_rows"])
-            inp = _rows_of(ids.detach(), keep, pending["all_rows"])
+                    pending.logits = _rows_of(output.detach(), keep, pending.all_rows)
+            inp = _rows_of(ids.detach(), keep, pending.all_rows)
 
         def read(grad, inp, sub=sub, pending=pending):
             if self.failure is None:
                 with self.timer.section(), torch.no_grad():
-                    self._guarded(self._read, sub, pending, _rows_of(grad, keep, pending["all_rows"]), inp)
+                    self._guarded(self._read, sub, pending, _rows_of(grad, keep, pending.all_rows), inp)
 
         return _Tap.apply(output, inp, read)
 
-    def _read(self, sub, pending, grad, inp) -> None:
+    def _read(self, sub, pending: _MicroBatch, grad, inp) -> None:
         """One layer's share of each chosen sequence's dot products, from its output gradient and input."""
         if sub is self._output:
             self._loss_scale(pending, grad)
-        pending["dots"] += self._layer_dots(sub, inp, grad, pending["rows"])
+        pending.dots += self._layer_dots(sub, inp, grad, pending.rows)
 
     def _layer_dots(self, sub, inp, grad, rows) -> torch.Tensor:
         """``(rows, n)``: each sequence's ``<V_i, its gradient>`` through this layer's parameters.
@@ -444,13 +467,14 @@ class TrainingWindow:
             return dots
         a = inp.reshape(rows, -1, inp.shape[-1])
         conv1d = is_conv1d(sub)  # weight (in, out): the transpose of a Linear's
+        # The weight as (n, values) where one sequence's gradient of it is small enough to form, else None.
         per_sequence = weight is not None and weight[0].numel() <= _CHUNK_VALUES
-        width = max(g[0].numel(), a[0].numel(), weight[0].numel() if per_sequence else 0)
+        flat = weight.reshape(weight.shape[0], -1) if weight is not None and per_sequence else None
+        width = max(g[0].numel(), a[0].numel(), flat.shape[1] if flat is not None else 0)
         step = max(1, _CHUNK_VALUES // width)
-        flat = weight.reshape(weight.shape[0], -1) if per_sequence else None
         for lo in range(0, rows, step):
             gc, ac = g[lo:lo + step].to(dtype), a[lo:lo + step].to(dtype)
-            if per_sequence:
+            if flat is not None:
                 # G_b^T A_b per sequence (the cost of the layer's weight gradient), then n dot products
                 if conv1d:
                     product = torch.einsum("bti,bto->bio", ac, gc)
@@ -467,17 +491,17 @@ class TrainingWindow:
                 dots[lo:lo + step] += gc.sum(dim=1) @ bias.T
         return dots
 
-    def _loss_scale(self, pending, grad) -> None:
+    def _loss_scale(self, pending: _MicroBatch, grad) -> None:
         """Fit ``grad = c (softmax - onehot)`` of the logits: ``c`` per sequence, tokens and losses too.
 
         With ``p = softmax(z)`` and ``d = p - onehot`` on labelled tokens, the fit needs ``<g, d>`` and
         ``<d, d>`` per token, from vocabulary-wide dot products; they are taken a few tokens at a time, so
         the probabilities and the compute-dtype copies are never the size of the logits.
         """
-        logits, rows = pending["logits"], pending["rows"]
+        logits, rows = pending.logits, pending.rows
         if logits is None:
             raise ValueError(_NO_LOGITS)
-        targets = shifted_targets(pending["labels"]).reshape(-1)
+        targets = shifted_targets(pending.labels).reshape(-1)
         dtype = self.layout.compute_dtype
         width = logits.shape[-1]
         z_all, g_all = logits.reshape(-1, width), grad.reshape(-1, width)
@@ -508,24 +532,24 @@ class TrainingWindow:
                 "reads each sequence's gradient scale from that form (a label smoother, z-loss or soft-capped "
                 "logits change it); measure with probes (tikmix_influence_source='probes')"
             )
-        pending["scale"] = scale
-        pending["tokens"] = (targets != IGNORE_INDEX).view(rows, -1).sum(dim=1)
-        pending["losses"] = loss.view(rows, -1).sum(dim=1)
+        pending.scale = scale
+        pending.tokens = (targets != IGNORE_INDEX).view(rows, -1).sum(dim=1)
+        pending.losses = loss.view(rows, -1).sum(dim=1)
 
     def _flush(self) -> None:
         """Record the last micro-batch, whose backward has run by now, sequence by sequence."""
         pending, self._pending = self._pending, None
         if pending is None or self.failure is not None:
             return
-        if pending["logits"] is None and pending["rows"] > 0:
+        if pending.logits is None and pending.rows > 0:
             raise ValueError(_NO_LOGITS)
-        if pending["scale"] is None:
+        scale, labelled, summed = pending.scale, pending.tokens, pending.losses
+        if scale is None or labelled is None or summed is None:  # _loss_scale sets all three, or none
             return  # a forward with gradients but no backward: nothing to record
-        ids = pending["ids"]
-        scale = pending["scale"]
+        ids = pending.ids
         # The gradients carry the Trainer's scale c; dividing gives those of each sequence's summed loss.
-        column = (pending["dots"] / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
-        tokens, scales, losses = pending["tokens"].tolist(), scale.tolist(), pending["losses"].double()
+        column = (pending.dots / torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]).double()
+        tokens, scales, losses = labelled.tolist(), scale.tolist(), summed.double()
         finite = (torch.isfinite(column).all(dim=1) & torch.isfinite(losses) & torch.isfinite(scale)).tolist()
         for b, (t, c, j) in enumerate(zip(tokens, scales, ids.tolist())):
             if t == 0 or c == 0:
@@ -634,7 +658,8 @@ class TrainingWindow:
 
 def output_layer(module: torch.nn.Module) -> torch.nn.Linear:
     """The model's output layer (``get_output_embeddings()``), whose logits give the loss's scale."""
-    output = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    get_output = getattr(module, "get_output_embeddings", None)
+    output = get_output() if get_output is not None else None
     if not isinstance(output, torch.nn.Linear):
         raise ValueError(
             f"the training window needs the model's output layer as an nn.Linear (get_output_embeddings(), got "
