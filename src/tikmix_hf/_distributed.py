@@ -132,9 +132,9 @@ def agree(values: list) -> list:
     return values
 
 
-def fsdp_types() -> tuple:
+def fsdp_types() -> tuple[type, ...]:
     """The FSDP module classes this torch provides (FSDP1 and FSDP2)."""
-    types = []
+    types: list[type] = []
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
 

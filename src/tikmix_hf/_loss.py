@@ -13,6 +13,7 @@ import functools
 import inspect
 import random
 from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def forward_extras(module: torch.nn.Module) -> dict:
+def forward_extras(module: torch.nn.Module) -> dict[str, Any]:
     """Keyword arguments every measuring forward passes: no KV cache (eval-mode HF models build one), and the
     logits of every position (``logits_to_keep=0``, whatever the model's default)."""
     parameters = inspect.signature(module.forward).parameters
-    extras = {"use_cache": False} if "use_cache" in parameters else {}
+    extras: dict[str, Any] = {"use_cache": False} if "use_cache" in parameters else {}
     if "logits_to_keep" in parameters:
         extras["logits_to_keep"] = 0
     return extras
@@ -133,8 +134,11 @@ def measurement_mode(*modules: torch.nn.Module | None):
     """
     present = [module for module in modules if module is not None]
     modes = [(m, m.training) for module in present for m in module.modules()]
-    funcs = [(m, m._gradient_checkpointing_func) for module in present for m in module.modules()
-             if _reentrant(getattr(m, "_gradient_checkpointing_func", None))]
+    # torch types a module's unknown attribute as a Tensor or a Module; this one is a partial (see _reentrant),
+    # and the module is kept as Any so that the partial can be written back.
+    funcs: list[tuple[Any, functools.partial]] = [
+        (m, cast(functools.partial, m._gradient_checkpointing_func)) for module in present for m in module.modules()
+        if _reentrant(getattr(m, "_gradient_checkpointing_func", None))]
     rng = _rng_state()
     try:
         for module in present:

@@ -109,7 +109,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._stages = Stages()
         self._geometry = LoaderGeometry()
         self._windows = WindowLifecycle("probes", strict=False, preconditioner=self.config.tikmix_preconditioner)
-        self._batcher: Batcher | None = None
+        self._batcher: Batcher  # collates with the Trainer's loader: made in on_train_begin (_bind_loader)
         self._val_examples: dict[str, list] = {}
         self._max_steps: int | None = None
         self._step = 0
@@ -331,7 +331,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             optimizer=optimizer,
             domain_batches={d: self._batcher.batches(ex[:n_probe], bs) for d, ex in drawn.items()},
             domain_sources=sources,
-            max_probe_batches=-(-cap // bs) if sources is not None else None,
+            max_probe_batches=None if sources is None or cap is None else -(-cap // bs),
             validation_batches=self._validation_batches(args) if measures else {},
             config=cfg,
             show_progress=self._shows_progress(args),

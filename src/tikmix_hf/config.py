@@ -71,7 +71,8 @@ class MixerChoice(OptionGroup):
     """Which mixer decides, the weights training starts from (and the aligned start's budget), and the seed of
     every random draw."""
 
-    tikmix_solver: Annotated[Literal[SOLVERS], choice(_registered_mixers)] = option(
+    # A Literal of the runtime tuple, for HfArgumentParser's choices; mypy takes literal values only.
+    tikmix_solver: Annotated[Literal[SOLVERS], choice(_registered_mixers)] = option(  # type: ignore[valid-type]
         "direct",
         "direct: TiKMiX-D (SLSQP with the Pareto constraint); surrogate: TiKMiX-M (LightGBM search). "
         "Baselines (docs/baselines.md): static (fixed weights, see tikmix_initial_weights and "
@@ -139,7 +140,8 @@ class MeasurementOptions(OptionGroup):
     tikmix_probe_sequences: Annotated[int, integer(at_least=1)] = option(
         16, "Probe sequences drawn per domain at each stage (equal budget per domain)."
     )
-    tikmix_influence_source: Annotated[Literal[INFLUENCE_SOURCES], choice(INFLUENCE_SOURCES)] = option(
+    # A Literal of the runtime tuple, for HfArgumentParser's choices; mypy takes literal values only.
+    tikmix_influence_source: Annotated[Literal[INFLUENCE_SOURCES], choice(INFLUENCE_SOURCES)] = option(  # type: ignore[valid-type]
         "auto",
         "Where TiKMiX-D takes the domain gradients of S from: probes (sequences drawn for the purpose at each "
         "boundary) or training (the training micro-batches of the tikmix_window_steps steps before it, read in "
@@ -172,7 +174,8 @@ class MeasurementOptions(OptionGroup):
     tikmix_probe_batch_size: Annotated[int | None, integer(at_least=1, optional=True)] = option(
         None, "Micro-batch size of the influence pass (default: per_device_train_batch_size)."
     )
-    tikmix_preconditioner: Annotated[Literal[PRECONDITIONERS], choice(PRECONDITIONERS)] = option(
+    # A Literal of the runtime tuple, for HfArgumentParser's choices; mypy takes literal values only.
+    tikmix_preconditioner: Annotated[Literal[PRECONDITIONERS], choice(PRECONDITIONERS)] = option(  # type: ignore[valid-type]
         "identity",
         "Curvature in S = grad f^T (H + lambda I)^-1 g: identity, adam (the optimizer's v_hat) or diag_fisher.",
     )

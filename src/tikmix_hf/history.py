@@ -61,7 +61,7 @@ def write_history(path: str, *, domains: list[str], tasks: list[str], config: di
         ) from err
 
 
-def load_history(path: str) -> dict:
+def load_history(path: str | os.PathLike) -> dict:
     """Read a ``history.json`` written by :class:`TiKMiXCallback`."""
     doc = load_json(path, "TiKMiX history")
     if not isinstance(doc, dict) or doc.get("format") != HISTORY_FORMAT:

@@ -26,7 +26,7 @@ import itertools
 import os
 import typing
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from .validation import Range, format_value
 
@@ -34,6 +34,8 @@ __all__ = [
     "Check", "OptionGroup", "check_options", "choice", "custom", "declared_checks", "fail", "flag", "integer",
     "number", "numbers", "option", "path", "text",
 ]
+
+_T = TypeVar("_T")
 
 
 def fail(name: str, value: Any, fix: str) -> NoReturn:
@@ -52,7 +54,7 @@ class Check:
 
     kind: str  # number | integer | flag | choice | text | path | numbers | custom
     fix: str
-    rule: Range | None = None
+    rule: Range = Range()  # number, integer, numbers: the bounds; any finite number unless given
     optional: bool = False
     choices: tuple | Callable[[], tuple] = ()
     test: Callable[[str, Any], None] | None = None  # custom: raises ValueError naming the field
@@ -87,7 +89,7 @@ class Check:
     def __call__(self, name: str, value: Any) -> None:
         """Raise ``ValueError`` naming ``name``, ``value`` and the fix unless the value passes."""
         if self.kind == "custom":
-            if value is not None or not self.optional:
+            if self.test is not None and (value is not None or not self.optional):
                 self.test(name, value)
         elif not self.passes(value):
             fail(name, value, self.fix or f"use one of {self.options()}")
@@ -148,8 +150,11 @@ def custom(test: Callable[[str, Any], None], *, optional=False) -> Check:
     return Check("custom", "", optional=optional, test=test)
 
 
-def option(default: Any, help: str) -> dataclasses.Field:
-    """A field of an option group: its default and its ``--help`` text (``%`` escaped for argparse)."""
+def option(default: _T, help: str) -> _T:
+    """A field of an option group: its default and its ``--help`` text (``%`` escaped for argparse).
+
+    Typed as its default, as :func:`dataclasses.field` is, so that ``x: float = option(1.0, ...)`` checks.
+    """
     return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})
 
 
@@ -168,13 +173,16 @@ class OptionGroup:
         """
 
     @classmethod
-    def from_config(cls, config: Any):
+    def from_config(cls: type[_G], config: Any) -> _G:
         """This group with the values of ``config``'s fields of the same names (defaults for those it lacks)."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_G = TypeVar("_G", bound=OptionGroup)
 
 
 @functools.cache
@@ -191,10 +199,11 @@ def declared_checks(cls: type) -> dict[str, Check]:
     return out
 
 
-def check_options(obj: Any) -> None:
+def check_options(obj: OptionGroup) -> None:
     """Run every declared check of ``obj``'s fields, then the :meth:`~OptionGroup.check_rules` of each of its
     option groups (bases first), so that a rule between fields only ever sees values of the right kind."""
-    for name, check in declared_checks(type(obj)).items():
+    # A class is hashable; mypy reads the unhashable dataclass instances' __hash__ (None) off type[OptionGroup].
+    for name, check in declared_checks(type(obj)).items():  # type: ignore[arg-type]
         check(name, getattr(obj, name))
     for cls in reversed(type(obj).__mro__):
         rules = cls.__dict__.get("check_rules")

@@ -227,7 +227,7 @@ def plot_validation_curves(
         (task, {arm: curves[arm].get(task, []) for arm in arms}, "loss") for task in tasks
     ]
     if average and len(tasks) > 1:
-        mean_curves = {}
+        mean_curves: dict[str, Curve] = {}
         for arm in arms:
             per_step: dict[float, list[float]] = {}
             for task in tasks:
@@ -300,9 +300,9 @@ def plot_gains(history: Mapping[str, Any], path: str | os.PathLike, *, title: st
     the history has fewer than two trust-region decisions (nothing to compare yet).
     """
     series = gain_series(history)
-    radii = [(int(s["step"]), ((s.get("mixer") or {}).get("trust_region") or {}).get("radius_used"))
-             for s in history.get("stages") or []]
-    radii = [(step, r) for step, r in radii if r is not None]
+    used = [(int(s["step"]), ((s.get("mixer") or {}).get("trust_region") or {}).get("radius_used"))
+            for s in history.get("stages") or []]
+    radii = [(step, r) for step, r in used if r is not None]
     if not series:
         return None
     fig = _figure(10.0, 4.0)
@@ -312,7 +312,8 @@ def plot_gains(history: Mapping[str, Any], path: str | os.PathLike, *, title: st
     for colour, (task, points) in zip(colours, series.items()):
         pairs = [(p, r) for _, p, r in points if p is not None and r is not None]
         if pairs:
-            ax.scatter(*zip(*pairs), color=colour, label=task, s=24)
+            predicted, realised = zip(*pairs)
+            ax.scatter(predicted, realised, color=colour, label=task, s=24)
             values += [v for pair in pairs for v in pair]
     if values:
         lo, hi = min(values + [0.0]), max(values + [0.0])

@@ -72,7 +72,7 @@ def check_first_batches(batcher: Batcher, validation: Mapping[str, list], mixtur
     sequence) fails now rather than at the first boundary.
     """
     device = next(model.parameters()).device if model is not None else device
-    first = None
+    first: dict | None = None  # the first task's (validation is never empty: check_validation)
     for name, examples in validation.items():
         batch = batcher.batch(examples[:batch_size])
         check_batch(batch, f"validation task {name!r} batch 0", device)
@@ -80,7 +80,7 @@ def check_first_batches(batcher: Batcher, validation: Mapping[str, list], mixtur
     for domain in mixture.domains:
         examples = mixture.probe(domain, min(batch_size, probe_sequences), round=0)
         check_batch(batcher.batch(examples), f"probe batch of domain {domain!r}", device)
-    if model is not None and measures:
+    if model is not None and measures and first is not None:
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(ZERO3)
         module = unwrap(model, sharded=True)

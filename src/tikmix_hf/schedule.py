@@ -274,7 +274,7 @@ def parse_domain_map(value: str | Mapping | None) -> dict[str, str]:
     """``tikmix_schedule_domains`` as a mapping schedule name -> run name (JSON text or a mapping)."""
     if value is None:
         return {}
-    parsed = value
+    parsed: object = value
     if isinstance(value, str):
         try:
             parsed = json.loads(value)

@@ -93,7 +93,7 @@ def tiny_llama(
 
     if hidden_size % heads:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by heads={heads}")
-    settings = dict(
+    settings: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=16 * math.ceil(8 * hidden_size / 3 / 16),
@@ -110,7 +110,8 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config)
     if dtype is not None:
-        model = model.to(dtype)
+        # transformers wraps to() in functools.wraps(nn.Module.to), whose type mypy reads as the unbound method.
+        model = model.to(dtype)  # type: ignore[arg-type]
     if dtype == torch.float64:
         norm_class = _float64_rms_norm()
         for module in model.modules():

@@ -6,11 +6,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .._io import FileReadError, read_structured
 from .errors import UsageError
 
-MODEL_PRESETS = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {  # tiny_llama's keyword arguments
     "tiny": dict(hidden_size=64, layers=2, heads=4),
     "small": dict(hidden_size=128, layers=4, heads=4),
 }

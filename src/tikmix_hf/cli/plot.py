@@ -38,7 +38,7 @@ def _read_history(path: Path) -> Any:
         raise UsageError(str(err)) from None
 
 
-def _run_dir_state(history_path: Path) -> dict | None:
+def _run_dir_state(history_path: Path) -> Mapping[str, Any] | None:
     """``trainer_state.json`` of the run that wrote this history (its ``output_dir``), if any."""
     run_dir = history_path.parent.parent if history_path.parent.name == "tikmix" else history_path.parent
     state = run_dir / "trainer_state.json"

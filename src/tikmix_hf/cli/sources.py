@@ -153,7 +153,7 @@ def _dict_source(name: str, spec: dict, origin: str, base: Path) -> Source:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(Path(root, n) for n in sorted(names) if not n.startswith("."))
@@ -169,7 +169,9 @@ def load_texts(source: Source, text_column: str = "text") -> list[str]:
     """The documents of one source: a file (one document, or one per row of a ``.jsonl``/``.json``),
     a folder of files (binary files skipped), or a ``datasets`` dataset's text column."""
     if source.dataset is not None:
-        docs = _dataset_texts(source, text_column)
+        docs = _dataset_texts(source, source.dataset, text_column)
+    elif source.path is None:
+        raise ValueError(f"{source.origin}: the source {source.name!r} has neither a path nor a dataset")
     elif source.path.is_dir():
         docs = []
         for path in _text_files(source.path):
@@ -222,10 +224,9 @@ def _row_texts(path: Path, source: Source, column: str) -> list[str]:
     return docs
 
 
-def _dataset_texts(source: Source, default_column: str) -> list[str]:
+def _dataset_texts(source: Source, spec: dict, default_column: str) -> list[str]:
     import datasets
 
-    spec = source.dataset
     column = spec.get("column", default_column)
     name = spec["dataset"]
     try:

@@ -39,7 +39,9 @@ def _train_parser():
 
     from ..training_args import TiKMiXTrainingArguments
 
-    return HfArgumentParser((ModelArguments, DataArguments, TiKMiXTrainingArguments), prog="tikmix train")
+    # transformers types each dataclass as NewType("DataClassType", Any), which a class does not match.
+    parser_types = (ModelArguments, DataArguments, TiKMiXTrainingArguments)
+    return HfArgumentParser(parser_types, prog="tikmix train")  # type: ignore[arg-type]
 
 
 def _inject_distributed_defaults(argv: list[str]) -> list[str]:
@@ -158,18 +160,16 @@ def cmd_train(argv: list[str]) -> int:
         mixture = DomainMixture(blocks, weights=weights, seed=training_args.seed)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--mixture_weights {data_args.mixture_weights}: {err}") from None
-    callbacks = []
-    if not data_args.static_mixture:
-        callbacks.append(TiKMiXCallback(mixture, val_blocks, training_args.tikmix_config(),
-                                        collator=default_data_collator))
+    tikmix = None if data_args.static_mixture else TiKMiXCallback(
+        mixture, val_blocks, training_args.tikmix_config(), collator=default_data_collator)
     evaluate = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     trainer = Trainer(
         model=model, args=training_args, train_dataset=mixture,
         eval_dataset=val_blocks if evaluate and val_blocks else None, data_collator=default_data_collator,
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer, callbacks=[tikmix] if tikmix is not None else [],
     )
-    for callback in callbacks:
-        callback.bind(trainer)
+    if tikmix is not None:
+        tikmix.bind(trainer)
     if _is_main():
         rows = [(n, len(b), f"{mixture.weights[n]:.3f}") for n, b in blocks.items()]
         print(f"tikmix train: {sum(p.numel() for p in model.parameters()):,} parameters, {len(blocks)} domains "
@@ -192,7 +192,7 @@ def cmd_train(argv: list[str]) -> int:
         tokenizer.save_pretrained(training_args.output_dir)
         final = mixture.weights
         print("tikmix train: final mixture " + ", ".join(f"{d}={w:.3f}" for d, w in final.items()))
-        if callbacks:
+        if tikmix is not None:
             print(f"tikmix train: history in {os.path.join(training_args.output_dir, 'tikmix', 'history.json')}; "
                   f"pictures: tikmix plot {training_args.output_dir}")
     shutdown_distributed()

@@ -7,6 +7,7 @@ that ``import tikmix_hf.demo`` stays cheap.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,7 +49,9 @@ class ArmProgress(TrainerCallback):
     """One tqdm bar per arm, with the training loss, the last held-out average and the TiKMiX stage."""
 
     def __init__(self, desc: str, disable: bool):
-        self.desc, self.disable, self.bar, self.postfix = desc, disable, None, {}
+        self.desc, self.disable = desc, disable
+        self.bar: tqdm | None = None
+        self.postfix: dict[str, Any] = {}
 
     def note(self, **values) -> None:
         self.postfix.update(values)
@@ -61,7 +64,8 @@ class ArmProgress(TrainerCallback):
         self.note()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

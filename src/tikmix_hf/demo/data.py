@@ -122,7 +122,7 @@ def prepare_data(corpus: str, size: DemoSize, *, data_seed: int = 0) -> DemoData
         validation[task] = val_blocks
         test[task] = _rows(test_blocks.select(range(min(size.test_blocks, len(test_blocks)))))
     prefix = min(32, B - CHOICE_CONT_TOKENS)
-    item_args = dict(n_choices=4, prefix_tokens=prefix, cont_tokens=CHOICE_CONT_TOKENS)
+    item_args: dict[str, Any] = dict(n_choices=4, prefix_tokens=prefix, cont_tokens=CHOICE_CONT_TOKENS)
     validation[choice_task] = _gold_examples(
         C.continuation_choice_items(choice_val, tokenizer, n_items=size.validation_sequences * 2, seed=data_seed,
                                     **item_args)

@@ -139,7 +139,7 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
             "all_domains": all_domains,
         },
         "curve": evaluator.curve,
-        "training_tokens": int(sum(v["tokens"] for v in drawn.values())),
+        "training_tokens": int(sum(v["tokens"] or 0 for v in drawn.values())),  # known: the demo's rows carry ids
         "training_samples": consumed,
         "drawn": {d: v["examples"] for d, v in drawn.items()},
         "probe_tokens": int(probe_tokens),
@@ -150,7 +150,7 @@ def _train_arm(arm: Arm, seed: int, data: DemoData, size: DemoSize, base: Path, 
         "tikmix_share": tikmix_seconds / train_seconds if train_seconds > 0 else 0.0,
         "final_weights": mixture.weights,
         "stages": len(stages),
-        "history": str(history_path.relative_to(base)) if history is not None else None,
+        "history": str(history_path.relative_to(base)) if history_path is not None else None,
         "warnings": messages,
     }, model
 

@@ -84,7 +84,7 @@ def _final_weights_table(results: Mapping[str, Any]) -> str | None:
     headers += [f"{next(r['label'] for r in tikmix_runs if r['arm'] == a)} final" for a in arms]
     rows = []
     for j, d in enumerate(domains):
-        row = [d] + ([roles.get(d, ""), f"{oracle.get(d, 0.0):.2f}"] if roles else []) + [f"{natural[j]:.3f}"]
+        row = [d] + ([roles.get(d, ""), f"{(oracle or {}).get(d, 0.0):.2f}"] if roles else []) + [f"{natural[j]:.3f}"]
         for a in arms:
             ws = [r["final_weights"][d] for r in tikmix_runs if r["arm"] == a]
             row.append(f"{np.mean(ws):.3f}")

@@ -122,15 +122,15 @@ def adaptive_group_influence(
                     drawn += min(world, int(available.item()))
                 elif batch is not None:
                     check_batch(batch, f"domain {name!r} batch {k}", layout.device)
-                    tokens = int(labelled_targets(batch["labels"]))
+                    labelled = int(labelled_targets(batch["labels"]))
                     available += 1
-                    if tokens > 0:
+                    if labelled > 0:
                         with torch.enable_grad():
                             loss = pass_.summed_loss(batch)
                             grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
                         column = pass_.dots(task_side, grads)
                         del grads
-                        round_.add(j, k, tokens, column)
+                        round_.add(j, k, labelled, column)
                         loss_sums[j] += loss.detach().double()
                     if pass_.bar is not None:
                         pass_.bar.update(1)

@@ -371,7 +371,7 @@ class InfluencePass:
             # Projecting each micro-batch would regenerate the P x k blocks per batch; projecting
             # the domain's sum once costs one more gradient-sized buffer instead.
             accumulator = new_buffer(layout.total, layout.dtype, layout.device, self.ledger)
-        pending = []
+        pending: list[tuple[int, int, float, torch.Tensor, float]] = []  # see record()
         for j, domain in enumerate(domains.values()):
             column = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
             if projector is not None:
@@ -406,7 +406,7 @@ class InfluencePass:
         kept = new_buffer((len(domains), layout.total), layout.dtype, device, self.ledger)
         fisher = new_buffer(layout.total, layout.dtype, layout.device, self.ledger) if want_fisher else None
         loss_sums = torch.zeros(len(domains), dtype=torch.float64, device=layout.device)
-        pending = []
+        pending: list[tuple[int, int, float, torch.Tensor, float]] = []  # see record()
         for j, domain in enumerate(domains.values()):
             indices = self.units(domain)
             for k, (tokens, loss, grads) in zip(indices, self.micro_batches(domain)):

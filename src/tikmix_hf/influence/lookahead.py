@@ -128,6 +128,8 @@ class Lookahead:
                     self._base = np.array([base[name] for name in tasks])
                     self.forwards += 1
                 kept = self.result.domain_gradients
+                if kept is None:
+                    raise RuntimeError("the result's domain gradients were freed after this Lookahead was made")
                 weights = torch.as_tensor(W, dtype=kept.dtype, device=kept.device)
                 for k in todo:
                     direction = (weights[k] @ kept).to(layout.device)

@@ -136,7 +136,9 @@ def adam_or_identity(
             moment = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
             if local is not None:
                 moment = local(moment)
-            entries.append((moment, float(group["betas"][1]), _step_count(state), float(group["eps"])))
+            step = _step_count(state)
+            assert step is not None  # _adam_unavailable_reason found a step count > 0 for every parameter
+            entries.append((moment, float(group["betas"][1]), step, float(group["eps"])))
         return AdamPreconditioner(entries), None
     warnings.warn(
         f"preconditioner='adam' is unavailable ({reason}); using preconditioner='identity' instead. "

@@ -170,7 +170,7 @@ class WindowLifecycle:
             window, problem = None, f"its window state in {folder} is damaged or belongs to another run ({err})"
         device = next(model.parameters()).device  # NCCL reduces only device tensors
         failed = int(all_reduce(torch.tensor([float(problem is not None)], device=device), world).item())
-        if failed:
+        if failed or window is None:  # (no window here: this rank's problem is among the failed)
             absent = [WINDOW_FILE.format(rank=r) for r in range(world)
                       if not os.path.isfile(os.path.join(folder, WINDOW_FILE.format(rank=r)))]
             problem = problem or (f"another rank could not read its part ({', '.join(absent)} not in {folder})" if

@@ -101,7 +101,7 @@ class Mixer:
     #: validation batches for them at a stage boundary.
     measures = True
     #: The option group this mixer reads its own knobs from (set by :func:`register`); ``None``: it has none.
-    options_group: type | None = None
+    options_group: type[OptionGroup] | None = None
     #: The options in effect (an ``options_group`` instance); ``None`` until given or configured.
     options: Any = None
     _options_given = False

@@ -384,6 +384,7 @@ class DoGEMixer(_AveragingMixer):
             return Decision(inputs.prior, "skipped", f"influence not measured, weights kept: {err}",
                             seconds_measure=time.perf_counter() - started)
         try:
+            assert result.domain_gradients is not None  # kept: keep_domain_gradients=True
             norms = np.array([torch.linalg.vector_norm(row, dtype=torch.float64).item()
                               for row in result.domain_gradients])
         finally:

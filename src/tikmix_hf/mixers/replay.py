@@ -78,6 +78,7 @@ class ReplayMixer(Mixer):
         if self.schedule is None:
             self.check_ready(config)
         schedule = self.schedule
+        assert schedule is not None  # check_ready loaded it
         schedule.check_domains(domains)
         self.domains = list(domains)
         if schedule.kinds == {"tokens"}:

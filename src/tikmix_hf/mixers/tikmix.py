@@ -50,6 +50,7 @@ def measure_influence(
             # callback hands over sources that draw further.
             if inputs.domain_sources is not None:
                 sources = dict(inputs.domain_sources)
+                assert inputs.max_probe_batches is not None  # the callback gives it with domain_sources
                 cap = int(inputs.max_probe_batches)
             else:
                 sources = {name: list(batches) for name, batches in inputs.domain_batches.items()}
@@ -117,7 +118,7 @@ class UncertaintyAware(Mixer):
         info: dict = {"shrink_z": z, "smoothing": decay, **adaptive}
         scores, stderr = decider.smooth(result.scores, result.stderr, tasks=result.task_names,
                                         domains=result.domain_names)
-        if decay > 0:
+        if decay > 0 and decider.smoother is not None:  # a decider smooths exactly when decay > 0
             info["smoothed_stages"] = decider.smoother.stages
             info["smoothed_scores"] = jsonable(scores)
             info["smoothed_stderr"] = jsonable(stderr)

@@ -27,7 +27,8 @@ class TiKMiXDOptions(OptionGroup):
     """TiKMiX-D's objective (``tikmix_objective``: the trust region, or the paper's Eq. 10), its guards, and
     what it does with the uncertainty of ``S`` (shrinkage, smoothing over stages)."""
 
-    tikmix_objective: Annotated[Literal[OBJECTIVES], choice(OBJECTIVES)] = option(
+    # A Literal of the runtime tuple, for HfArgumentParser's choices; mypy takes literal values only.
+    tikmix_objective: Annotated[Literal[OBJECTIVES], choice(OBJECTIVES)] = option(  # type: ignore[valid-type]
         "trust_region",
         "direct/surrogate: trust_region (the default; the largest predicted validation-loss drop within a KL "
         "trust region around the previous mixture, docs/method.md) or paper (Eq. 10 as published: normalised "

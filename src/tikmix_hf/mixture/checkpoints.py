@@ -129,7 +129,8 @@ class ReaderCheckpoints:
     def stored(self, domain: str, reader: int, layout: tuple, draws: int) -> dict | None:
         """The loaded checkpoint of reader ``reader`` of ``domain`` if the state was saved with
         ``layout`` and the checkpoint lies at or before draw ``draws``, else ``None``."""
-        if self.loaded_layout != layout:
+        loaded = self._loaded
+        if loaded is None or tuple(loaded["layout"]) != layout:
             return None
-        ckpt = self._loaded["checkpoints"].get(f"{domain}/{reader}")
+        ckpt = loaded["checkpoints"].get(f"{domain}/{reader}")
         return ckpt if ckpt is not None and ckpt["draws"] <= draws else None

@@ -54,7 +54,7 @@ class DomainChoices:
         m = len(swaps.domains)
         self._count_cache: tuple[int, np.ndarray] = (0, np.zeros(m, dtype=np.int64))
         self._reader_cache: tuple[tuple, int, np.ndarray | None] = ((), 0, None)
-        self._u_cache: tuple[int, np.ndarray | None] = (-1, None)
+        self._u_cache: tuple[int, np.ndarray] = (-1, np.empty(0))  # (block, its uniforms); block -1: none yet
 
     def _uniforms(self, start: int, stop: int) -> np.ndarray:
         out = np.empty(stop - start, dtype=np.float64)

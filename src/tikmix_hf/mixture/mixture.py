@@ -635,9 +635,9 @@ class DomainMixture(IterableDataset):
             draws = self._choices.reader_counts(position, layout)
             checkpoints = {}
             for e, d in enumerate(self._sharded):
-                for w in range(layout[0]):
-                    q = w * ranks + rank
-                    ckpt = self._checkpoints.checkpoint(w, e, readers, int(draws[q, d]))
+                for worker in range(layout[0]):
+                    q = worker * ranks + rank
+                    ckpt = self._checkpoints.checkpoint(worker, e, readers, int(draws[q, d]))
                     if ckpt is None:
                         ckpt = self._checkpoints.stored(self.domains[d], q, layout, int(draws[q, d]))
                     if ckpt is not None:

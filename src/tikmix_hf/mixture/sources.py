@@ -140,12 +140,13 @@ class MapSource:
 
     def tokens_drawn(self, count: int) -> int | None:
         """Tokens in the first ``count`` draws: exact, incremental over calls with growing ``count``."""
-        if self._total_tokens is None:
-            return None
-        if self._lengths is None:
+        if self._lengths is None and self._total_tokens is not None:
             self._lengths = _example_lengths(self.data)
+        lengths = self._lengths
+        if self._total_tokens is None or lengths is None:  # the examples carry no input_ids
+            return None
         full = int(count) // self.n
-        held_tokens = int(self._lengths[self._rows_of(np.arange(self.held))].sum()) if self.held else 0
+        held_tokens = int(lengths[self._rows_of(np.arange(self.held))].sum()) if self.held else 0
         per_pass = self._total_tokens - held_tokens
         done, tokens = self._tokens_cache
         lo = full * self.n
@@ -154,7 +155,7 @@ class MapSource:
         step = 1 << 20
         for a in range(done, int(count), step):
             b = min(a + step, int(count))
-            tokens += int(self._lengths[self.indices(np.arange(a, b))].sum())
+            tokens += int(lengths[self.indices(np.arange(a, b))].sum())
         self._tokens_cache = (int(count), tokens)
         return tokens
 
@@ -180,7 +181,7 @@ class SequentialSource:
     random_access, sharded = False, False
     num_tokens = None
 
-    def __init__(self, name: str, data: Any, seed: int, domain_id: int, buffer: int, size: int | None):
+    def __init__(self, name: str, data: Any, seed: int, domain_id: int, buffer: int, size: float | None):
         if iter(data) is data:
             raise TypeError(
                 f"domain {name!r} is a one-shot iterator ({type(data).__name__}); the mixture reads each "

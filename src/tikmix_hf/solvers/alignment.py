@@ -141,8 +141,8 @@ def task_matches(domain_sequences: Sequence[Sequence], task_sequences: Sequence[
             pair = _lookup(keys[j], counts[j], pair_keys)
             L[: pair_keys.size, j] = (pair + backoff * unigram[j, b]) / (context[j, a] + backoff)
             L[pair_keys.size:, j] = unigram[j, firsts]
-        matches[i], k = em_mixture_weights(L, np.concatenate([pair_counts, first_counts]))
-        iterations.append(k)
+        matches[i], steps = em_mixture_weights(L, np.concatenate([pair_counts, first_counts]))
+        iterations.append(steps)
     return matches, iterations
 
 

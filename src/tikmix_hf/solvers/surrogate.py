@@ -329,7 +329,7 @@ def _fit_surrogate(W, y, seed, lgbm_params, rng):
         callbacks=[lightgbm.early_stopping(patience, verbose=False)],
     )
     best_iter = int(booster.best_iteration) or num_rounds
-    pred = booster.predict(W[hold], num_iteration=best_iter) * sd + mu
+    pred = np.asarray(booster.predict(W[hold], num_iteration=best_iter)) * sd + mu  # typed as a union with lists
     ss_tot = float(np.sum((y[hold] - y[hold].mean()) ** 2))
     r2 = 1.0 - float(np.sum((y[hold] - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
     spearman = float(spearmanr(pred, y[hold]).statistic) if np.ptp(pred) > 0 and ss_tot > 0 else float("nan")

@@ -89,9 +89,10 @@ class PrecisionSmoother:
         self.reset()
 
     def reset(self) -> None:
-        self.A = self.B = self.C = None
-        self.tasks: list[str] | None = None
-        self.domains: list[str] | None = None
+        # The accumulators of the docstring and the names they belong to; empty before the first stage.
+        self.A = self.B = self.C = np.zeros(0)
+        self.tasks: list[str] = []
+        self.domains: list[str] = []
         self.stages = 0
 
     def update(self, scores, stderr, tasks, domains) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +100,7 @@ class PrecisionSmoother:
         S = np.asarray(scores, dtype=np.float64)
         se = np.full_like(S, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)
         tasks, domains = list(tasks), list(domains)
-        if self.tasks != tasks or self.domains != domains or self.A is None or self.A.shape != S.shape:
+        if self.stages == 0 or self.tasks != tasks or self.domains != domains or self.A.shape != S.shape:
             self.reset()
             self.tasks, self.domains = tasks, domains
             self.A, self.B, self.C = (np.zeros_like(S) for _ in range(3))
@@ -117,7 +118,7 @@ class PrecisionSmoother:
         return smoothed, smoothed_se
 
     def state_dict(self) -> dict:
-        if self.A is None:
+        if self.stages == 0:
             return {"decay": self.decay, "stages": 0}
         return {
             "decay": self.decay, "stages": self.stages, "tasks": list(self.tasks), "domains": list(self.domains),

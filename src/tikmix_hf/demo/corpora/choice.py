@@ -49,11 +49,11 @@ def continuation_choice_items(
     docs = [ids for ids in encode(texts, tokenizer) if len(ids) >= window]
     if not docs:
         raise ValueError(f"no document of texts has the {window} tokens an item needs")
-    same_pool = distractor_texts is None
-    if same_pool:
+    if distractor_texts is None:
         pool = docs
     else:
         pool = [ids for ids in encode(distractor_texts, tokenizer) if len(ids) >= cont_tokens]
+    same_pool = distractor_texts is None
     if not pool:
         raise ValueError(f"no document of distractor_texts has {cont_tokens} tokens")
     rng = np.random.default_rng(seed)

@@ -22,10 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +221,7 @@ def _stdlib_sources() -> list[_Source]:
 def _python_files(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
@@ -248,7 +245,7 @@ def _split_docstrings(source: str) -> tuple[str, list[str]]:
             continue
         expr = node.body[0]
         docs.append((expr.lineno, doc))
-        first, last = expr.lineno - 1, expr.end_lineno - 1
+        first, last = expr.lineno - 1, (expr.end_lineno or expr.lineno) - 1  # a parsed node has its end
         # Remove the lines only when they hold nothing but the docstring.
         if not lines[first][: expr.col_offset].strip() and not lines[last][expr.end_col_offset:].strip():
             drop.update(range(first, last + 1))
@@ -259,7 +256,7 @@ def _split_docstrings(source: str) -> tuple[str, list[str]]:
 _SCOPES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def _scopes(tree: ast.Module) -> Iterator[ast.AST]:
+def _scopes(tree: ast.Module) -> Iterator[ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef]:
     """The nodes that can carry a docstring, walking statements only (expressions are most of a
     tree and never hold a def or class)."""
     stack: list[ast.AST] = [tree]

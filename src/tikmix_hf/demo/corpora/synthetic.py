@@ -9,12 +9,9 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from random import Random
 
 import numpy as np
-
-if TYPE_CHECKING:
-    pass
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -76,7 +73,7 @@ class _WordChain:
         successors[rows], probs[rows] = self._rows(rng, rows, k, n_words)
         return _WordChain(self.words, successors, probs)
 
-    def document(self, rng: random.Random, n_chars: int) -> str:
+    def document(self, rng: Random, n_chars: int) -> str:  # Random: the classmethod random shadows the module
         # Plain-Python sampling: numpy's per-call overhead would dominate at one draw per word.
         successors = self.successors.tolist()
         cumulative = np.cumsum(self.probs, axis=1).tolist()
