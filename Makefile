@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make test   creates .venv if missing, installs the pinned requirements and the package, runs ruff and pytest
+#   make test   creates .venv if missing, installs the pinned requirements and the package, runs ruff, mypy and pytest
 #   make demo   the same set-up, then the main job
 #   make bench  the same set-up, then every benchmark; regenerates benchmarks/RESULTS.md
 PYTHON ?= python3
@@ -24,9 +24,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# Two pytest workers, one per core; a file's tests stay on one worker, so its module fixtures are built once.
+# ruff; mypy on the package (what and how: pyproject.toml [tool.mypy]; seconds with its cache, under a minute
+# without); then two pytest workers, one per core; a file's tests stay on one worker, so its module fixtures are
+# built once.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
@@ -45,4 +48,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not distributed" tests
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache
