@@ -431,7 +431,7 @@ def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[
             header.append("gap closed")
         header.append("training tokens · measurement time")
         body = []
-        for arm, e in arms.items():
+        for e in arms.values():
             vs = e.get("vs_uniform")
             row = [e["label"], _pm(e["average"]),
                    f"{_pct(vs['gain'])} ({vs['wins']}/{vs['n']})" if vs else "—",
@@ -456,7 +456,7 @@ def paired_table(entry: dict) -> str:
     arms = entry["arms"]
     refs = [r for r in ("uniform", "natural", "targets", "aligned", "hindsight_d") if r in arms]
     body = []
-    for arm, e in arms.items():
+    for e in arms.values():
         cells = []
         for ref in refs:
             v = e.get(f"vs_{ref}")
@@ -476,7 +476,7 @@ def paired_table(entry: dict) -> str:
 def reach_table(entry: dict) -> str:
     """How early each mixing arm trained on its final mixture, and how far apart its seeds ended."""
     body = []
-    for arm, e in entry["arms"].items():
+    for e in entry["arms"].values():
         if "reach" not in e:
             continue
         r = e["reach"]

@@ -209,7 +209,7 @@ def markdown(summary: dict, proxy, large, seconds: float) -> str:
         f"{seconds / 60:.1f} min."
     )
     rows = []
-    for arm, e in arms.items():
+    for e in arms.values():
         g = e.get("gain_vs_uniform")
         sd = np.std(e["average"], ddof=1) if len(e["average"]) > 1 else 0.0
         rows.append([

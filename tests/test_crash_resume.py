@@ -52,7 +52,8 @@ def check_files(out):
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if name.startswith("checkpoint-") and os.path.exists(os.path.join(path, "trainer_state.json")):
-            json.load(open(os.path.join(path, "trainer_state.json")))
+            with open(os.path.join(path, "trainer_state.json")) as fh:
+                json.load(fh)
 
 
 @pytest.mark.slow

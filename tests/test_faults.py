@@ -185,8 +185,8 @@ def _torch_load_calls(text: str) -> list[str]:
     """The argument text of every ``torch.load(...)`` call in ``text``."""
     calls, start = [], text.find("torch.load(")
     while start >= 0:
-        depth, end = 0, start + len("torch.load")
-        for end in range(end, len(text)):
+        depth = 0
+        for end in range(start + len("torch.load"), len(text)):  # from the "(" found
             depth += {"(": 1, ")": -1}.get(text[end], 0)
             if depth == 0:
                 break

@@ -265,8 +265,10 @@ def test_a_tampered_window_state_falls_back_to_probes_naming_the_file(saved_wind
             tensors[tensor] = torch.zeros(3, dtype=torch.float32)
         save_file(tensors, path, metadata=info)
         if cut < 5:
-            data = open(path, "rb").read()
-            open(path, "wb").write(data[:len(data) * cut // 5])
+            with open(path, "rb") as fh:
+                data = fh.read()
+            with open(path, "wb") as fh:
+                fh.write(data[:len(data) * cut // 5])
         note = _restore(folder, model, validation)
     assert note is None or ("measured with probes" in note and folder in note), note
 

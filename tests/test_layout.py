@@ -111,7 +111,7 @@ def test_only_the_cli_and_the_demo_import_plots():
 
 
 def test_the_solvers_import_no_torch():
-    for module, path in MODULES.items():
+    for module in MODULES:
         if module.startswith("tikmix_hf.solvers") or module in ("tikmix_hf.validation", "tikmix_hf.options"):
             heavy = [t for t, _ in _imports(module) if t.split(".")[0] in ("torch", "transformers")]
             assert not heavy, f"{module} imports {heavy}"

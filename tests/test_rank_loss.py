@@ -38,7 +38,8 @@ def launch(*jobs):
     threads[survivor].join()
     lost = os.path.join(out, "lost.json")
     if point.startswith("freeze") and os.path.exists(lost):  # a frozen rank never ends: end it now
-        os.kill(json.load(open(lost))["pid"], signal.SIGKILL)
+        with open(lost) as fh:
+            os.kill(json.load(fh)["pid"], signal.SIGKILL)
     threads[1 - survivor].join()
     codes, errors = [a.returncode for a in agents], [err for _, err in outputs]
     if not point:
@@ -61,7 +62,8 @@ def stream(out, rank):
     """The samples ``rank`` trained on, stitched from every attempt (each cut where the next one resumed)."""
     attempts = []
     for i in range(len([f for f in os.listdir(out) if f.startswith(f"seen-rank{rank}-")])):
-        lines = [json.loads(line) for line in open(out / f"seen-rank{rank}-{i}.jsonl")]
+        with open(out / f"seen-rank{rank}-{i}.jsonl") as fh:
+            lines = [json.loads(line) for line in fh]
         attempts.append((lines[0]["resumed_from"], [sid for batch in lines[1:] for sid in batch]))
     samples = []
     for (start, seen), nxt in zip(attempts, attempts[1:] + [(None, None)]):

@@ -4,6 +4,7 @@ worker processes bounded; two Trainers with two callbacks in one process do not 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -22,10 +23,8 @@ def resources() -> dict[str, int]:
     fds = os.listdir("/proc/self/fd")
     shared = 0
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):  # the descriptor of the listing itself, closed by now
             shared += os.readlink(f"/proc/self/fd/{fd}").startswith(("/dev/shm", "/memfd:"))
-        except OSError:
-            pass  # the descriptor of the listing itself, closed by now
     children = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

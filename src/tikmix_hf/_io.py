@@ -111,7 +111,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118 (no __iter__)
 
 
 def load_json(path: str | os.PathLike, what: str) -> Any:

@@ -92,7 +92,7 @@ class Recorder(RecordingCollator):
 
     def __init__(self, path: str, start: int):
         super().__init__()
-        self.fh = open(path, "w")
+        self.fh = open(path, "w")  # noqa: SIM115 (open for the whole run: every batch appends a line)
         self.fh.write(json.dumps({"resumed_from": start}) + "\n")
         self.fh.flush()
 

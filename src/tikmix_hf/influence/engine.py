@@ -416,7 +416,7 @@ class InfluencePass:
                 own = None
                 if stats is not None:
                     own = torch.zeros(task_side.shape[0], dtype=layout.compute_dtype, device=layout.device)
-                for index, ((start, stop), g) in enumerate(self.flat(grads)):
+                for (start, stop), g in self.flat(grads):
                     kept[j, start:stop].add_(g.to(device))
                     if own is not None:
                         work = g.to(layout.compute_dtype, copy=True)

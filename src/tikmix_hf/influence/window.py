@@ -253,7 +253,7 @@ class TrainingWindow:
     @classmethod
     def restore(cls, model, validation_batches: Batches, domain_names: list[str], meta: dict,
                 tensors: dict[str, torch.Tensor], *, show_progress: bool = False,
-                strict: bool = True) -> "TrainingWindow":
+                strict: bool = True) -> TrainingWindow:
         """The window :meth:`state` described, on this model and these validation batches (not yet attached)."""
         preconditioner = meta.get("preconditioner") if isinstance(meta, dict) else None
         if preconditioner not in ("identity", "adam"):

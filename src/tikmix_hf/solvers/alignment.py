@@ -71,7 +71,7 @@ def em_mixture_weights(likelihoods, counts=None, *, tol: float = TOLERANCE,
         raise ValueError("likelihoods must be finite and positive, counts finite, non-negative and not all zero")
     share = n / n.sum()
     u = np.full(L.shape[1], 1.0 / L.shape[1])
-    for k in range(1, max_iterations + 1):
+    for k in range(1, max_iterations + 1):  # noqa: B007 (the iterations taken are returned)
         new = u * ((share / (L @ u)) @ L)
         new /= new.sum()
         done = float(np.max(np.abs(new - u))) <= tol
