@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
 import subprocess
 import sys
@@ -206,6 +208,63 @@ def test_every_torchrun_test_is_marked_distributed():
 def test_the_callback_stays_an_adapter():
     lines = (SRC / "callback.py").read_text().count("\n")
     assert lines <= 400, f"callback.py has {lines} lines; move what is not adapting the Trainer to its own module"
+
+
+def _unannotated(obj: object, label: str) -> list[str]:
+    """``label(names)`` for a function, or for each public method (and ``__init__``) of one of our classes, that
+    leaves a parameter (``self``, ``cls`` aside) or its return unannotated; nothing for anything else."""
+    if inspect.isclass(obj):
+        methods: dict[str, object] = {}
+        for klass in reversed(obj.__mro__):  # a subclass's own method replaces its base's
+            if klass.__module__.startswith("tikmix_hf"):
+                methods.update((n, m) for n, m in vars(klass).items() if n == "__init__" or not n.startswith("_"))
+        out = []
+        for name, member in methods.items():
+            member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            out += _unannotated(member, f"{label}.{name}") if inspect.isfunction(inspect.unwrap(member)) else []
+        return out
+    if not (callable(obj) and inspect.isfunction(inspect.unwrap(obj))):
+        return []  # a constant, a type alias, a registry
+    signature = inspect.signature(obj)
+    missing = [p.name for i, p in enumerate(signature.parameters.values())
+               if p.annotation is p.empty and not (i == 0 and p.name in ("self", "cls"))]
+    missing += ["return"] if signature.return_annotation is signature.empty else []
+    return [f"{label}({', '.join(missing)})"] if missing else []
+
+
+def _layer(module: str) -> str:
+    """The package of src/tikmix_hf that ``module`` belongs to: its subpackage, or ``tikmix_hf`` for the
+    modules at the top."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or MODULES[module].name == "__init__.py" and len(parts) == 2 else parts[0]
+
+
+def test_the_public_names_are_annotated():
+    """Every function and class method in ``tikmix_hf.__all__`` and in each subpackage's ``__all__`` says the
+    types of its parameters and of its return (``py.typed`` ships: users' type checkers read them)."""
+    packages = [m for m, p in MODULES.items() if p.name == "__init__.py" and "__all__" in p.read_text()]
+    assert "tikmix_hf" in packages and "tikmix_hf.mixture" in packages, packages
+    missing = []
+    for package in sorted(packages):
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            missing += _unannotated(getattr(module, name), f"{package}.{name}")
+    assert not missing, f"annotate these parameters and returns: {sorted(set(missing))}"
+
+
+def test_what_one_layer_calls_in_another_is_annotated():
+    """A function (or a class's public methods) that a module imports from another package of src/tikmix_hf
+    is a boundary between layers, and says its types as the public API does."""
+    missing = []
+    for module in sorted(MODULES):
+        for target, name in _imports(module):
+            if name is None or not target.startswith("tikmix_hf") or _layer(target) == _layer(module):
+                continue
+            obj = getattr(importlib.import_module(target), name)
+            home = getattr(obj, "__module__", target) or target
+            if home in MODULES and _layer(home) != _layer(module):
+                missing += [f"{line} <- {module}" for line in _unannotated(obj, f"{home}.{name}")]
+    assert not missing, f"annotate these parameters and returns: {sorted(set(missing))}"
 
 
 def test_the_default_algorithm_and_the_history_reader_are_public():

@@ -150,7 +150,7 @@ def fsdp_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def unwrap(model, *, sharded: bool = False):
+def unwrap(model: torch.nn.Module, *, sharded: bool = False) -> torch.nn.Module:
     """The module to differentiate: DDP is unwrapped (its reducer only arms in ``DDP.forward``).
 
     With ``sharded=True`` (the influence engine, which computes on local shards) FSDP models are

@@ -130,7 +130,7 @@ class FileReadError(ValueError):
     """A file that could not be read, or is not valid JSON or YAML. The message names the file as the
     caller does (``what``); ``reason`` is what was wrong, e.g. ``not valid YAML at line 2, column 5 (...)``."""
 
-    def __init__(self, what: str, reason: str):
+    def __init__(self, what: str, reason: str) -> None:
         super().__init__(f"{what}: {reason}")
         self.reason = reason
 

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import inspect
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -121,7 +121,7 @@ def reentrant_checkpointing(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def measurement_mode(*modules: torch.nn.Module | None):
+def measurement_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
     """Dropout off, checkpointing kept (non-reentrant), and every mode flag and RNG stream restored on exit.
 
     Switching the whole model to eval would silently disable gradient checkpointing in Hugging

@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
+from torch import nn, optim
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -54,6 +56,7 @@ from .token_count import TokenCount
 from .training_args import config_from
 
 logger = logging.get_logger(__name__)
+__all__ = ["TiKMiXCallback"]
 
 
 class TiKMiXCallback(TrainerCallback, ExportableState):
@@ -89,7 +92,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, mixture: DomainMixture, validation: Mapping[str, Any], config: TiKMiXConfig | None = None, *,
-                 trainer: Trainer | None = None, collator=None, mixer: Mixer | None = None):
+                 trainer: Trainer | None = None, collator: Callable[[list], Mapping[str, Any]] | None = None,
+                 mixer: Mixer | None = None) -> None:
         if not isinstance(mixture, DomainMixture):
             raise TypeError(
                 f"mixture must be a tikmix_hf.DomainMixture, got {type(mixture).__name__}; wrap your domains with "
@@ -99,8 +103,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             raise TypeError(f"mixer must be a tikmix_hf.mixers.Mixer, got {type(mixer).__name__}")
         self.mixture = mixture
         self.config = config_from(config)
-        self.validation = with_general_task(check_validation(validation), mixture,
-                                            self.config.tikmix_general_sequences)
+        self.validation = with_general_task(check_validation(validation), mixture, self.config.tikmix_general_sequences)
         self.mixer: Mixer = mixer if mixer is not None else build_mixer(self.config)
         self.collator = collator
         self.history: list[dict] = []
@@ -112,9 +115,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._batcher: Batcher  # collates with the Trainer's loader: made in on_train_begin (_bind_loader)
         self._val_examples: dict[str, list] = {}
         self._max_steps: int | None = None
-        self._step = 0
         self._tokens = TokenCount()
-        self._tokens_prev = 0
+        self._step = self._tokens_prev = 0
         self._history_path: str | None = None
         self._is_main = True
         self._initial_weights: dict[str, float] | None = None
@@ -135,7 +137,9 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         self._trainer = trainer
         return self
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, optimizer: optim.Optimizer | None = None,
+                       train_dataloader: DataLoader | None = None, **kwargs: Any) -> None:
         cfg = self.config
         self._windows.drop()  # one an earlier train() call in this process left open when it failed
         check_trainer(self, self._trainer, args, optimizer)
@@ -146,7 +150,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
                                   getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None))
         self.mixer.check_ready(cfg)
         self._is_main = bool(state.is_world_process_zero)
-        self._history_path = os.path.join(args.output_dir, "tikmix", "history.json")
+        self._history_path = os.path.join(str(args.output_dir), "tikmix", "history.json")
         for note in remove_stale_temporaries(os.path.dirname(self._history_path)) if self._is_main else []:
             warnings.warn(f"TiKMiX: {note}; it is harmless, delete it by hand", stacklevel=2)
         self._val_examples = select_validation(self.validation, cfg.tikmix_validation_sequences, cfg.tikmix_seed)
@@ -166,7 +170,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if self._stages.counts_tokens:
             self._tokens.seen(state)  # a run that cannot count tokens fails now, not at the first boundary
 
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = (cast(dict, state.stateful_callbacks) or {}).get(type(self).__name__)  # by name, not a list
         saved = saved.get("attributes", {}).get("tikmix") if isinstance(saved, Mapping) else None
         if state.global_step > 0 and saved:
             self._restore(saved, args, state, model)
@@ -233,7 +237,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         return measured_module(model, getattr(self._trainer, "model_wrapped", None))
 
     # ------------------------------------------------------------------ the training window
-    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      model: nn.Module | None = None, optimizer: optim.Optimizer | None = None, **kwargs: Any) -> None:
         if self._windows.due(state.global_step):
             with self._collectives(f"stage {self.stage + 1}'s training window, opening at step {state.global_step}"):
                 note = self._windows.open(state.global_step, self._measured(model), self._validation_batches(args),
@@ -245,15 +250,17 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
     def _domain_of(self, opened_at: int):
         return self._geometry.domain_reader(opened_at, self.mixture.domain_ids, *rank_and_world())
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """A checkpoint inside a window keeps the window (its validation gradients and sums) beside it."""
-        self._windows.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        self._windows.save(os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         self._windows.drop()  # every window closes at its boundary; this only unhooks one a stopped run left open
 
     # ------------------------------------------------------------------ the stage
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, optimizer: optim.Optimizer | None = None, **kwargs: Any) -> None:
         self._step = state.global_step
         boundary = state.global_step in self._stages.steps
         if self._stages.counts_tokens:
@@ -390,6 +397,3 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
         if not args.ignore_data_skip and state.global_step > 0:
             logger.info("TiKMiX: set ignore_data_skip=True to resume without replaying the skipped batches")
         self._write_history()  # drops stages a killed run wrote after this checkpoint
-
-
-__all__ = ["TiKMiXCallback"]

@@ -99,23 +99,26 @@ def _fix(requirement: str, fix: str | None, optional: bool) -> str:
     return fix if fix is not None else f"must be {requirement}" + (" (or unset)" if optional else "")
 
 
-def _bounds(above, at_least, below, at_most, integer: bool = False) -> Range:
+def _bounds(above: float | None, at_least: float | None, below: float | None, at_most: float | None,
+            integer: bool = False) -> Range:
     if above is not None and at_least is not None or below is not None and at_most is not None:
         raise TypeError("give at most one lower bound (above, at_least) and one upper bound (below, at_most)")
     low, high = (above if above is not None else at_least), (below if below is not None else at_most)
     return Range(low, high, low_open=above is not None, high_open=below is not None, integer=integer)
 
 
-def number(*, above=None, at_least=None, below=None, at_most=None, optional=False, fix=None) -> Check:
+def number(*, above: float | None = None, at_least: float | None = None, below: float | None = None,
+           at_most: float | None = None, optional: bool = False, fix: str | None = None) -> Check:
     """A finite number (an ``int`` or a ``float``, never a bool) within the bounds given."""
     rule = _bounds(above, at_least, below, at_most)
     return Check("number", _fix(rule.describe(), fix, optional), rule, optional)
 
 
-def integer(*, at_least=None, optional=False, fix=None) -> Check:
+def integer(*, at_least: int | None = None, optional: bool = False, fix: str | None = None) -> Check:
     """An ``int`` (never a bool), at least ``at_least``."""
     rule = Range(low=at_least, integer=True)
-    words = {1: "a positive integer", 0: "a non-negative integer"}.get(at_least, rule.describe())
+    named: dict[int | None, str] = {1: "a positive integer", 0: "a non-negative integer"}
+    words = named.get(at_least, rule.describe())
     return Check("integer", _fix(words, fix, optional), rule, optional)
 
 
@@ -124,28 +127,29 @@ def flag() -> Check:
     return Check("flag", "must be True or False")
 
 
-def choice(choices: tuple | Callable[[], tuple], *, fix=None) -> Check:
+def choice(choices: tuple | Callable[[], tuple], *, fix: str | None = None) -> Check:
     """One of ``choices``: a tuple, or a callable giving it (checked against its answer at the time)."""
     return Check("choice", fix or "", choices=choices)
 
 
-def text(*, optional=False, fix=None) -> Check:
+def text(*, optional: bool = False, fix: str | None = None) -> Check:
     """A non-empty string."""
     return Check("text", _fix("a non-empty string", fix, optional), optional=optional)
 
 
-def path(*, optional=False, fix=None) -> Check:
+def path(*, optional: bool = False, fix: str | None = None) -> Check:
     """The path of a file: a non-empty string or ``os.PathLike``."""
     return Check("path", _fix("a path", fix, optional), optional=optional)
 
 
-def numbers(*, above=None, at_least=None, below=None, at_most=None, optional=False, fix=None) -> Check:
+def numbers(*, above: float | None = None, at_least: float | None = None, below: float | None = None,
+            at_most: float | None = None, optional: bool = False, fix: str | None = None) -> Check:
     """A non-empty, strictly increasing list (or tuple) of numbers, each within the bounds given."""
     rule = _bounds(above, at_least, below, at_most)
     return Check("numbers", _fix(f"an increasing list of {rule.describe()}s", fix, optional), rule, optional)
 
 
-def custom(test: Callable[[str, Any], None], *, optional=False) -> Check:
+def custom(test: Callable[[str, Any], None], *, optional: bool = False) -> Check:
     """A check written as code: ``test(name, value)`` raises ``ValueError`` naming the field (see :func:`fail`)."""
     return Check("custom", "", optional=optional, test=test)
 

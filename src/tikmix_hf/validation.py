@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 #: Slack allowed on the simplex (sum and sign) when checking a mixture someone else computed.
 SIMPLEX_TOL = 1e-6
@@ -106,7 +107,7 @@ def check_unit(value: Any, name: str, *, closed_right: bool) -> float:
 # Vectors and domain weights
 
 
-def check_vector(value, name: str, *, size: int | None = None, nonnegative: bool = False) -> np.ndarray:
+def check_vector(value: Any, name: str, *, size: int | None = None, nonnegative: bool = False) -> np.ndarray:
     """``value`` as a finite non-empty float64 vector, one entry per domain; the error names ``name``."""
     try:
         vec = np.asarray(value, dtype=np.float64)
@@ -123,7 +124,7 @@ def check_vector(value, name: str, *, size: int | None = None, nonnegative: bool
     return vec
 
 
-def normalise(weights, name: str = "weights") -> np.ndarray:
+def normalise(weights: ArrayLike, name: str = "weights") -> np.ndarray:
     """Finite non-negative weights with a positive sum, divided by their sum."""
     w = check_vector(weights, name, nonnegative=True)
     total = w.sum()
@@ -159,7 +160,8 @@ def check_weights(weights: Any, name: str, domains: Sequence[str] | None = None)
     return out
 
 
-def check_mixture(w, name: str, size: int, domains: Sequence[str] | None = None) -> np.ndarray:
+def check_mixture(w: ArrayLike | Mapping[str, float], name: str, size: int,
+                  domains: Sequence[str] | None = None) -> np.ndarray:
     """A mixture (an array, or a mapping domain -> weight when ``domains`` fixes the order) as a float64
     vector on the simplex: non-negative and summing to one within :data:`SIMPLEX_TOL`, then renormalised."""
     if isinstance(w, Mapping):
@@ -190,7 +192,7 @@ def check_mixture(w, name: str, size: int, domains: Sequence[str] | None = None)
 # The simplex
 
 
-def off_simplex(W, tol: float = SIMPLEX_TOL) -> np.ndarray:
+def off_simplex(W: ArrayLike, tol: float = SIMPLEX_TOL) -> np.ndarray:
     """Per row of ``W`` (``(N, m)`` or ``(m,)``): ``True`` where the row is not a mixture.
 
     A row is a mixture when every entry is finite, none is below ``-tol`` and the sum is within
@@ -203,7 +205,7 @@ def off_simplex(W, tol: float = SIMPLEX_TOL) -> np.ndarray:
     return ~finite | off
 
 
-def project_bounded_simplex(X, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def project_bounded_simplex(X: ArrayLike, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Euclidean projection of each row of ``X`` onto ``{w : sum w = 1, lo <= w <= hi}``.
 
     The answer is ``clip(x - tau, lo, hi)`` for the ``tau`` at which it sums to 1. That sum is

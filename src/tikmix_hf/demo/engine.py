@@ -16,9 +16,12 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from .._io import save_json_atomic, save_text_atomic
 from ..stage_record import measurement_tokens
@@ -31,7 +34,8 @@ from .sizes import SIZES, DemoSize
 
 
 def train_arm(arm: str | Arm, seed: int, data: DemoData, size: DemoSize, base: str | os.PathLike, *,
-              show_progress: bool = False, metric=None, reference_model=None, keep_model: bool = False):
+              show_progress: bool = False, metric: Any = None, reference_model: torch.nn.Module | None = None,
+              keep_model: bool = False) -> dict | tuple[dict, torch.nn.Module]:
     """Train one arm for one seed on ``data`` and score it; the row :func:`run_demo` reports.
 
     ``arm`` is a name of :data:`ARMS` or an :class:`Arm`. ``reference_model`` is handed to the
@@ -179,7 +183,7 @@ def run_demo(
     threads: int | None = 1,
     show_progress: bool = True,
     plots: bool = True,
-    stream=None,
+    stream: TextIO | None = None,
 ) -> dict:
     """Train every arm for every seed, then write ``results.json``, ``report.md`` and the PNGs.
 
@@ -241,7 +245,8 @@ def run_demo(
         runs = []
         for seed in seeds:
             for arm in arms:
-                runs.append(train_arm(arm, seed, data, preset, out, show_progress=show_progress, metric=metric))
+                row = train_arm(arm, seed, data, preset, out, show_progress=show_progress, metric=metric)
+                runs.append(cast(dict, row))  # the row alone: keep_model is off
     finally:
         torch.set_num_threads(previous_threads)
         hf_logging.set_verbosity(verbosity)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 
-def held_out_losses(model, sets: Mapping[str, Sequence[Mapping]], batch_size: int = 32) -> dict[str, float]:
+def held_out_losses(model: torch.nn.Module, sets: Mapping[str, Sequence[Mapping]],
+                    batch_size: int = 32) -> dict[str, float]:
     """Mean token cross-entropy of each set over all its labelled tokens (forward passes only).
 
     The loss is the shared next-token loss (:func:`tikmix_hf._loss.summed_token_loss`) summed over

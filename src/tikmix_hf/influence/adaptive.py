@@ -31,7 +31,7 @@ def adaptive_group_influence(
     min_batches: int = 2,
     max_tokens: int | None = None,
     preconditioner: str = "identity",
-    optimizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
     param_filter: ParamFilter = None,
     show_progress: bool = False,
     buffer_dtype: torch.dtype | None = None,

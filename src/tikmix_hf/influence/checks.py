@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .._loss import IGNORE_INDEX, labelled_targets
 from ..validation import off_simplex
@@ -54,7 +56,7 @@ def check_keep(keep):
     raise ValueError(f"keep_domain_gradients must be False, True or 'cpu', got {keep!r}")
 
 
-def check_mixtures(W, domain_names):
+def check_mixtures(W: ArrayLike, domain_names: Sequence[str]) -> np.ndarray:
     m = len(domain_names)
     try:
         W = np.asarray(W, dtype=np.float64)
@@ -169,7 +171,7 @@ def first_sequences(batches: Batches, n: int | None, argument: str) -> Batches:
     return cut
 
 
-def check_batch(batch, where, device):
+def check_batch(batch: Any, where: str, device: torch.device | str | None) -> None:
     if not isinstance(batch, Mapping):
         raise TypeError(f"{where} is a {type(batch).__name__}; a batch must be a dict of tensors")
     if "labels" not in batch or not torch.is_tensor(batch["labels"]):

@@ -35,7 +35,7 @@ def group_influence(
     validation_batches: Batches,
     *,
     preconditioner: str = "identity",
-    optimizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
     damping: float | None = None,
     param_filter: ParamFilter = None,
     projection_dim: int | None = None,

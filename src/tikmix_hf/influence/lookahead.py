@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .._distributed import rank_and_world, unwrap
 from .._loss import measurement_mode
@@ -20,7 +21,7 @@ def lookahead_gain(
     model: torch.nn.Module,
     result: InfluenceResult,
     validation_batches: Batches,
-    W,
+    W: ArrayLike,
     *,
     step_size: float,
     max_sequences: int | None = None,
@@ -71,7 +72,7 @@ class Lookahead:
     """
 
     def __init__(self, model: torch.nn.Module, result: InfluenceResult, validation_batches: Batches, *,
-                 max_sequences: int | None = None, show_progress: bool = True):
+                 max_sequences: int | None = None, show_progress: bool = True) -> None:
         if not isinstance(result, InfluenceResult):
             raise TypeError(
                 f"result must be an InfluenceResult from group_influence, got {type(result).__name__}"
@@ -108,7 +109,7 @@ class Lookahead:
         self._base: np.ndarray | None = None
         self._scored: dict[tuple[float, bytes], np.ndarray] = {}
 
-    def gains(self, W, *, step_size: float) -> np.ndarray:
+    def gains(self, W: ArrayLike, *, step_size: float) -> np.ndarray:
         """``(N, n_tasks)`` float64 drops of ``W``'s rows at ``step_size``, as :func:`lookahead_gain`."""
         step_size = float(step_size)
         if not math.isfinite(step_size) or step_size <= 0:

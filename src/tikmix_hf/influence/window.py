@@ -150,10 +150,10 @@ class TrainingWindow:
     little of and returns the :class:`InfluenceResult`.
     """
 
-    def __init__(self, model, validation_batches: Batches, domain_names: list[str], *,
-                 preconditioner: str = "identity", optimizer=None, show_progress: bool = False,
-                 strict: bool = True, quota: int | None = None,
-                 saved: tuple[dict, dict[str, torch.Tensor]] | None = None):
+    def __init__(self, model: torch.nn.Module, validation_batches: Batches, domain_names: list[str], *,
+                 preconditioner: str = "identity", optimizer: torch.optim.Optimizer | None = None,
+                 show_progress: bool = False, strict: bool = True, quota: int | None = None,
+                 saved: tuple[dict, dict[str, torch.Tensor]] | None = None) -> None:
         check_preconditioner_name(preconditioner)
         if preconditioner == "diag_fisher":
             raise ValueError(
@@ -251,7 +251,7 @@ class TrainingWindow:
         return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     @classmethod
-    def restore(cls, model, validation_batches: Batches, domain_names: list[str], meta: dict,
+    def restore(cls, model: torch.nn.Module, validation_batches: Batches, domain_names: list[str], meta: dict,
                 tensors: dict[str, torch.Tensor], *, show_progress: bool = False,
                 strict: bool = True) -> TrainingWindow:
         """The window :meth:`state` described, on this model and these validation batches (not yet attached)."""

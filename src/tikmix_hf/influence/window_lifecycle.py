@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from .._distributed import all_reduce, rank_and_world
 from .._io import load_tensors, save_tensors_atomic
+from .checks import Batches
 from .window import TrainingWindow
 
 __all__ = ["WINDOW_FILE", "WINDOW_GRADIENTS", "WindowLifecycle"]
@@ -43,7 +44,7 @@ class WindowLifecycle:
         quota: the sequences of each domain a window reads, all ranks together (``None``: every one).
     """
 
-    def __init__(self, source: str, *, strict: bool, preconditioner: str, quota: int | None = None):
+    def __init__(self, source: str, *, strict: bool, preconditioner: str, quota: int | None = None) -> None:
         self.source = source
         self.quota = quota
         self.strict = bool(strict)
@@ -61,7 +62,8 @@ class WindowLifecycle:
         """Whether a window opens at the start of ``step``."""
         return step in self.opens and self.window is None
 
-    def open(self, step: int, model, validation_batches, domains: list[str], optimizer,
+    def open(self, step: int, model: torch.nn.Module, validation_batches: Batches, domains: list[str],
+             optimizer: torch.optim.Optimizer | None,
              domain_of: Callable[[int, int], tuple[np.ndarray, int]], *, show_progress: bool) -> str | None:
         """Measure the validation gradients now and hook the coming training micro-batches.
 
@@ -140,7 +142,8 @@ class WindowLifecycle:
                     "permissions, then resume"
                 ) from err
 
-    def restore(self, folder: str, saved: Mapping[str, Any] | None, model, validation_batches, domains: list[str],
+    def restore(self, folder: str, saved: Mapping[str, Any] | None, model: torch.nn.Module,
+                validation_batches: Batches, domains: list[str],
                 domain_of_from: Callable[[int], Callable[[int, int], tuple[np.ndarray, int]]], *,
                 step: int, micro_steps: int, show_progress: bool, saved_source: str | None) -> str | None:
         """Continue the window a checkpoint in ``folder`` (taken after optimizer step ``step``) was taken inside;

@@ -15,7 +15,8 @@ callback's and reaches the mixer in :attr:`StageInputs.config`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class Mixer:
     options: Any = None
     _options_given = False
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: Any = None) -> None:
         if options is not None:
             group = type(self).options_group
             if group is None or not isinstance(options, group):
@@ -114,7 +115,7 @@ class Mixer:
                 raise ValueError(f"options={options!r}: the {type(self).__name__} mixer takes {wanted}")
             self.options, self._options_given = options, True
 
-    def configure(self, config) -> Any:
+    def configure(self, config: Any) -> Any:
         """The options this mixer decides with: those it was built with, else its group read from ``config``."""
         if not self._options_given and self.options_group is not None:
             self.options = self.options_group.from_config(config)
@@ -123,10 +124,10 @@ class Mixer:
     def decide(self, inputs: StageInputs) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement decide(inputs)")
 
-    def check_ready(self, config) -> None:
+    def check_ready(self, config: Any) -> None:
         """Raise a clear error now, before training starts, for anything :meth:`decide` would fail on."""
 
-    def plan(self, config, max_steps: int, domains: list[str]) -> StagePlan | None:
+    def plan(self, config: Any, max_steps: int, domains: list[str]) -> StagePlan | None:
         """The stage boundaries this mixer fixes itself for a run of ``max_steps``, or ``None`` to follow
         the config's ``tikmix_stage_*`` schedule. Called before training starts (after :meth:`check_ready`),
         so that anything wrong with the plan fails then."""
@@ -142,9 +143,10 @@ class Mixer:
 
 #: name -> mixer class, in the order the names are listed to users.
 MIXERS: dict[str, type[Mixer]] = {}
+_M = TypeVar("_M", bound=Mixer)
 
 
-def register(name: str, options: type | None = None):
+def register(name: str, options: type[OptionGroup] | None = None) -> Callable[[type[_M]], type[_M]]:
     """Class decorator: make a :class:`Mixer` subclass available as ``--tikmix_solver <name>``.
 
     ``options``: the option group (an :class:`~tikmix_hf.options.OptionGroup` dataclass of ``tikmix_*``
@@ -168,7 +170,7 @@ def register(name: str, options: type | None = None):
     if options is not None and not (isinstance(options, type) and issubclass(options, OptionGroup)):
         raise TypeError(f"register({name!r}, options=...) takes an OptionGroup subclass, got {options!r}")
 
-    def add(cls: type[Mixer]) -> type[Mixer]:
+    def add(cls: type[_M]) -> type[_M]:
         if not (isinstance(cls, type) and issubclass(cls, Mixer)):
             raise TypeError(f"register({name!r}) decorates Mixer subclasses, got {cls!r}")
         if name in MIXERS and MIXERS[name] is not cls:
@@ -184,7 +186,7 @@ def register(name: str, options: type | None = None):
     return add
 
 
-def build_mixer(config, options: Any = None) -> Mixer:
+def build_mixer(config: Any, options: Any = None) -> Mixer:
     """The mixer named by ``config.tikmix_solver``, with its own option group: ``options`` if given, else the
     group read from ``config``'s fields."""
     try:

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class StaticMixer(Mixer):
     step 1, or pass ``temperature_weights(sizes, T)`` as ``tikmix_initial_weights``.
     """
 
-    def __init__(self, options: StaticOptions | None = None):
+    def __init__(self, options: StaticOptions | None = None) -> None:
         super().__init__(options)
         self.weights: list[float] | None = None
 
@@ -158,7 +158,7 @@ class ODMMixer(Mixer):
     validation tasks are not used. State: the reward estimates ``R``, ``eps_{t-1}`` and the update count.
     """
 
-    def __init__(self, options: ODMOptions | None = None):
+    def __init__(self, options: ODMOptions | None = None) -> None:
         super().__init__(options)
         self.rewards: list[float] | None = None
         self.eps_prev: float | None = None
@@ -268,7 +268,8 @@ class DoReMiMixer(_AveragingMixer):
             without arguments; to give a model object, set ``callback.mixer = DoReMiMixer(reference_model=ref)``.
     """
 
-    def __init__(self, reference_model: torch.nn.Module | None = None, options: DoReMiOptions | None = None):
+    def __init__(self, reference_model: torch.nn.Module | None = None,
+                 options: DoReMiOptions | None = None) -> None:
         super().__init__(options)
         if reference_model is not None and not isinstance(reference_model, torch.nn.Module):
             raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
@@ -276,7 +277,7 @@ class DoReMiMixer(_AveragingMixer):
         self.average: list[float] | None = None
         self.updates = 0
 
-    def check_ready(self, config) -> None:
+    def check_ready(self, config: Any) -> None:
         path = self.configure(config).tikmix_reference_model
         if self.reference_model is not None:
             return
@@ -318,6 +319,7 @@ class DoReMiMixer(_AveragingMixer):
             return Decision(inputs.prior, "skipped", f"losses not measured, weights kept: {err}",
                             seconds_measure=time.perf_counter() - started)
         solve_started = time.perf_counter()
+        assert measured.excess is not None  # measured against the reference model
         weights = doremi_update(inputs.prior, measured.excess, options.tikmix_doremi_eta,
                                 options.tikmix_doremi_smoothing)
         average = running_average(self.average, self.updates, weights)
@@ -366,7 +368,7 @@ class DoGEMixer(_AveragingMixer):
     The influence matrix is logged like TiKMiX's (``tikmix/influence/...``).
     """
 
-    def __init__(self, options: DoGEOptions | None = None):
+    def __init__(self, options: DoGEOptions | None = None) -> None:
         super().__init__(options)
         self.average: list[float] | None = None
         self.updates = 0

@@ -32,7 +32,8 @@ class ProbeLosses:
     seconds: float = 0.0
 
 
-def probe_losses(model, domain_batches: Mapping[str, list], reference_model=None, *,
+def probe_losses(model: torch.nn.Module, domain_batches: Mapping[str, list],
+                 reference_model: torch.nn.Module | None = None, *,
                  show_progress: bool = False) -> ProbeLosses:
     """Per-domain mean token loss of ``model`` (and of ``reference_model``) on probe batches.
 

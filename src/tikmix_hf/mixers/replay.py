@@ -19,7 +19,7 @@ Example (a custom loop, without the callback)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -58,14 +58,14 @@ class ReplayMixer(Mixer):
 
     measures = False
 
-    def __init__(self, options: ReplayOptions | None = None):
+    def __init__(self, options: ReplayOptions | None = None) -> None:
         super().__init__(options)
         self.schedule: Schedule | None = None
         self.domains: list[str] = []
         self._starts: list[int] = []  # per phase: its step, or its token count for token schedules
         self._saved: list | None = None  # the schedule a checkpoint replayed, until plan() can compare
 
-    def check_ready(self, config) -> None:
+    def check_ready(self, config: Any) -> None:
         options = self.configure(config)
         if not options.tikmix_schedule:
             raise ValueError(
@@ -74,7 +74,7 @@ class ReplayMixer(Mixer):
         schedule = load_schedule(options.tikmix_schedule)
         self.schedule = schedule.renamed(parse_domain_map(options.tikmix_schedule_domains))
 
-    def plan(self, config, max_steps: int, domains: list[str]) -> StagePlan:
+    def plan(self, config: Any, max_steps: int, domains: list[str]) -> StagePlan:
         if self.schedule is None:
             self.check_ready(config)
         schedule = self.schedule

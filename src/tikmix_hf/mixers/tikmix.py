@@ -13,7 +13,7 @@ from .._io import jsonable
 from .._loss import labelled_targets
 from ..influence import InfluenceResult, Lookahead, adaptive_group_influence, group_influence
 from ..influence.checks import first_sequences
-from ..solvers import solve_direct, solve_surrogate
+from ..solvers import SolverResult, solve_direct, solve_surrogate
 from ..solvers.decider import TrustRegionDecider
 from .base import Decision, Mixer, StageInputs, register
 from .tikmix_options import TiKMiXDOptions, TiKMiXMOptions
@@ -92,7 +92,7 @@ class UncertaintyAware(Mixer):
     decisions with ``tikmix_objective="paper"`` are the paper's, bit for bit.
     """
 
-    def __init__(self, options: TiKMiXDOptions | None = None):
+    def __init__(self, options: TiKMiXDOptions | None = None) -> None:
         super().__init__(options)
         self._decider: TrustRegionDecider | None = None
         self._saved: dict = {}  # a checkpoint's state, until the options it is read with are known
@@ -133,7 +133,8 @@ class UncertaintyAware(Mixer):
         info["scores_used"] = jsonable(scores)
         return scores, {"uncertainty": info}
 
-    def trust_region_answer(self, inputs: StageInputs, result: InfluenceResult, scores: np.ndarray):
+    def trust_region_answer(self, inputs: StageInputs, result: InfluenceResult,
+                            scores: np.ndarray) -> tuple[SolverResult, dict, np.ndarray | None]:
         """The scale-aware TiKMiX-D answer (:meth:`TrustRegionDecider.solve`), what the radius controller saw,
         and the per-domain upper bound it was solved under (``None`` without a repetition cap).
 
@@ -230,7 +231,7 @@ class TiKMiXSurrogate(UncertaintyAware):
     #: the look-ahead steps :meth:`calibrate_step` may try: ``learning_rate * 4**k`` for k in this range
     STEP_EXPONENTS = range(-6, 9)
 
-    def __init__(self, options: TiKMiXMOptions | None = None):
+    def __init__(self, options: TiKMiXMOptions | None = None) -> None:
         super().__init__(options)
         self._step_exponent: int | None = None  # where the last calibration peaked; the next one starts there
 

@@ -122,7 +122,7 @@ class DomainMixture(IterableDataset):
         max_stages: int = 1024,
         probe_holdout: str | float = "auto",
         shard: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError(f"sources must be a non-empty mapping of domain name -> data, got {sources!r:.80}")

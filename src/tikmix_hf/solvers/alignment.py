@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..validation import check_vector
 
@@ -56,7 +57,7 @@ class AlignmentResult:
     iterations: list[int]
 
 
-def em_mixture_weights(likelihoods, counts=None, *, tol: float = TOLERANCE,
+def em_mixture_weights(likelihoods: ArrayLike, counts: ArrayLike | None = None, *, tol: float = TOLERANCE,
                        max_iterations: int = MAX_ITERATIONS) -> tuple[np.ndarray, int]:
     """``argmax_u sum_e n_e log sum_j u_j L_ej`` over the simplex, by EM from the uniform mixture.
 
@@ -146,7 +147,7 @@ def task_matches(domain_sequences: Sequence[Sequence], task_sequences: Sequence[
     return matches, iterations
 
 
-def aligned_mixture(domain_sequences: Sequence[Sequence], task_sequences: Sequence[Sequence], base, *,
+def aligned_mixture(domain_sequences: Sequence[Sequence], task_sequences: Sequence[Sequence], base: ArrayLike, *,
                     share: float = 0.5, smoothing: float = SMOOTHING, backoff: float = BACKOFF) -> AlignmentResult:
     """``w_0 = (1 - share) base + share mean_i u_i`` (module docstring), with each task's match ``u_i``."""
     share = float(share)

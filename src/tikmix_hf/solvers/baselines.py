@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..validation import check_positive, check_unit, check_vector, normalise
 
@@ -46,7 +47,7 @@ def _log(w: np.ndarray) -> np.ndarray:
 # Static mixtures
 
 
-def temperature_weights(sizes, temperature: float) -> np.ndarray:
+def temperature_weights(sizes: ArrayLike, temperature: float) -> np.ndarray:
     r"""Temperature sampling: ``w_i \propto n_i^{1/T}``.
 
     The rule of multilingual pre-training (Arivazhagan et al. 2019, "Massively Multilingual Neural
@@ -85,7 +86,7 @@ def odm_exploration_rate(t: int, num_domains: int, initial: float | None = None)
     return min(cap, math.sqrt(math.log(num_domains) / (num_domains * int(t))))
 
 
-def odm_policy(reward_estimates, eps: float, eps_prev: float) -> np.ndarray:
+def odm_policy(reward_estimates: ArrayLike, eps: float, eps_prev: float) -> np.ndarray:
     r"""ODM's sampling policy (Algorithm 1, the EXP3 mixture with uniform exploration):
 
     .. math::
@@ -104,7 +105,8 @@ def odm_policy(reward_estimates, eps: float, eps_prev: float) -> np.ndarray:
     return max(1.0 - K * eps, 0.0) * _softmax(eps_prev * R) + eps
 
 
-def odm_update_rewards(reward_estimates, rewards, alpha: float, policy=None) -> np.ndarray:
+def odm_update_rewards(reward_estimates: ArrayLike, rewards: ArrayLike, alpha: float,
+                       policy: ArrayLike | None = None) -> np.ndarray:
     r"""ODM's smoothed-mean reward estimate (Algorithm 1), with reward = loss:
 
     .. math:: \hat R_i \leftarrow \alpha \hat R_i + (1 - \alpha)\,\frac{R_i}{\pi(D_i)}
@@ -130,7 +132,7 @@ def odm_update_rewards(reward_estimates, rewards, alpha: float, policy=None) -> 
 # DoReMi (Xie et al. 2023, arXiv 2305.10429)
 
 
-def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
+def doremi_update(weights: ArrayLike, excess_loss: ArrayLike, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
     r"""DoReMi's domain-weight step (Algorithm 1, lines 5-6): exponentiated gradient ascent on the
     excess loss, renormalised and mixed with the uniform distribution ``u``:
 
@@ -150,7 +152,7 @@ def doremi_update(weights, excess_loss, eta: float = 1.0, smoothing: float = 1e-
     return (1.0 - c) * new + c / w.size
 
 
-def running_average(average, count: int, weights) -> np.ndarray:
+def running_average(average: ArrayLike | None, count: int, weights: ArrayLike) -> np.ndarray:
     r"""``avg_n = (avg_{n-1} (n - 1) + w_n) / n`` with ``n = count + 1``: DoReMi's output
     ``\bar\alpha = \frac{1}{T}\sum_t \alpha_t`` kept incrementally (the code's ``avg_domain_weights``)."""
     w = check_vector(weights, "weights", nonnegative=True)
@@ -167,9 +169,9 @@ def running_average(average, count: int, weights) -> np.ndarray:
 
 
 def doge_update(
-    weights,
-    alignment,
-    grad_norms,
+    weights: ArrayLike,
+    alignment: ArrayLike,
+    grad_norms: ArrayLike,
     eta: float = 1.0,
     *,
     clip: tuple[float, float] | None = DOGE_CLIP,

@@ -26,9 +26,10 @@ Pure numpy; :meth:`TrustRegionDecider.state_dict` is JSON and resumes exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .result import SolverResult
 from .trust_radius import TrustRadius, gain_direction, matrix_rse
@@ -52,7 +53,7 @@ class TrustRegionDecider:
 
     def __init__(self, *, radius: float = 0.1, radius_min: float = 0.01, radius_max: float = 1.0,
                  smoothing: float = 0.5, shrink_z: float = 0.0, alpha: float = 1.0, pareto: bool = True,
-                 floor=None, max_change=None):
+                 floor: ArrayLike | None = None, max_change: ArrayLike | None = None) -> None:
         if not 0 <= float(smoothing) < 1:
             raise ValueError(f"smoothing must lie in [0, 1); got smoothing={smoothing!r}")
         if not float(shrink_z) >= 0:
@@ -63,7 +64,7 @@ class TrustRegionDecider:
         self.alpha, self.pareto, self.floor, self.max_change = alpha, bool(pareto), floor, max_change
         self.last: dict = {}  # what the last decision saw: the matrix it solved with, the controller's account
 
-    def smooth(self, S, stderr=None, *, tasks: Sequence[str] | None = None,
+    def smooth(self, S: ArrayLike, stderr: ArrayLike | None = None, *, tasks: Sequence[str] | None = None,
                domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """``S`` and its standard errors averaged over the stages so far (as they are with ``smoothing=0``)."""
         S = np.asarray(S, dtype=np.float64)
@@ -73,19 +74,20 @@ class TrustRegionDecider:
         domains = list(domains) if domains is not None else [str(j) for j in range(S.shape[1])]
         return self.smoother.update(S, stderr, tasks, domains)
 
-    def shrink(self, scores, stderr) -> np.ndarray:
+    def shrink(self, scores: ArrayLike, stderr: ArrayLike | None) -> np.ndarray:
         """``scores`` shrunk toward zero by ``shrink_z`` standard errors (as they are without standard errors)."""
         if self.shrink_z > 0 and stderr is not None:
             return shrink_influence(scores, stderr, self.shrink_z)
         return np.asarray(scores, dtype=np.float64)
 
-    def scores(self, S, stderr=None, *, tasks: Sequence[str] | None = None,
+    def scores(self, S: ArrayLike, stderr: ArrayLike | None = None, *, tasks: Sequence[str] | None = None,
                domains: Sequence[str] | None = None) -> np.ndarray:
         """Step 1 of the module docstring: ``S`` as the solver should see it."""
         smoothed, se = self.smooth(S, stderr, tasks=tasks, domains=domains)
         return self.shrink(smoothed, se)
 
-    def solve(self, S, scores, prior, *, stderr=None, task_losses, step: float = 1.0, upper=None,
+    def solve(self, S: ArrayLike, scores: ArrayLike, prior: ArrayLike, *, stderr: ArrayLike | None = None,
+              task_losses: Iterable[float], step: float = 1.0, upper: ArrayLike | None = None,
               domains: Sequence[str] | None = None, tasks: Sequence[str] | None = None) -> SolverResult:
         """Steps 2 and 3: the radius from the evidence, then the answer for ``scores`` (from :meth:`scores`)."""
         prior = np.asarray(prior, dtype=np.float64)
@@ -100,7 +102,8 @@ class TrustRegionDecider:
         self.last = {"controller": controller, "scores": scores}
         return solved
 
-    def decide(self, S, prior, *, stderr=None, task_losses, step: float = 1.0, upper=None,
+    def decide(self, S: ArrayLike, prior: ArrayLike, *, stderr: ArrayLike | None = None,
+               task_losses: Iterable[float], step: float = 1.0, upper: ArrayLike | None = None,
                domains: Sequence[str] | None = None, tasks: Sequence[str] | None = None) -> SolverResult:
         """The next mixture for this stage's ``S`` (``n_tasks x n_domains``) and the mixture in effect.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 
 from ..validation import project_bounded_simplex
@@ -25,16 +26,16 @@ ACTIVE_TOL = 1e-6
 
 @one_blas_thread
 def solve_direct(
-    S,
-    prior,
+    S: ArrayLike,
+    prior: ArrayLike,
     *,
     alpha: float = 1.0,
     beta: float = 1.0,
     gamma: float = 1.0,
     pareto: bool = True,
-    floor=None,
-    max_change=None,
-    upper=None,
+    floor: ArrayLike | None = None,
+    max_change: ArrayLike | None = None,
+    upper: ArrayLike | None = None,
     domains: list[str] | None = None,
     tasks: list[str] | None = None,
     tol: float = 1e-10,

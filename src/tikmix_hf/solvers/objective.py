@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import entr
 
 NORMALISATION_EPS = 1e-8
@@ -33,13 +34,13 @@ def task_scale(S: np.ndarray) -> np.ndarray:
     return np.max(np.abs(S), axis=1) + NORMALISATION_EPS
 
 
-def normalised_influence(S) -> np.ndarray:
+def normalised_influence(S: ArrayLike) -> np.ndarray:
     """``A = S / (max_j |S_ij| + 1e-8)`` row by row, the matrix of Eq. 9 (``P_hat = A w``)."""
     S = np.asarray(S, dtype=np.float64)
     return S / task_scale(S)[:, None]
 
 
-def normalised_performance(S, w) -> np.ndarray:
+def normalised_performance(S: ArrayLike, w: ArrayLike) -> np.ndarray:
     """Paper Eq. 9: ``P_hat_i = (S w)_i / (max_j |S_ij| + 1e-8)``.
 
     ``w`` may be one mixture, shape (m,), giving (n,), or a stack of mixtures, shape (N, m),
@@ -83,7 +84,8 @@ def neg_entropy_smooth(w: np.ndarray) -> tuple[float, np.ndarray]:
     return float(value.sum()), logw + 1.0
 
 
-def objective_terms(S, w, *, prior=None, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> dict:
+def objective_terms(S: ArrayLike, w: ArrayLike, *, prior: ArrayLike | None = None, alpha: float = 1.0,
+                    beta: float = 1.0, gamma: float = 1.0) -> dict:
     """The terms of paper Eq. 10 at mixture ``w``.
 
     Returns ``std`` (population std of ``P_hat``), ``gain`` (``sum_i P_hat_i``), ``entropy``

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import qmc, spearmanr
 
 from ..validation import Range, check_mixture, check_number, format_value, project_bounded_simplex
@@ -46,8 +47,8 @@ replaced by the ``seed`` argument unless ``lgbm_params`` sets it."""
 
 
 def solve_surrogate(
-    S,
-    prior,
+    S: ArrayLike,
+    prior: ArrayLike,
     evaluate: Callable[[np.ndarray], np.ndarray],
     *,
     alpha: float = 1.0,
@@ -64,9 +65,9 @@ def solve_surrogate(
     direct: SolverResult | np.ndarray | None = None,
     concentration: tuple[float, float] | None = None,
     min_r2: float = 0.1,
-    floor=None,
-    max_change=None,
-    upper=None,
+    floor: ArrayLike | None = None,
+    max_change: ArrayLike | None = None,
+    upper: ArrayLike | None = None,
     domains: list[str] | None = None,
     tasks: list[str] | None = None,
 ) -> SolverResult:

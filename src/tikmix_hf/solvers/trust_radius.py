@@ -26,8 +26,10 @@ Pure numpy; the state is JSON and resumes exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 GROW = 2.0
 SHRINK = 0.5
@@ -37,7 +39,7 @@ CONSISTENT = 0.5
 class TrustRadius:
     """The radius controller of the module docstring; ``state_dict`` / ``load_state_dict`` are JSON."""
 
-    def __init__(self, radius: float, minimum: float, maximum: float):
+    def __init__(self, radius: float, minimum: float, maximum: float) -> None:
         if not (0 < minimum <= radius <= maximum) or not all(map(math.isfinite, (radius, minimum, maximum))):
             raise ValueError(
                 f"trust radius bounds must satisfy 0 < minimum <= radius <= maximum (finite); got minimum={minimum!r}, "
@@ -48,7 +50,8 @@ class TrustRadius:
         self.losses: list[float] | None = None  # per task, the validation losses at the last decision
         self.direction: list[float] | None = None  # per domain, the last stage's direction of gain
 
-    def update(self, losses, direction, rse: float | None = None, accumulated=None) -> tuple[float, dict]:
+    def update(self, losses: ArrayLike, direction: ArrayLike, rse: float | None = None,
+               accumulated: ArrayLike | None = None) -> tuple[float, dict]:
         """The radius for this decision, from the losses now and this stage's direction; and why.
 
         ``losses``: validation loss per task now; ``direction``: the direction of gain per domain of
@@ -85,7 +88,7 @@ class TrustRadius:
         self.direction = (direction if accumulated is None else np.asarray(accumulated, dtype=np.float64)).tolist()
         return self.radius * factor, info
 
-    def record(self, predicted, losses) -> None:
+    def record(self, predicted: Iterable[float], losses: Iterable[float]) -> None:
         """What this decision predicts per task over the coming stage, and the losses it starts from."""
         self.predicted = [float(x) for x in predicted]
         self.losses = [float(x) for x in losses]
@@ -112,7 +115,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / den if den > 0 else float("nan")
 
 
-def gain_direction(S, w) -> np.ndarray:
+def gain_direction(S: ArrayLike, w: ArrayLike) -> np.ndarray:
     """``sum_i S_i`` centred under ``w``: where the mixture would move, whatever the scale of ``S``."""
     g = np.asarray(S, dtype=np.float64).sum(axis=0)
     g = g - float(np.asarray(w) @ g)
@@ -120,7 +123,7 @@ def gain_direction(S, w) -> np.ndarray:
     return g / norm if norm > 0 else g
 
 
-def matrix_rse(scores, stderr) -> float | None:
+def matrix_rse(scores: ArrayLike, stderr: ArrayLike | None) -> float | None:
     """``||SE||_F / ||S||_F`` over the finite entries; ``None`` without standard errors."""
     if stderr is None:
         return None

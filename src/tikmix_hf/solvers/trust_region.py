@@ -38,6 +38,7 @@ import math
 import time
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 
 from ..validation import check_positive, project_bounded_simplex
@@ -56,7 +57,7 @@ TIE_BREAK = 1e-2
 KL_TOL = 1e-7
 
 
-def kl_divergence(w, q) -> float:
+def kl_divergence(w: ArrayLike, q: ArrayLike) -> float:
     """``KL(w || q) = sum_j w_j log(w_j / q_j)`` in nats (``0 log 0 = 0``)."""
     w, q = np.asarray(w, dtype=np.float64), np.asarray(q, dtype=np.float64)
     positive = w > 0
@@ -71,16 +72,16 @@ def kl_reference(prior: np.ndarray) -> np.ndarray:
 
 @one_blas_thread
 def solve_trust_region(
-    S,
-    prior,
+    S: ArrayLike,
+    prior: ArrayLike,
     *,
     radius: float,
     step: float = 1.0,
     alpha: float = 1.0,
     pareto: bool = True,
-    floor=None,
-    upper=None,
-    max_change=None,
+    floor: ArrayLike | None = None,
+    upper: ArrayLike | None = None,
+    max_change: ArrayLike | None = None,
     domains: list[str] | None = None,
     tasks: list[str] | None = None,
     tol: float = 1e-10,

@@ -13,8 +13,10 @@ Pure numpy (no torch): the inputs are ``S`` and its standard errors from
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["PrecisionSmoother", "shrink_influence"]
 
@@ -24,7 +26,7 @@ _SE_REL_FLOOR = 1e-12
 _SE_ABS_FLOOR = 1e-100
 
 
-def shrink_influence(scores, stderr, z: float) -> np.ndarray:
+def shrink_influence(scores: ArrayLike, stderr: ArrayLike, z: float) -> np.ndarray:
     """``sign(S) * max(|S| - z * SE, 0)`` elementwise, a new float64 array.
 
     Args:
@@ -81,7 +83,7 @@ class PrecisionSmoother:
     The state (:meth:`state_dict`) is plain JSON: lists of floats, names and a stage count.
     """
 
-    def __init__(self, decay: float):
+    def __init__(self, decay: float) -> None:
         decay = float(decay)
         if not (0 <= decay < 1):
             raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
@@ -95,7 +97,8 @@ class PrecisionSmoother:
         self.domains: list[str] = []
         self.stages = 0
 
-    def update(self, scores, stderr, tasks, domains) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, scores: ArrayLike, stderr: ArrayLike | None, tasks: Iterable[str],
+               domains: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """Fold in one stage; returns ``(S_bar, SE_bar)``. New task/domain names restart the average."""
         S = np.asarray(scores, dtype=np.float64)
         se = np.full_like(S, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)
