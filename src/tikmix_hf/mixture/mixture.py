@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .checkpoints import ReaderCheckpoints
 from .choices import DomainChoices, draw_numbers, rank_of
+from .control import SharedControl
 from .sharded import ShardedSource
 from .sources import (
     ForOtherRank,
@@ -50,9 +51,6 @@ from .swaps import WeightSwaps
 STATE_FORMAT = "tikmix_hf.DomainMixture/2"
 EXHAUSTED_POLICIES = ("cycle", "stop")
 _HW_SLOTS = 257  # slot 0: the main process; slot 1 + i: DataLoader worker i
-# _ctrl slots
-(_SEEK, _EPOCH, _BATCH, _WORKERS, _PREFETCH, _GLOBAL, _RANKS, _RANK, _SWAP, _SEEN_WORKERS, _SEEN_CHUNK, _ENDED,
- _ENDED_DOMAIN) = range(13)
 # A lock taken and released at once is a full memory fence: it orders a worker's "reserve" store before
 # its "swap pending?" load, and the main process's "swap pending" store before its "reserved?" load.
 _FENCE = threading.Lock()
@@ -169,8 +167,7 @@ class DomainMixture(IterableDataset):
         m = len(self.domains)
         self._swaps = WeightSwaps(self.domains, max_stages)
         self._choices = DomainChoices(seed, self._swaps)
-        self._ctrl = torch.zeros(13, dtype=torch.int64).share_memory_()
-        self._ctrl[_PREFETCH], self._ctrl[_RANKS] = 2, 1
+        self._ctrl = SharedControl()
         self._seek_cursors = torch.zeros(m, dtype=torch.int64).share_memory_()
         # Per slot: the end of the samples that copy has drawn (main process) or reserved (workers).
         self._high_water = torch.zeros(_HW_SLOTS, dtype=torch.int64).share_memory_()
@@ -214,8 +211,8 @@ class DomainMixture(IterableDataset):
         accelerate's one-batch look-ahead plus one batch of margin; ``samples per batch`` is the value
         given to :meth:`bind_loader` (1 when unbound).
         """
-        per_batch = max(int(self._ctrl[_BATCH]), int(self._ctrl[_GLOBAL]), 1)
-        workers, prefetch = int(self._ctrl[_WORKERS]), int(self._ctrl[_PREFETCH])
+        per_batch = max(self._ctrl.batch, self._ctrl.global_batch, 1)
+        workers, prefetch = self._ctrl.workers, self._ctrl.prefetch
         return per_batch * (workers * prefetch + 2)
 
     def set_weights(self, weights: Mapping[str, float], *, at: int | None = None) -> int:
@@ -238,7 +235,7 @@ class DomainMixture(IterableDataset):
             raise ValueError(f"at must be a non-negative int sample index, got {at!r}")
         # Announce the swap before reading the reservations: a worker that reserves after this point
         # waits for the new weights, one that reserved before is counted in `drawn`.
-        self._ctrl[_SWAP] = 1
+        self._ctrl.swap_pending = 1
         try:
             _fence()
             drawn = int(self._high_water.max())
@@ -252,7 +249,7 @@ class DomainMixture(IterableDataset):
                 )
             self._publish(int(at), vec)
         finally:
-            self._ctrl[_SWAP] = 0
+            self._ctrl.swap_pending = 0
         return int(at)
 
     # ------------------------------------------------------------------ the pure stream
@@ -272,16 +269,16 @@ class DomainMixture(IterableDataset):
         """
         counts = self._choices.counts(upto)
         out = [s.name for s, c in zip(self._sources, counts) if s.random_access and c > s.n]
-        ended = int(self._ctrl[_ENDED])
-        name = self.domains[int(self._ctrl[_ENDED_DOMAIN])]
+        ended = self._ctrl.ended
+        name = self.domains[self._ctrl.ended_domain]
         return out + [name] if 0 < ended <= upto and name not in out else out
 
     def _end(self, index: int, domain: int) -> None:
         """Record that the stream ends at sample ``index`` because ``domain`` ran out (policy ``"stop"``)."""
-        ended = int(self._ctrl[_ENDED])
+        ended = self._ctrl.ended
         if ended == 0 or index + 1 < ended:
-            self._ctrl[_ENDED_DOMAIN] = domain
-            self._ctrl[_ENDED] = index + 1
+            self._ctrl.ended_domain = domain
+            self._ctrl.ended = index + 1
 
     def drawn(self, upto: int) -> dict[str, dict[str, int | None]]:
         """Examples and tokens drawn from each domain by samples ``[0, upto)``.
@@ -349,11 +346,11 @@ class DomainMixture(IterableDataset):
             )
         if not isinstance(rank, int) or not 0 <= rank < ranks:
             raise ValueError(f"rank={rank!r} must be an int in [0, ranks={ranks})")
-        self._ctrl[_BATCH] = samples_per_batch
-        self._ctrl[_WORKERS] = num_workers
-        self._ctrl[_PREFETCH] = 2 if prefetch_factor is None else int(prefetch_factor)
-        self._ctrl[_GLOBAL] = samples_per_batch if global_batch is None else global_batch
-        self._ctrl[_RANKS], self._ctrl[_RANK] = ranks, rank
+        self._ctrl.batch = samples_per_batch
+        self._ctrl.workers = num_workers
+        self._ctrl.prefetch = 2 if prefetch_factor is None else int(prefetch_factor)
+        self._ctrl.global_batch = samples_per_batch if global_batch is None else global_batch
+        self._ctrl.ranks, self._ctrl.rank = ranks, rank
         if self._sharded:
             self._checkpoints.grow(num_workers)
         readers = max(num_workers, 1) * ranks
@@ -375,15 +372,15 @@ class DomainMixture(IterableDataset):
 
     def _set_seek(self, index: int, cursors: np.ndarray) -> None:
         self._seek_cursors.copy_(torch.as_tensor(cursors, dtype=torch.int64))
-        self._ctrl[_SEEK] = index
-        self._ctrl[_ENDED] = 0
+        self._ctrl.seek = index
+        self._ctrl.ended = 0
         self._position = index
         self._high_water.zero_()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer through accelerate; with ``num_samples`` epoch ``e`` covers
         samples ``[e * num_samples, (e + 1) * num_samples)``."""
-        self._ctrl[_EPOCH] = int(epoch)
+        self._ctrl.epoch = int(epoch)
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -394,28 +391,28 @@ class DomainMixture(IterableDataset):
         return self.num_samples
 
     def _bounds(self) -> tuple[int, int | None]:
-        seek = int(self._ctrl[_SEEK])
+        seek = self._ctrl.seek
         if self.num_samples is None:
-            if self.exhausted == "stop" and int(self._ctrl[_EPOCH]) > 0:
+            if self.exhausted == "stop" and self._ctrl.epoch > 0:
                 return seek, seek  # the finite stream ended in epoch 0: a new epoch has nothing left
             return seek, None
-        epoch = int(self._ctrl[_EPOCH])
+        epoch = self._ctrl.epoch
         lo, hi = epoch * self.num_samples, (epoch + 1) * self.num_samples
         return (seek if lo <= seek < hi else lo), hi
 
     def _layout(self) -> tuple[int, int, int]:
         """(workers, ranks, samples per worker batch) of the last iterator, else as bound."""
-        workers = int(self._ctrl[_SEEN_WORKERS]) or max(int(self._ctrl[_WORKERS]), 1)
-        ranks = int(self._ctrl[_RANKS])
-        chunk = int(self._ctrl[_SEEN_CHUNK]) or (int(self._ctrl[_BATCH]) if workers * ranks > 1 else 0)
+        workers = self._ctrl.seen_workers or max(self._ctrl.workers, 1)
+        ranks = self._ctrl.ranks
+        chunk = self._ctrl.seen_chunk or (self._ctrl.batch if workers * ranks > 1 else 0)
         return workers, ranks, chunk if workers * ranks > 1 else 0
 
     def __iter__(self) -> Iterator[Any]:
         start, stop = self._bounds()
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        ranks, rank = int(self._ctrl[_RANKS]), int(self._ctrl[_RANK])
-        chunk = int(self._ctrl[_BATCH])
+        ranks, rank = self._ctrl.ranks, self._ctrl.rank
+        chunk = self._ctrl.batch
         if workers * ranks > 1 and chunk < 1:
             raise RuntimeError(
                 f"DomainMixture is read by {workers} DataLoader workers on {ranks} processes but does not know the "
@@ -427,9 +424,9 @@ class DomainMixture(IterableDataset):
         if self._sharded:
             self._check_layout(start, layout)
         if worker == 0:
-            self._ctrl[_SEEN_WORKERS], self._ctrl[_SEEN_CHUNK] = workers, layout[2]
+            self._ctrl.seen_workers, self._ctrl.seen_chunk = workers, layout[2]
         slot = 0 if info is None else 1 + worker
-        if int(self._ctrl[_SEEK]) == start:
+        if self._ctrl.seek == start:
             cursors = self._seek_cursors.numpy().copy()
         else:
             cursors = self._choices.counts(start)
@@ -441,9 +438,9 @@ class DomainMixture(IterableDataset):
         """Refuse, before any batch is read, a loaded state whose domains read by shard were read in another
         reader layout than the one :meth:`bind_loader` describes (the error names both, and the fix)."""
         if self._sharded:
-            workers, ranks = max(int(self._ctrl[_WORKERS]), 1), int(self._ctrl[_RANKS])
-            batch = int(self._ctrl[_BATCH]) if workers * ranks > 1 else 0
-            self._check_layout(int(self._ctrl[_SEEK]), (workers, ranks, batch))
+            workers, ranks = max(self._ctrl.workers, 1), self._ctrl.ranks
+            batch = self._ctrl.batch if workers * ranks > 1 else 0
+            self._check_layout(self._ctrl.seek, (workers, ranks, batch))
 
     def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
         chunk = layout[2]
@@ -476,7 +473,7 @@ class DomainMixture(IterableDataset):
         never = np.iinfo(np.int64).max
         sizes = np.array([src.n if src.random_access else never for src in self._sources])
         high_water = self._high_water.numpy()  # shared memory; a numpy view is cheap to write
-        ctrl = self._ctrl.numpy()
+        control = self._ctrl
         version = self._swaps.version.numpy()
         span = chunk * max(1, 2048 // chunk)
         k = start
@@ -498,7 +495,7 @@ class DomainMixture(IterableDataset):
                     # either counts the reservation or is announced to the worker, which then waits.
                     high_water[slot] = max(int(high_water[slot]), chunk_end)
                     _fence()
-                    while ctrl[_SWAP]:
+                    while control.swap_pending:
                         time.sleep(0)
                 if int(version[0]) != seen:
                     break  # new weights were published: redraw from here under them
@@ -627,11 +624,11 @@ class DomainMixture(IterableDataset):
             "schedule": [[int(s), [float(x) for x in row]] for s, row in zip(starts, w)],
             "position": position,
             "cursors": [int(c) for c in self._choices.counts(position)],
-            "epoch": int(self._ctrl[_EPOCH]),
+            "epoch": self._ctrl.epoch,
         }
         if self._sharded:
             layout = self._layout()
-            readers, ranks, rank = layout[0] * layout[1], layout[1], int(self._ctrl[_RANK])
+            readers, ranks, rank = layout[0] * layout[1], layout[1], self._ctrl.rank
             draws = self._choices.reader_counts(position, layout)
             checkpoints = {}
             for e, d in enumerate(self._sharded):
@@ -696,7 +693,7 @@ class DomainMixture(IterableDataset):
         # Everything is validated: only now change the mixture, so a bad state leaves it untouched.
         self._swaps.replace(starts, rows)
         self._choices.remember(position, expected)
-        self._ctrl[_EPOCH] = epoch
+        self._ctrl.epoch = epoch
         self._checkpoints.load(resume)
         self._set_seek(position, cursors)
 
