@@ -6,7 +6,8 @@ change while training runs, and :func:`interleave_datasets`, its ``datasets``-st
 - ``sharded.py``: streamed domains read by shard, one share per (rank, DataLoader worker) reader.
 - ``swaps.py``: the weight swaps (which weights apply from which sample index), in shared memory, and the
   validation of weights.
-- ``choices.py``: the domain each sample index draws, and the draws of each domain and reader by an index.
+- ``choices.py``: the domain each sample index draws, the draws of each domain and reader by an index, and the
+  reader layout (DataLoader workers x ranks, and their batch).
 - ``control.py``: the control words the mixture shares with its DataLoader workers (how the stream is read,
   where it starts and ends), in shared memory.
 - ``checkpoints.py``: where the readers of sharded domains resume: recorded and loaded block checkpoints.

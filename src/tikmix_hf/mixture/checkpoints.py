@@ -14,27 +14,38 @@ the ring skips such entries, and entries that changed while they were read.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .sharded import Recorder
+from .choices import ReaderLayout
+from .sharded import BlockCheckpoint, Recorder
 
 _RING = 32  # block checkpoints kept per (reader, sharded domain): the consumer lags a few blocks at most
 _RING_BYTES = 4096  # room for one shard's datasets state_dict as JSON
 
 
+@dataclass(frozen=True)
+class LoadedReaders:
+    """The ``"readers"`` part of a loaded state: the layout it was read in, the block checkpoint of each reader
+    of this process (keyed ``"<domain>/<reader>"``), and each sharded domain's draws per reader."""
+
+    layout: ReaderLayout
+    checkpoints: dict[str, BlockCheckpoint]
+    draws: dict[str, list[int]]
+
+
 class ReaderCheckpoints:
     """Block checkpoints of the readers of ``domains`` sharded domains, for ``workers`` logical workers.
 
-    A checkpoint is a dict ``{"draws", "pass", "shard_pos", "block", "state"}``: the reader's draw
-    count at the start of a block, where that block lies, and the shard's state JSON there (``None``
-    at the start of a shard).
+    A checkpoint is a :data:`~.sharded.BlockCheckpoint`: the reader's draw count at the start of a block,
+    where that block lies, and the shard's state JSON there (``None`` at the start of a shard).
     """
 
     def __init__(self, domains: int, workers: int):
         self._alloc(domains, workers)
-        self._loaded: dict | None = None  # reader checkpoints of a loaded state
+        self._loaded: LoadedReaders | None = None  # reader checkpoints of a loaded state
 
     def _alloc(self, domains: int, workers: int) -> None:
         """Shared block checkpoints of the sharded readers: ``[logical worker, sharded domain, entry]``.
@@ -80,12 +91,12 @@ class ReaderCheckpoints:
 
         return record
 
-    def checkpoint(self, row: int, e: int, readers: int, draws: int) -> dict | None:
+    def checkpoint(self, row: int, e: int, readers: int, draws: int) -> BlockCheckpoint | None:
         """The latest recorded block start of a reader at or before draw ``draws``, or ``None``."""
         if row >= self.workers:
             return None
         meta, data = self._meta[row, e].numpy(), self._json[row, e].numpy()
-        best = None
+        best: BlockCheckpoint | None = None
         for slot in range(_RING):
             seq = int(meta[slot, 0])
             entry = meta[slot].copy()
@@ -101,13 +112,13 @@ class ReaderCheckpoints:
 
     # ------------------------------------------------------------------ brought by a loaded state
     @staticmethod
-    def parse(readers: object) -> dict:
-        """The ``"readers"`` part of a saved state as ``{"layout", "checkpoints", "draws"}``; raises
-        ``KeyError``, ``TypeError`` or ``ValueError`` when it is malformed."""
+    def parse(readers: object) -> LoadedReaders:
+        """The ``"readers"`` part of a saved state; raises ``KeyError``, ``TypeError`` or ``ValueError`` when it
+        is malformed."""
         if not isinstance(readers, Mapping):
             raise KeyError("readers")
         layout = tuple(int(x) for x in readers["layout"])
-        checkpoints = {
+        checkpoints: dict[str, BlockCheckpoint] = {
             str(key): {"draws": int(c["draws"]), "pass": int(c["pass"]), "shard_pos": int(c["shard_pos"]),
                        "block": int(c["block"]), "state": None if c.get("state") is None else str(c["state"])}
             for key, c in dict(readers["checkpoints"]).items()
@@ -115,22 +126,22 @@ class ReaderCheckpoints:
         draws = {str(k): [int(x) for x in v] for k, v in dict(readers["draws"]).items()}
         if len(layout) != 3 or min(layout[:2]) < 1 or layout[2] < 0:
             raise ValueError(f"reader layout {list(layout)}")
-        return {"layout": layout, "checkpoints": checkpoints, "draws": draws}
+        return LoadedReaders(ReaderLayout(*layout), checkpoints, draws)
 
-    def load(self, loaded: dict | None) -> None:
+    def load(self, loaded: LoadedReaders | None) -> None:
         """Keep the checkpoints of a loaded state (from :meth:`parse`; ``None``: there are none)."""
         self._loaded = loaded
 
     @property
-    def loaded_layout(self) -> tuple | None:
-        """The reader layout ``(workers, ranks, batch)`` of the loaded state, if any."""
-        return None if self._loaded is None else tuple(self._loaded["layout"])
+    def loaded_layout(self) -> ReaderLayout | None:
+        """The reader layout of the loaded state, if any."""
+        return None if self._loaded is None else self._loaded.layout
 
-    def stored(self, domain: str, reader: int, layout: tuple, draws: int) -> dict | None:
+    def stored(self, domain: str, reader: int, layout: tuple[int, int, int], draws: int) -> BlockCheckpoint | None:
         """The loaded checkpoint of reader ``reader`` of ``domain`` if the state was saved with
         ``layout`` and the checkpoint lies at or before draw ``draws``, else ``None``."""
         loaded = self._loaded
-        if loaded is None or tuple(loaded["layout"]) != layout:
+        if loaded is None or loaded.layout != layout:
             return None
-        ckpt = loaded["checkpoints"].get(f"{domain}/{reader}")
+        ckpt = loaded.checkpoints.get(f"{domain}/{reader}")
         return ckpt if ckpt is not None and ckpt["draws"] <= draws else None

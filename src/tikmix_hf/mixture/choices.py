@@ -9,6 +9,8 @@ each domain's draw count by an index and, for streamed domains read by shard, ea
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .sources import TAG_CHOICE
@@ -21,6 +23,27 @@ def rank_of(index: np.ndarray, ranks: int, chunk: int) -> np.ndarray:
     """The rank that keeps each sample: rank ``p`` keeps the ``p``-th of ``ranks`` equal slices of
     every chunk of ``chunk`` samples (accelerate's IterableDatasetShard)."""
     return (index % chunk) // (chunk // ranks)
+
+
+class ReaderLayout(NamedTuple):
+    """How the stream is read: ``workers`` DataLoader workers on each of ``ranks`` processes, each worker taking
+    whole batches of ``batch`` samples (0 where one reader reads everything). Streamed domains read by shard are
+    a different stream in each layout, so a saved state keeps it (as the list ``[workers, ranks, batch]``)."""
+
+    workers: int
+    ranks: int
+    batch: int
+
+    @property
+    def readers(self) -> int:
+        """The (rank, worker) readers: reader ``q = worker * ranks + rank``."""
+        return self.workers * self.ranks
+
+    def describe(self) -> str:
+        """The layout in words, for an error message."""
+        per_batch = f", {self.batch} samples per worker batch" if self.batch else ""
+        return (f"{tuple(self)} (workers, ranks, batch: {self.workers} DataLoader worker(s) x {self.ranks} "
+                f"rank(s){per_batch})")
 
 
 def reader_of(index: np.ndarray, layout: tuple[int, int, int]) -> np.ndarray:

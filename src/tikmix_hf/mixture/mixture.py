@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .checkpoints import ReaderCheckpoints
-from .choices import DomainChoices, draw_numbers, rank_of
+from .choices import DomainChoices, ReaderLayout, draw_numbers, rank_of
 from .control import SharedControl
 from .sharded import ShardedSource
 from .sources import (
@@ -59,12 +59,6 @@ _FENCE = threading.Lock()
 def _fence() -> None:
     with _FENCE:
         pass
-
-
-def _describe_layout(layout: tuple[int, int, int]) -> str:
-    workers, ranks, batch = layout
-    per_batch = f", {batch} samples per worker batch" if batch else ""
-    return f"{tuple(layout)} (workers, ranks, batch: {workers} DataLoader worker(s) x {ranks} rank(s){per_batch})"
 
 
 class DomainMixture(IterableDataset):
@@ -400,12 +394,12 @@ class DomainMixture(IterableDataset):
         lo, hi = epoch * self.num_samples, (epoch + 1) * self.num_samples
         return (seek if lo <= seek < hi else lo), hi
 
-    def _layout(self) -> tuple[int, int, int]:
-        """(workers, ranks, samples per worker batch) of the last iterator, else as bound."""
+    def _layout(self) -> ReaderLayout:
+        """The reader layout of the last iterator, else as bound."""
         workers = self._ctrl.seen_workers or max(self._ctrl.workers, 1)
         ranks = self._ctrl.ranks
         chunk = self._ctrl.seen_chunk or (self._ctrl.batch if workers * ranks > 1 else 0)
-        return workers, ranks, chunk if workers * ranks > 1 else 0
+        return ReaderLayout(workers, ranks, chunk if workers * ranks > 1 else 0)
 
     def __iter__(self) -> Iterator[Any]:
         start, stop = self._bounds()
@@ -419,12 +413,12 @@ class DomainMixture(IterableDataset):
                 "batch size: add TiKMiXCallback to the Trainer, or call mixture.bind_loader(samples_per_batch=...) "
                 "first"
             )
-        layout = (workers, ranks, chunk if workers * ranks > 1 else 0)
+        layout = ReaderLayout(workers, ranks, chunk if workers * ranks > 1 else 0)
         chunk = chunk if workers * ranks > 1 else 256
         if self._sharded:
             self._check_layout(start, layout)
         if worker == 0:
-            self._ctrl.seen_workers, self._ctrl.seen_chunk = workers, layout[2]
+            self._ctrl.seen_workers, self._ctrl.seen_chunk = workers, layout.batch
         slot = 0 if info is None else 1 + worker
         if self._ctrl.seek == start:
             cursors = self._seek_cursors.numpy().copy()
@@ -440,10 +434,10 @@ class DomainMixture(IterableDataset):
         if self._sharded:
             workers, ranks = max(self._ctrl.workers, 1), self._ctrl.ranks
             batch = self._ctrl.batch if workers * ranks > 1 else 0
-            self._check_layout(self._ctrl.seek, (workers, ranks, batch))
+            self._check_layout(self._ctrl.seek, ReaderLayout(workers, ranks, batch))
 
-    def _check_layout(self, start: int, layout: tuple[int, int, int]) -> None:
-        chunk = layout[2]
+    def _check_layout(self, start: int, layout: ReaderLayout) -> None:
+        chunk = layout.batch
         names = [self.domains[d] for d in self._sharded]
         if chunk and start % chunk:
             raise ValueError(
@@ -453,19 +447,19 @@ class DomainMixture(IterableDataset):
         saved = self._checkpoints.loaded_layout
         if start > 0 and saved is not None and saved != layout:
             raise RuntimeError(
-                f"this state was saved with a reader layout of {_describe_layout(saved)} and the stream now runs with "
-                f"{_describe_layout(layout)}: domains {names} are read by shard, so each layout is a different "
+                f"this state was saved with a reader layout of {saved.describe()} and the stream now runs with "
+                f"{layout.describe()}: domains {names} are read by shard, so each layout is a different "
                 "stream. Resume with the saved DataLoader workers (dataloader_num_workers), number of processes "
                 "reading the stream and per-device batch size; or start the stream afresh with mixture.seek(0)"
             )
 
-    def _generate(self, start, stop, cursors, chunk, workers, worker, slot, layout, logical, rank) -> Iterator[Any]:
+    def _generate(self, start: int, stop: int | None, cursors: np.ndarray, chunk: int, workers: int, worker: int,
+                  slot: int, layout: ReaderLayout, logical: int, rank: int) -> Iterator[Any]:
         """Yield this copy's samples from index ``start``: chunk ``j`` (of ``chunk`` samples, counted
         from ``start``) belongs to worker ``j % workers``, and within it slice ``rank`` of ``ranks``.
         Every copy walks every index, so all copies agree on cursors, exhaustion and the swaps."""
         cycle = self.exhausted == "cycle"
-        ranks = layout[1]
-        readers = layout[0] * ranks
+        ranks, readers = layout.ranks, layout.readers
         by_shard = {d for d in self._sharded if self._sources[d].n_shards >= readers}
         sequential = {d: (src.sequential() if src.sharded else src).reader(int(cursors[d]), cycle)
                       for d, src in enumerate(self._sources) if not src.random_access and d not in by_shard}
@@ -545,10 +539,11 @@ class DomainMixture(IterableDataset):
                         yield materialise(example) if kept else ForOtherRank(pos - 1)
             k = pos
 
-    def _sharded_readers(self, start, layout, reader, row, cycle, by_shard) -> dict[int, Iterator]:
+    def _sharded_readers(self, start: int, layout: ReaderLayout, reader: int, row: int, cycle: bool,
+                         by_shard: set[int]) -> dict[int, Iterator]:
         if not by_shard:
             return {}
-        readers = layout[0] * layout[1]
+        readers = layout.readers
         draws = self._choices.reader_counts(start, layout)[reader]
         out = {}
         for e, d in enumerate(self._sharded):
@@ -628,11 +623,11 @@ class DomainMixture(IterableDataset):
         }
         if self._sharded:
             layout = self._layout()
-            readers, ranks, rank = layout[0] * layout[1], layout[1], self._ctrl.rank
+            readers, ranks, rank = layout.readers, layout.ranks, self._ctrl.rank
             draws = self._choices.reader_counts(position, layout)
             checkpoints = {}
             for e, d in enumerate(self._sharded):
-                for worker in range(layout[0]):
+                for worker in range(layout.workers):
                     q = worker * ranks + rank
                     ckpt = self._checkpoints.checkpoint(worker, e, readers, int(draws[q, d]))
                     if ckpt is None:
@@ -684,7 +679,7 @@ class DomainMixture(IterableDataset):
                 f"position {position} ({expected.tolist()})"
             )
         if resume is not None:
-            sums = {d: sum(v) for d, v in resume["draws"].items()}
+            sums = {d: sum(v) for d, v in resume.draws.items()}
             want = {self.domains[d]: int(cursors[d]) for d in self._sharded}
             if sums != want:
                 raise ValueError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -32,6 +32,12 @@ from .sources import (
 
 # record(draw number at block start, pass, position in the pass's shard order, block, shard state JSON)
 Recorder = Callable[[int, int, int, int, str | None], None]
+#: Where a reader's block starts, as recorded and as saved in a state (JSON): its draw count there, the pass,
+#: the position in the pass's shard order, the block number and the shard's ``datasets`` state as JSON (``None``
+#: at the start of a shard). ("pass" is a keyword: the functional form of TypedDict.)
+BlockCheckpoint = TypedDict(
+    "BlockCheckpoint", {"draws": int, "pass": int, "shard_pos": int, "block": int, "state": str | None}
+)
 
 
 class ShardedSource:
@@ -73,7 +79,7 @@ class ShardedSource:
         h = row_hash(self._hold_key, shard, np.arange(first, first + rows))
         return np.flatnonzero(h >= self.holdout)
 
-    def reader(self, reader: int, readers: int, start: int, checkpoint: dict | None, cycle: bool,
+    def reader(self, reader: int, readers: int, start: int, checkpoint: BlockCheckpoint | None, cycle: bool,
                record: Recorder | None = None) -> Iterator:
         """Yield reader ``reader``'s draws of this domain from draw number ``start`` on.
 
