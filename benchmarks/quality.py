@@ -57,25 +57,20 @@ from _common import bench_size, parser, process_pool, table, write  # noqa: E402
 TEMPERATURE = 3.0
 DEFAULT_SCHEDULE = DEFAULT_FRACTIONS["trust_region"]  # the default objective's own schedule
 EIGHT = [0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]  # twice as many decisions (arm tikmix_d_eight)
-SHORT_WINDOW = 10  # arm tikmix_d_short: steps holding about the probes' sequences (19 domains x 8 / 16 a step)
+SHORT_WINDOW = 16  # arm tikmix_d_short: a window of a quarter of the default's steps
 #: The default TiKMiX-D and its variants: what each changes in the defaults.
 DEFAULT_VARIANTS = {
     "tikmix_d": {},
+    # the defaults of the previous release: from the mixture's own (natural) weights, every window sequence read
+    "tikmix_d_v1": {"tikmix_initial_weights": "keep", "tikmix_window_sequences": 0, "tikmix_window_steps": 32},
+    "tikmix_d_natural": {"tikmix_initial_weights": "keep"},  # the defaults without the aligned start
+    "tikmix_d_general": {"tikmix_general_sequences": 16},  # with the guard for general ability
     "tikmix_d_probes": {"tikmix_influence_source": "probes"},  # measured on probes, as the paper measures
     "tikmix_d_eight": {"tikmix_stage_fractions": EIGHT},  # twice as many decisions
-    "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a window of about the probes' sequences
+    "tikmix_d_short": {"tikmix_window_steps": SHORT_WINDOW},  # a shorter window
     "tikmix_d_unsmoothed": {"tikmix_smoothing": 0.0},  # each stage's own S, not averaged over stages
-    "tikmix_d_tilted": {},  # the defaults, started from the target-tilted mixture (local corpus only)
-    "tikmix_d_quota": {"tikmix_window_sequences": 8},  # the window reads each domain's probe budget, no more
-    "tikmix_d_aligned": {"tikmix_initial_weights": "aligned"},  # started from the tasks' token matches
-    "tikmix_d_aligned_quota": {"tikmix_initial_weights": "aligned", "tikmix_window_sequences": 8},
-    "tikmix_d_aq256": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
-                       "tikmix_window_sequences": 8},
-    "tikmix_d_aq256_w64": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
-                           "tikmix_window_sequences": 8, "tikmix_window_steps": 64},
-    "tikmix_d_aq256_w64_v8": {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256,
-                              "tikmix_window_sequences": 8, "tikmix_window_steps": 64,
-                              "tikmix_validation_sequences": 8},
+    # the defaults, started from the target-tilted mixture a person would pick (local corpus only)
+    "tikmix_d_tilted": {"tikmix_initial_weights": "keep"},
 }
 #: Variants that start from a static mixture other than the natural one.
 VARIANT_INITIAL = {"tikmix_d_tilted": "targets"}
@@ -87,7 +82,6 @@ OTHER_MIXERS = {
     "doge": ("doge", {}),
     # the natural mixture tilted toward the tasks' token matches before step 0, kept all run
     "aligned": ("static", {"tikmix_initial_weights": "aligned"}),
-    "aligned256": ("static", {"tikmix_initial_weights": "aligned", "tikmix_alignment_sequences": 256}),
 }
 STATIC = ("uniform", "natural", "temperature", "targets", "oracle")
 
@@ -102,13 +96,9 @@ LABELS = {
     "tikmix_d_short": "TiKMiX-D, window of the probe budget",
     "tikmix_d_unsmoothed": "TiKMiX-D, S not averaged over stages",
     "tikmix_d_tilted": "TiKMiX-D from the target-tilted mixture",
-    "tikmix_d_quota": "TiKMiX-D, window reads 8 sequences per domain",
-    "tikmix_d_aligned": "TiKMiX-D from the aligned mixture",
-    "tikmix_d_aligned_quota": "TiKMiX-D from the aligned mixture, window reads 8 per domain",
-    "aligned256": "static aligned (256 sequences)",
-    "tikmix_d_aq256": "TiKMiX-D aligned (256), window reads 8",
-    "tikmix_d_aq256_w64": "TiKMiX-D aligned (256), window reads 8 of 64 steps",
-    "tikmix_d_aq256_w64_v8": "TiKMiX-D aligned (256), window reads 8 of 64 steps, 8 validation sequences",
+    "tikmix_d_v1": "TiKMiX-D, previous defaults (natural start, every window sequence)",
+    "tikmix_d_natural": "TiKMiX-D from the natural mixture",
+    "tikmix_d_general": "TiKMiX-D with the general-ability task",
 }
 #: Every arm that measures also runs at equal compute, ``<arm>_eq``: it gives up the training steps its
 #: measurement's seconds would have bought (window hooks, validation passes, probes and top-ups, look-aheads,
@@ -118,15 +108,16 @@ LABELS.update({f"{a}_eq": f"{LABELS[a]} (equal compute)" for a in EQ_ARMS})
 ORDER = list(LABELS)
 #: Left out of --quick: code other arms run (tikmix_d_eq the equal-compute path, tikmix_d_paper the probes,
 #: doge the baseline mixers' path through the same engine).
-QUICK_SKIPS = ("tikmix_d_probes", "tikmix_d_probes_eq", "odm", "tikmix_d_unsmoothed", "tikmix_d_tilted",
-               "tikmix_d_tilted_eq")
-#: What ``make bench`` compares: the static mixtures, TiKMiX-D with both objectives, TiKMiX-M, two baseline mixers,
-#: the default TiKMiX-D at equal compute beside its own hindsight static mixture, the default without its
-#: average of S over stages, and the default started from the mixture a user who knows the targets would pick. The
-#: other arms of ORDER run with --arms.
-DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "tikmix_d", "tikmix_d_probes", "tikmix_d_paper", "tikmix_m",
-                "odm", "doge", "tikmix_d_eq", "tikmix_d_probes_eq", "hindsight_d", "tikmix_d_unsmoothed",
-                "tikmix_d_tilted", "tikmix_d_tilted_eq"]
+QUICK_SKIPS = ("tikmix_d_v1", "tikmix_d_v1_eq", "tikmix_d_natural", "tikmix_d_general", "odm", "odm_eq",
+               "tikmix_d_tilted", "tikmix_d_tilted_eq")
+#: What ``make bench`` compares: the static mixtures (the aligned one among them), the default TiKMiX-D and the
+#: previous release's defaults, each at equal training tokens and at equal compute, the default from the natural
+#: mixture and with the general-ability task, the paper's objective, TiKMiX-M, two baseline mixers, the default's
+#: own hindsight static mixture, and the default started from the mixture a user who knows the targets would pick.
+#: The other arms of ORDER run with --arms.
+DEFAULT_ARMS = ["uniform", "natural", "targets", "oracle", "aligned", "tikmix_d", "tikmix_d_eq", "tikmix_d_v1",
+                "tikmix_d_v1_eq", "tikmix_d_natural", "tikmix_d_general", "tikmix_d_paper", "tikmix_m", "tikmix_m_eq",
+                "odm", "odm_eq", "doge", "hindsight_d", "tikmix_d_tilted", "tikmix_d_tilted_eq"]
 
 
 # ------------------------------------------------------------------------------------------------

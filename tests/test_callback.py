@@ -43,7 +43,8 @@ def build(out, config=None, *, args_kw=None, model_seed=0, dtype=torch.float32):
     collator = RecordingCollator()
     probe_collator = RecordingCollator()
     probe_collator.recording = False
-    config = config or TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_sequences=16)
+    config = config or TiKMiXConfig(tikmix_initial_weights="keep",
+                                    tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_sequences=16)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     catcher = LogCatcher()
     trainer = Trainer(

@@ -103,7 +103,7 @@ BAD = [
     (dict(tikmix_influence_source="hooks"), r"tikmix_influence_source='hooks': use one of \('auto', 'probes'"),
     (dict(tikmix_window_steps=0), r"tikmix_window_steps=0: must be a positive number of optimizer steps"),
     (dict(tikmix_window_steps=True), r"tikmix_window_steps=True"),
-    (dict(tikmix_window_sequences=0), "tikmix_window_sequences=0: must be a positive number of sequences"),
+    (dict(tikmix_window_sequences=-1), "tikmix_window_sequences=-1: must be 0 .every sequence. or a positive number"),
     (dict(tikmix_influence_source="training", tikmix_solver="surrogate"), r"tikmix_solver='direct' only"),
     (dict(tikmix_influence_source="training", tikmix_preconditioner="diag_fisher"), r"diag_fisher is built"),
     (dict(tikmix_influence_source="training", tikmix_target_rse=0.3), r"tikmix_target_rse=0.3: the adaptive"),

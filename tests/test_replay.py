@@ -50,6 +50,7 @@ class StopAt(TrainerCallback):
 
 def _run(out, *, max_steps=STEPS, resume=None, save_steps=None, stop_at=None, **fields):
     fields.setdefault("tikmix_solver", "replay")
+    fields.setdefault("tikmix_initial_weights", "keep")
     config = TiKMiXConfig(tikmix_show_progress=False, tikmix_probe_sequences=8, tikmix_validation_sequences=8,
                           **fields)
     mixture = DomainMixture(toy_domains(), weights=START, seed=3)

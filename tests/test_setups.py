@@ -48,6 +48,8 @@ def exact(model):
 
 
 def config(source="training", **kw):
+    # every window sequence read, from the mixture's own weights: the measurement compared with its reference
+    kw = {"tikmix_window_sequences": 0, "tikmix_initial_weights": "keep", **kw}
     return TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
                         tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
 

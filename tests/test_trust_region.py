@@ -217,7 +217,8 @@ def test_tikmix_metrics_reach_a_tensorboard_event_file(tmp_path):
     from tikmix_hf.testing import RecordingCollator, toy_domains, toy_model, toy_validation
 
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
-    config = TiKMiXConfig(tikmix_stage_steps=6, tikmix_show_progress=False, tikmix_probe_sequences=16,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_stage_steps=6, tikmix_show_progress=False,
+                          tikmix_probe_sequences=16,
                           tikmix_preconditioner="adam")
     callback = TiKMiXCallback(mixture, toy_validation(), config)
     args = TrainingArguments(

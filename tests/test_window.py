@@ -46,6 +46,7 @@ def train(out, config, model, **args_kw):
 
 
 def window_config(**kw):
+    kw = {"tikmix_window_sequences": 0, "tikmix_initial_weights": "keep", **kw}
     return TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source="training", tikmix_window_steps=4,
                         tikmix_probe_sequences=8, tikmix_validation_sequences=32, tikmix_show_progress=False, **kw)
 
@@ -56,7 +57,7 @@ def test_the_window_equals_the_probe_engine_on_the_sequences_training_saw(tmp_pa
                                                                           quota):
     model = toy_model(0, torch.float64)
     model.loss_function = token_mean_loss
-    callback, collator, mixture, collate = train(tmp_path, window_config(tikmix_window_sequences=quota), model,
+    callback, collator, mixture, collate = train(tmp_path, window_config(tikmix_window_sequences=quota or 0), model,
                                                  gradient_accumulation_steps=accumulation,
                                                  activation_checkpointing=checkpointing)
     assert model.is_activation_checkpointing == checkpointing
@@ -168,7 +169,8 @@ def test_a_checkpoint_inside_the_window_resumes_exactly(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*collapsing onto few domains")
 def test_windows_cover_at_most_the_second_half_of_their_stage(tmp_path):
-    config = TiKMiXConfig(tikmix_stage_fractions=[0.05, 0.5, 0.75], tikmix_influence_source="training",
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_fractions=[0.05, 0.5, 0.75], tikmix_influence_source="training",
                           tikmix_window_steps=32, tikmix_probe_sequences=4, tikmix_show_progress=False)
     model = toy_model(0)
     callback, *_ = train(tmp_path, config, model, max_steps=100, learning_rate=1e-3)
@@ -180,7 +182,8 @@ def test_windows_cover_at_most_the_second_half_of_their_stage(tmp_path):
 def test_auto_falls_back_to_probes_where_the_window_cannot_read_the_run(tmp_path):
     model = toy_model(0)
     model.loss_function = z_loss
-    config = TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source="auto", tikmix_window_steps=4,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=8, tikmix_influence_source="auto", tikmix_window_steps=4,
                           tikmix_probe_sequences=8, tikmix_show_progress=False)
     with pytest.warns(UserWarning, match=r"training window cannot measure this run \(the training loss"):
         callback, *_ = train(tmp_path, config, model, learning_rate=1e-3, max_steps=17)
@@ -206,7 +209,8 @@ def test_rows_that_are_not_one_example_each_are_refused_or_measured_on_probes(tm
     mixture = DomainMixture(toy_domains(), weights=START, seed=3)
     collate = RecordingCollator()
     collate.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
                           tikmix_probe_sequences=8, tikmix_show_progress=False)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=collate)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=9, per_device_train_batch_size=4, use_cpu=True,

@@ -48,7 +48,8 @@ def train(out, *, domains=None, validation=None, exhausted="cycle", max_steps=ST
                             sizes={"pattern": 14, "echo": 14, "noise": 14} if domains else None)
     probes = RecordingCollator()
     probes.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=STAGE, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=STAGE, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
                           tikmix_influence_source="training", tikmix_show_progress=False)
     callback = TiKMiXCallback(mixture, validation or toy_validation(), config, collator=probes)
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=BATCH,

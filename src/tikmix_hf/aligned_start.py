@@ -20,8 +20,9 @@ from .solvers.alignment import aligned_mixture
 
 __all__ = ["ALIGNMENT_ROUND", "aligned_start", "starting_weights", "token_ids"]
 
-#: The probe round the starting sample is drawn from, apart from every stage's (stage k draws round k).
-ALIGNMENT_ROUND = 1 << 30
+#: The probe round the starting sample is drawn from: the first stage's (counting its tokens trains nothing, and
+#: a streamed domain reads a later round's rows further into its shards).
+ALIGNMENT_ROUND = 0
 
 
 def token_ids(example: Mapping[str, Any]) -> np.ndarray:

@@ -24,8 +24,9 @@ __all__ = ["GENERAL_TASK", "Batcher", "check_validation", "draw_probes", "genera
 
 #: The name of the general-ability task (``tikmix_general_sequences``).
 GENERAL_TASK = "general"
-#: The probe round the general task is drawn from, apart from every stage's (stage k draws round k).
-GENERAL_ROUND = (1 << 30) + 1
+#: The probe round the general task is drawn from, apart from the stages' (stage k draws round k), and near
+#: enough to the start that a streamed domain reads it without scanning far into its shards.
+GENERAL_ROUND = 1000
 
 
 def log_key(name: str) -> str:

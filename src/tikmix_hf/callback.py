@@ -164,7 +164,7 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             warnings.warn(message, stacklevel=2)
         source = cfg.influence_source() if self.mixer.measures else "probes"
         self._windows = WindowLifecycle(source, strict=cfg.tikmix_influence_source == "training",
-                                        preconditioner=cfg.tikmix_preconditioner, quota=cfg.tikmix_window_sequences)
+                                        preconditioner=cfg.tikmix_preconditioner, quota=cfg.window_quota())
         self._windows.plan(plan_windows(self._stages.steps, cfg.tikmix_window_steps))
         check_window_setup(self._windows, self._measured(model), self._trainer, self._geometry)
         if self._stages.counts_tokens:
@@ -183,8 +183,8 @@ class TiKMiXCallback(TrainerCallback, ExportableState):
             self._step = state.global_step
             self._tokens_prev = self._tokens.recorded(state)[0] or 0
             self.mixture.seek(self._resume_start(args, state))
-        else:
-            self.mixture.seek(0)
+        else:  # a fresh start; a second train() of this callback starts the earlier run's weight swaps over
+            self.mixture.restart() if self.history else self.mixture.seek(0)
             initial = self._stages.initial if self._stages.initial is not None else cfg.initial_weights()
             with self._collectives("the aligned starting mixture"):
                 initial, self._alignment = starting_weights(

@@ -50,8 +50,8 @@ def _registered_mixers() -> tuple[str, ...]:
 
 
 def _check_initial_weights(name: str, value) -> None:
-    """A keyword of :data:`INITIAL_KEYWORDS`, or the JSON text of a mapping domain -> weight."""
-    if isinstance(value, str) and value in INITIAL_KEYWORDS:
+    """Unset, a keyword of :data:`INITIAL_KEYWORDS`, or the JSON text of a mapping domain -> weight."""
+    if value is None or isinstance(value, str) and value in INITIAL_KEYWORDS:
         return
     fix = 'use keep, natural, uniform, aligned, or a JSON mapping such as \'{"code": 0.6, "web": 0.4}\''
     try:
@@ -80,11 +80,12 @@ class MixerChoice(OptionGroup):
         "(excess loss over tikmix_reference_model); doge (gradient alignment with the validation tasks). "
         "replay: follow tikmix_schedule (docs/schedules.md), no influence pass.",
     )
-    tikmix_initial_weights: Annotated[str, custom(_check_initial_weights)] = option(
-        "keep",
-        "keep (the mixture's own weights), natural, uniform, aligned (the mixture's own weights tilted toward "
-        "the domains whose token statistics best match each validation task, computed before step 0 from "
-        "tikmix_alignment_sequences examples per domain; docs/method.md), or a JSON mapping domain -> weight.",
+    tikmix_initial_weights: Annotated[str | None, custom(_check_initial_weights, optional=True)] = option(
+        None,
+        "keep (the mixture's own weights), natural, uniform, aligned (the mixture's own weights, half of them "
+        "moved to the domains whose token statistics best match each validation task, computed before step 0 "
+        "from tikmix_alignment_sequences examples per domain; docs/method.md), or a JSON mapping domain -> "
+        "weight. Unset: aligned for TiKMiX-D and TiKMiX-M with the default objective, keep otherwise.",
     )
     tikmix_alignment_share: Annotated[
         float, number(at_least=0, at_most=1, fix="must lie in [0, 1], e.g. 0.5")
@@ -94,18 +95,14 @@ class MixerChoice(OptionGroup):
         "keeps the mixture's own weights.",
     )
     tikmix_alignment_sequences: Annotated[
-        int, integer(at_least=1, fix="must be a positive integer, e.g. 64")
+        int, integer(at_least=1, fix="must be a positive integer, e.g. 256")
     ] = option(
-        64, "initial_weights=aligned: examples per domain and per task whose tokens are counted."
+        256, "initial_weights=aligned: examples per domain and per task whose tokens are counted."
     )
     tikmix_seed: Annotated[int, integer(at_least=0)] = option(
         0, "Seed of the probe draws and of the surrogate search."
     )
 
-    def initial_weights(self) -> str | dict[str, float]:
-        """``tikmix_initial_weights`` parsed: a keyword or a mapping."""
-        value = self.tikmix_initial_weights
-        return value if value in INITIAL_KEYWORDS else json.loads(value)
 
 
 @dataclass
@@ -149,8 +146,12 @@ class MeasurementOptions(OptionGroup):
         "auto: training wherever the run allows it, probes elsewhere and with tikmix_objective=paper.",
     )
     tikmix_window_steps: Annotated[
-        int, integer(at_least=1, fix="must be a positive number of optimizer steps, e.g. 32")
-    ] = option(32, "influence_source=training: optimizer steps before each boundary whose micro-batches count.")
+        int, integer(at_least=1, fix="must be a positive number of optimizer steps, e.g. 64")
+    ] = option(
+        64,
+        "influence_source=training: optimizer steps before each boundary whose micro-batches the window may read "
+        "(at most the second half of the stage); the hooks stop once every domain has tikmix_window_sequences.",
+    )
     tikmix_general_sequences: Annotated[
         int, integer(at_least=0, fix="must be 0 (off) or a positive number of sequences, e.g. 16")
     ] = option(
@@ -161,12 +162,13 @@ class MeasurementOptions(OptionGroup):
     )
     tikmix_window_sequences: Annotated[
         int | None,
-        integer(at_least=1, optional=True, fix="must be a positive number of sequences per domain, or unset"),
+        integer(at_least=0, optional=True,
+                fix="must be 0 (every sequence) or a positive number of sequences per domain, or unset"),
     ] = option(
         None,
-        "influence_source=training: the sequences of each domain a window reads in its hooks, all ranks "
-        "together, the first ones in stream order (unset: every sequence of the window). Training itself is "
-        "unchanged; the hooks cost less the fewer they read.",
+        "influence_source=training: the sequences of each domain a window reads in its hooks, all ranks together, "
+        "the first ones in stream order (unset: tikmix_probe_sequences; 0: every sequence of the window). Training "
+        "itself is unchanged; the hooks cost less the fewer they read.",
     )
     tikmix_validation_sequences: Annotated[int, integer(at_least=1)] = option(
         16, "Sequences per validation task used for its gradient."
@@ -317,6 +319,23 @@ class TiKMiXConfig(ReliabilityOptions, ReportingOptions, DoGEOptions, DoReMiOpti
         if self.tikmix_influence_source == "training" and obstacle is not None:
             name, fix = obstacle
             fail(name, getattr(self, name), fix)
+
+    def initial_weights(self) -> str | dict[str, float]:
+        """``tikmix_initial_weights`` parsed (a keyword or a mapping); unset, ``"aligned"`` for TiKMiX-D and
+        TiKMiX-M with the default objective, ``"keep"`` for the paper's objective and every other mixer."""
+        value = self.tikmix_initial_weights
+        if value is None:
+            default = self.tikmix_solver in ("direct", "surrogate") and self.tikmix_objective == "trust_region"
+            return "aligned" if default else "keep"
+        return value if value in INITIAL_KEYWORDS else json.loads(value)
+
+    def window_quota(self) -> int | None:
+        """The sequences of each domain a training window reads: ``tikmix_window_sequences``, the probe budget
+        when it is unset, and every sequence (``None``) when it is 0."""
+        quota = self.tikmix_window_sequences
+        if quota is None:
+            return self.tikmix_probe_sequences
+        return quota or None
 
     def influence_source(self) -> str:
         """Where this run measures the domain side of ``S``: ``"training"`` (the window) or ``"probes"``.

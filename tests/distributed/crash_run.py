@@ -103,8 +103,9 @@ def main(out: str, kill: str | None) -> None:
     callbacks = arm(kill)
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probe_collate = Recorder(os.devnull, 0)
-    callback = TiKMiXCallback(mixture, toy_validation(), TiKMiXConfig(tikmix_stage_steps=STAGE_EVERY,
-                              tikmix_show_progress=False), collator=probe_collate)
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0, tikmix_stage_steps=STAGE_EVERY,
+                          tikmix_show_progress=False)
+    callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collate)
     args = TrainingArguments(
         output_dir=out, max_steps=MAX_STEPS, per_device_train_batch_size=BATCH, learning_rate=3e-3, use_cpu=True,
         report_to="none", save_strategy="steps", save_steps=SAVE_EVERY, logging_steps=1000, disable_tqdm=True,

@@ -83,7 +83,8 @@ def attempt(out: str, fault: Fault | None, seen: list) -> BaseException | None:
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probes = RecordingCollator()
     probes.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=STAGE_EVERY, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=STAGE_EVERY, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
                           tikmix_influence_source="training", tikmix_show_progress=False)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probes)
     args = TrainingArguments(output_dir=out, max_steps=MAX_STEPS, per_device_train_batch_size=BATCH,

@@ -36,7 +36,8 @@ def main(out: str, per_device: int, dispatch: str, source: str = "probes") -> No
     probe_collator.recording = False
     # One probe micro-batch size whatever the ranks: the standard errors (and so the trust radius) are
     # measured over micro-batches, and one rank of 8 or two of 4 then see the same batches.
-    config = TiKMiXConfig(tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_batch_size=4,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=10, tikmix_show_progress=False, tikmix_probe_batch_size=4,
                           tikmix_influence_source=source, tikmix_window_steps=4)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     collator = RecordingCollator()

@@ -32,7 +32,8 @@ def main(out: str, stage: int, source: str, device: str = "cpu") -> None:
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probe_collator = RecordingCollator()
     probe_collator.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=8, tikmix_influence_source=source, tikmix_window_steps=4,
                           tikmix_probe_sequences=8, tikmix_probe_batch_size=4, tikmix_show_progress=False)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)
     trainer = Trainer(model=toy_model(0), args=args, train_dataset=mixture, data_collator=RecordingCollator(),

@@ -83,7 +83,8 @@ def job(out: str, kind: str, source: str, batch: int, accum: int, workers: int, 
                             sizes={"pattern": 64, "echo": 64, "noise": 64})
     probes = RecordingCollator()
     probes.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=STAGE, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=STAGE, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
                           tikmix_probe_batch_size=4, tikmix_influence_source=source, tikmix_show_progress=False)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probes)
     trainer = Recording(model=toy_model(0), args=args, train_dataset=mixture, data_collator=Collator(),

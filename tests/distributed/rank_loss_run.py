@@ -111,7 +111,8 @@ def job(out: str, point: str | None) -> None:
     mixture = DomainMixture(toy_domains(), weights={"pattern": 0.2, "echo": 0.2, "noise": 0.6}, seed=3)
     probe_collator = RecordingCollator()
     probe_collator.recording = False
-    config = TiKMiXConfig(tikmix_stage_steps=STAGE_EVERY, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
+    config = TiKMiXConfig(tikmix_initial_weights="keep", tikmix_window_sequences=0,
+                          tikmix_stage_steps=STAGE_EVERY, tikmix_window_steps=WINDOW, tikmix_probe_sequences=8,
                           tikmix_probe_batch_size=4, tikmix_influence_source="training", tikmix_show_progress=False,
                           tikmix_collective_timeout=FREEZE_TIMEOUT if freeze else 600.0)
     callback = TiKMiXCallback(mixture, toy_validation(), config, collator=probe_collator)

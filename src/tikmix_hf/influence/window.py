@@ -279,7 +279,8 @@ class TrainingWindow:
         self.sequences.copy_(tensors["sequences"])
         if meta.get("quota") != self.quota:
             raise ValueError(f"the saved training window read {meta.get('quota')} sequences per domain and this run "
-                             f"reads {self.quota}; resume with the same tikmix_probe_sequences")
+                             f"reads {self.quota}; resume with the same tikmix_window_sequences and "
+                             "tikmix_probe_sequences")
         self.micro_batches, self._units = int(meta["micro_batches"]), int(meta["units"])
         self.failure, self.non_finite = meta.get("failure"), int(meta.get("non_finite", 0))
         self._taken, self.full = np.asarray(meta["taken"], dtype=np.int64), bool(meta["full"])

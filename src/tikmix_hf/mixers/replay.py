@@ -88,11 +88,11 @@ class ReplayMixer(Mixer):
         phases = list(schedule.phases)
         initial = None
         if self._starts[0] == 0:
-            if config.tikmix_initial_weights != "keep":
+            if config.tikmix_initial_weights not in (None, "keep"):
                 raise ValueError(
                     f"tikmix_initial_weights={config.tikmix_initial_weights!r}: the schedule {schedule.source} sets "
-                    "the weights from the start (its entry at 0); leave tikmix_initial_weights at 'keep', or drop "
-                    "that entry"
+                    "the weights from the start (its entry at 0); leave tikmix_initial_weights unset (or keep), or "
+                    "drop that entry"
                 )
             initial = {d: phases[0].weights[d] for d in domains}
         self._compare_saved()

@@ -179,6 +179,13 @@ class DomainMixture(IterableDataset):
         self._swaps.publish(start, vec)
         self._choices.forget_from(start)
 
+    def restart(self) -> None:
+        """Forget every weight swap after sample 0 and seek there: the stream starts over as it was first set."""
+        starts, rows = self._swaps.arrays()
+        self._swaps.replace(starts[:1], rows[:1])
+        self._choices.forget_from(0)
+        self.seek(0)
+
     @property
     def weights(self) -> dict[str, float]:
         """The most recently set weights (in effect from :attr:`weights_from` on)."""

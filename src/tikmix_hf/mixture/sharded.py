@@ -161,6 +161,8 @@ class ShardedSource:
             missing += [p for r, p in items if r >= seen]
         if missing:  # a shard holds fewer eligible rows than asked: reuse rows of the shards that had them
             found = [x for x in out if x is not None]
+            if not found and round_ != 0:
+                return self.probe(n, 0)  # a round past every shard's rows starts over at the first round's rows
             if not found:
                 raise ValueError(
                     f"domain {self.name!r} has no rows to probe"
