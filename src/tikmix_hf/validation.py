@@ -7,6 +7,7 @@ naming the argument, the offending value and what to pass instead.
 
 - Numbers: :class:`Range` (kind and bounds, written once), :func:`check_number` and its two
   common cases :func:`check_positive` and :func:`check_unit`.
+- Arrays: :func:`as_float64` (any array of numbers, or an error that says what was expected).
 - Vectors and weights: :func:`check_vector`, :func:`normalise`, :func:`check_weights` (a mapping
   domain -> weight), :func:`check_mixture` (a mixture given as an array or a mapping).
 - The simplex: :data:`SIMPLEX_TOL`, :func:`off_simplex` and :func:`project_bounded_simplex`.
@@ -104,7 +105,15 @@ def check_unit(value: Any, name: str, *, closed_right: bool) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Vectors and domain weights
+# Arrays, vectors and domain weights
+
+
+def as_float64(value: Any, expected: str) -> np.ndarray:
+    """``value`` as a float64 array, or ``ValueError("<expected>; could not convert it (<why>)")``."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{expected}; could not convert it ({exc})") from None
 
 
 def check_vector(value: Any, name: str, *, size: int | None = None, nonnegative: bool = False) -> np.ndarray:
@@ -169,10 +178,7 @@ def check_mixture(w: ArrayLike | Mapping[str, float], name: str, size: int,
             raise ValueError(f"{name} was given as a mapping, which needs domains=[...] to fix the column order of S")
         weights = check_weights(w, name, domains)
         w = [weights[d] for d in domains]
-    try:
-        w = np.asarray(w, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric vector of {size} weights; could not convert it ({exc})") from None
+    w = as_float64(w, f"{name} must be a numeric vector of {size} weights")
     if w.shape != (size,):
         raise ValueError(f"{name} must have shape ({size},), one weight per domain (column of S); got shape {w.shape}")
     if not np.all(np.isfinite(w)):

@@ -15,7 +15,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from .._loss import IGNORE_INDEX, labelled_targets
-from ..validation import off_simplex
+from ..validation import as_float64, off_simplex
 
 Batches = Mapping[str, "Sequence[Mapping[str, torch.Tensor]]"]
 ParamFilter = Callable[[str, torch.nn.Parameter], bool] | Sequence[str] | None
@@ -58,12 +58,7 @@ def check_keep(keep):
 
 def check_mixtures(W: ArrayLike, domain_names: Sequence[str]) -> np.ndarray:
     m = len(domain_names)
-    try:
-        W = np.asarray(W, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"W must be an (N, {m}) array of mixture weights, could not convert it: {error}"
-        ) from None
+    W = as_float64(W, f"W must be an (N, {m}) array of mixture weights")
     if W.ndim != 2 or W.shape[1] != m or W.shape[0] == 0:
         raise ValueError(
             f"W must have shape (N, {m}) with one column per domain {domain_names}, got shape {W.shape}; "

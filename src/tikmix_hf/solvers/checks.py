@@ -10,17 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..validation import format_value
+from ..validation import as_float64, format_value
 
 
 def check_influence(S) -> np.ndarray:
     """``S`` as a finite float64 n_tasks x n_domains array with at least one task and two domains."""
-    try:
-        S = np.asarray(S, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"S must be a numeric n_tasks x n_domains array; could not convert it ({exc})"
-        ) from None
+    S = as_float64(S, "S must be a numeric n_tasks x n_domains array")
     if S.ndim != 2:
         hint = " (for a single task use S.reshape(1, -1))" if S.ndim == 1 else ""
         raise ValueError(f"S must be 2-D, n_tasks x n_domains; got shape {S.shape}{hint}")

@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import qmc, spearmanr
 
-from ..validation import Range, check_mixture, check_number, format_value, project_bounded_simplex
+from ..validation import Range, as_float64, check_mixture, check_number, format_value, project_bounded_simplex
 from .direct import solve_direct
 from .problem import BOUND_TOL, PARETO_TOL, build_problem
 from .result import SolverResult
@@ -265,12 +265,7 @@ def _check_pair(value, arg: str) -> tuple[float, float]:
 
 
 def _check_target(y, n: int) -> np.ndarray:
-    try:
-        y = np.asarray(y, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"evaluate must return numbers, one per row of W; could not convert its output ({exc})"
-        ) from None
+    y = as_float64(y, "evaluate must return numbers, one per row of W")
     if y.shape != (n,):
         raise ValueError(
             f"evaluate returned shape {y.shape} for W of shape ({n}, m); it must return one "
