@@ -20,13 +20,16 @@ every arm trains on exactly the same number of tokens:
 
 - ``static`` (or ``natural``): the natural mixture (token proportions), never changed;
 - ``uniform``: equal weights, never changed;
-- ``tikmix_d`` / ``tikmix_m``: the natural mixture re-decided by :class:`~tikmix_hf.TiKMiXCallback`
-  (TiKMiX-D or TiKMiX-M) with the default, scale-aware trust-region objective at its default
-  schedule (5, 25, 50 and 75% of training);
+- ``tikmix_d`` / ``tikmix_m``: the natural mixture aligned to the tasks before step 0, then re-decided by
+  :class:`~tikmix_hf.TiKMiXCallback` (TiKMiX-D or TiKMiX-M) with the default, scale-aware trust-region
+  objective at its default schedule (5, 25, 50 and 75% of training);
+- ``tikmix_d_general``: ``tikmix_d`` with the guard for general ability (a validation task drawn from the
+  natural mixture, ``tikmix_general_sequences=16``);
 - ``tikmix_d_paper`` / ``tikmix_m_paper``: the same with the paper's objective (Eq. 10) at the
   preset's stage fractions.
 
-``tikmix demo`` trains ``static``, ``tikmix_d``, ``tikmix_d_paper`` and ``tikmix_m`` by default.
+``tikmix demo`` trains ``static``, ``tikmix_d``, ``tikmix_d_general``, ``tikmix_d_paper`` and ``tikmix_m`` by
+default.
 
 The tokens TiKMiX reads to measure influence (probe and validation sequences) are extra forward
 and backward passes, not training; they are reported separately, as is the time they take.

@@ -38,6 +38,9 @@ ARMS: dict[str, Arm] = {
         Arm("uniform", "static (uniform)", initial="uniform"),
         # The default objective decides on its default, early schedule; the paper's arms at the preset's stages.
         Arm("tikmix_d", "TiKMiX-D", solver="direct", config={"tikmix_stage_fractions": list(EARLY)}),
+        # the default with the guard for general ability: a validation task drawn from the natural mixture
+        Arm("tikmix_d_general", "TiKMiX-D + general task", solver="direct",
+            config={"tikmix_stage_fractions": list(EARLY), "tikmix_general_sequences": 16}),
         Arm("tikmix_m", "TiKMiX-M", solver="surrogate", config={"tikmix_stage_fractions": list(EARLY)}),
         Arm("tikmix_d_paper", "TiKMiX-D (paper objective)", solver="direct", config={"tikmix_objective": "paper"}),
         Arm("tikmix_m_paper", "TiKMiX-M (paper objective)", solver="surrogate",
@@ -45,6 +48,6 @@ ARMS: dict[str, Arm] = {
     )
 }
 
-#: What ``tikmix demo`` trains unless told otherwise: the baseline, the default TiKMiX-D beside the paper's, and
-#: TiKMiX-M.
-DEFAULT_ARMS = ("static", "tikmix_d", "tikmix_d_paper", "tikmix_m")
+#: What ``tikmix demo`` trains unless told otherwise: the baseline, the default TiKMiX-D beside the paper's and
+#: beside itself with the guard for general ability, and TiKMiX-M.
+DEFAULT_ARMS = ("static", "tikmix_d", "tikmix_d_general", "tikmix_d_paper", "tikmix_m")
