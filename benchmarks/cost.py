@@ -9,12 +9,13 @@ trained for the same steps of the same batch, hence on the same tokens, from the
 
 Arms:
 
-- **TiKMiX-D**: the natural mixture, re-decided by ``solver="direct"`` with the library's defaults
-  at the bench stage boundaries (20/40/60/80 % of training; one at 50 % in ``--quick``). Its mixing
-  cost is every stage's influence pass: one forward and one backward per *processed* token of the
-  probes and the validation sequences. Where it reads the domain side in the training window (the
-  default), the window's sequences are training's own; its hooks are charged at twice the covered
-  parameters per window token (``tikmix_cost``), and its top-up probes as probes. The history
+- **TiKMiX-D**: ``solver="direct"`` with the library's defaults (the aligned start, decisions at
+  5/25/50/75 % of training). Its mixing cost is every stage's influence pass: one forward and one
+  backward per *processed* token of the probes and the validation sequences. Where it reads the
+  domain side in the training window (the default), the window's sequences are training's own; its
+  hooks are charged per token and per sequence read as ``benchmarks/cost_model.py`` counts them
+  (``tikmix_cost``), and its top-up probes as probes. The aligned start counts tokens and runs no
+  model: it is charged in wall time, not in FLOPs. The history
   counts labelled tokens (``probe_tokens``); they are scaled to processed tokens per set (a
   128-token block has 127 labelled tokens, a continuation item only its 8 continuation tokens), so
   the count is never in TiKMiX's favour. All stages are
@@ -74,6 +75,9 @@ from typing import Any
 import numpy as np
 import torch
 from _common import bench_size, parser, table, write
+from cost_model import LOSS_FIT
+
+from tikmix_hf.config import DEFAULT_FRACTIONS
 
 PAPER_RATIO = 0.195  # 7.2e17 / 3.7e18, arXiv 2508.17677 v1
 REGMIX_TEMPERATURE = 0.5
@@ -98,7 +102,7 @@ def model_shape(data, size) -> dict:
     model = tiny_llama(len(tok), hidden_size=size.hidden_size, layers=size.layers, heads=size.heads,
                        block_size=size.block_size, seed=0)
     return {"params": int(sum(p.numel() for p in model.parameters())), "layers": size.layers,
-            "hidden": size.hidden_size, "heads": size.heads}
+            "hidden": size.hidden_size, "heads": size.heads, "vocab": len(tok)}
 
 
 def forward_flops(shape: dict, tokens: float, ctx: int) -> float:
@@ -122,9 +126,10 @@ def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
 
     Probe and validation sequences: 3 x forward per processed token. A training window's own
     sequences are training's forward and backward; what the window adds on them is its hooks, charged
-    at ``2 x`` the covered parameters per processed token (the per-sequence weight gradient each hook
-    forms is one more product of every covered weight's size per token; the dot products with the few
-    validation gradients and the loss-scale fit are left out, they are smaller).
+    as ``benchmarks/cost_model.py`` counts them: per read token ``2 x`` the covered parameters (the
+    per-sequence weight gradient each hook forms) and the loss-scale fit (``LOSS_FIT`` per logit), and
+    per read sequence ``2 n`` times the covered parameters (its dot products with the ``n`` validation
+    gradients).
     """
     from tikmix_hf.stage_record import measurement_passes
 
@@ -151,7 +156,9 @@ def tikmix_cost(row: dict, history: dict, data, shape: dict) -> dict:
                 length, per_seq = sets[name]
                 tokens = (lab - window["probe_tokens"].get(name, 0)) * length / per_seq
                 window_tokens += tokens
-                hook_flops += 2.0 * window["parameters"] * tokens
+                tasks = len(inf["task_losses"])
+                hook_flops += (tokens * (2.0 * window["parameters"] + LOSS_FIT * shape["vocab"])
+                               + tokens / length * 2.0 * tasks * window["parameters"])
     if int(labelled) != row["probe_tokens"]:
         raise RuntimeError(f"history counts {labelled} labelled tokens, the row {row['probe_tokens']}")
     return {"flops": flops + hook_flops, "hook_flops": hook_flops, "wall": row["seconds"]["tikmix"],
@@ -304,7 +311,10 @@ def main() -> None:
         # --- TiKMiX-D and the natural reference, per seed
         tikmix_rows, natural_rows = [], []
         for seed in seeds:
-            row = train_arm(Arm("tikmix_d", "TiKMiX-D", solver="direct"), seed, data, size, base,
+            # the library's defaults, its own decision fractions included (not the bench size's)
+            default = Arm("tikmix_d", "TiKMiX-D", solver="direct",
+                          config={"tikmix_stage_fractions": list(DEFAULT_FRACTIONS["trust_region"])})
+            row = train_arm(default, seed, data, size, base,
                             show_progress=True)
             row["cost"] = tikmix_cost(row, load_history(base / row["history"]), data, target_shape)
             tikmix_rows.append(row)
