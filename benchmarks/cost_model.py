@@ -10,11 +10,12 @@ trained on tiny batches. Counted per decision, with the library's defaults:
 - **window hooks**: for each sequence the window reads, per covered ``Linear`` of shape ``o x i``, the
   sequence's own weight gradient ``G^T A`` (``2 T o i``) and its ``n`` dot products with the tasks'
   gradients (``2 n o i``); per embedding the gathered dot products (``2 n T d``); and the fit of the
-  loss's scale from the logits (about ``LOSS_FIT`` FLOPs per logit). With ``tikmix_window_sequences``
-  set, the window reads that many sequences per domain; unset, every sequence of its steps;
+  loss's scale from the logits (about ``LOSS_FIT`` FLOPs per logit). By default the window reads the
+  probe budget's sequences of each domain (``tikmix_window_sequences`` unset); with ``0``, every
+  sequence of its steps (up to 64 steps, or half the stage);
 - **probes** (``tikmix_influence_source="probes"``): each domain's probe sequences, forward and
   backward, instead of the hooks;
-- **top-ups**: none at scale (a window of 32 steps of a real batch sees every domain far more often
+- **top-ups**: none at scale (a window of 64 steps of a real batch sees every domain far more often
   than its probe budget); at the bench size they are charged as the quality benchmark measured them;
 - the solve: a few milliseconds of CPU; no FLOPs worth counting.
 
@@ -86,7 +87,7 @@ class Run:
     decisions: int = 4
     validation_sequences: int = 16
     probe_sequences: int = 16
-    window_steps: int = 32
+    window_steps: int = 64
     top_up_sequences: float = 0.0  # per decision (the bench measures them; none at scale)
 
 
@@ -128,15 +129,16 @@ def shares(run: Run) -> dict:
 def markdown(rows: list[dict]) -> str:
     header = ["model", "parameters", "tokens (seq × batch × steps)", "domains / tasks",
               "hooks per sequence / its training", "validation passes", "window, every sequence",
-              "window, probe budget per domain", "probes"]
+              "window, probe budget per domain (default)", "probes"]
     body = [[r["model"], f"{r['params'] / 1e6:,.1f}M",
              f"{r['tokens']:.2e} ({r['seq']} × {r['batch']} × {r['steps']:,})",
              f"{r['domains']} / {r['tasks']}", f"{r['hook_per_sequence_over_training']:.0%}",
              f"{r['validation']:.3%}", f"{r['window_every_sequence']:.3%}", f"{r['window_quota']:.3%}",
              f"{r['probes']:.3%}"] for r in rows]
     note = ("The measurement's FLOPs as a share of the run's training FLOPs, four decisions with the defaults "
-            "(16 validation sequences per task, a window of 32 steps or half the stage, 16 probe sequences per "
-            "domain; the bench row: the quality benchmark's settings and its measured top-ups). The hooks cost "
+            "(16 validation sequences per task, 16 probe sequences per domain, a window of 64 steps or half the "
+            "stage that reads the probe budget of each domain, or with tikmix_window_sequences=0 every sequence; "
+            "the bench row: the quality benchmark's settings and its measured top-ups). The hooks cost "
             "about a third of their sequence's training FLOPs at every size; what shrinks with scale is the share "
             "of the run's sequences that are measured at all.")
     return note + "\n\n" + table(header, body)

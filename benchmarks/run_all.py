@@ -39,6 +39,7 @@ SCRIPTS: dict[str, str] = {
     "quality": "dir",
     "fidelity": "dir",
     "cost": "dir",
+    "cost_model": "dir",
     "transfer": "dir",
     "mixture_scale": "dir",
 }
