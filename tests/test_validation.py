@@ -11,6 +11,7 @@ from tikmix_hf.validation import (
     NONNEGATIVE,
     POSITIVE,
     Range,
+    as_float64,
     check_mixture,
     check_number,
     check_positive,
@@ -76,3 +77,14 @@ def test_a_weight_mapping_and_a_mixture():
         check_mixture([0.5, 0.6], "prior", 2)
     assert off_simplex([[0.5, 0.5], [0.5, 0.6], [1.0, np.nan], [1 + 1e-7, -1e-7]]).tolist() == [False, True, True,
                                                                                                  False]
+
+
+def test_an_array_that_is_not_numbers_says_what_was_expected_and_why():
+    assert as_float64([[1, 2]], "S").dtype == np.float64
+    with pytest.raises(ValueError, match=r"^S must be numbers; could not convert it \(.*'x'"):
+        as_float64([["x", 1.0]], "S must be numbers")
+    # every layer's conversion goes through it, with its own expectation
+    from tikmix_hf.solvers import solve_direct
+
+    with pytest.raises(ValueError, match="S must be a numeric n_tasks x n_domains array; could not convert it"):
+        solve_direct([["a", "b"]], [0.5, 0.5])
