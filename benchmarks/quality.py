@@ -4,33 +4,36 @@ Each arm trains a fresh copy of the same initial model (per seed) with the demo'
 (:func:`tikmix_hf.demo.train_arm`) and is scored on held-out text its mixer never saw: the
 per-task losses, their average, and the continuation-choice accuracy.
 
-Arms (all at the same training tokens unless marked "equal total tokens"):
+Arms (all at the same training tokens unless marked "equal compute"):
 
 - static: ``uniform``; ``natural`` (token proportions); ``temperature`` (natural^(1/3),
   renormalised); ``targets`` (local corpus only: half natural, half spread evenly over the
   domains the validation text was held out from, what a user who knows the tasks would try);
   ``oracle`` (synthetic corpus only: the known task generators, ``SyntheticCorpus.oracle_weights``);
-- TiKMiX: ``tikmix_d`` with the library's defaults (the scale-aware trust-region objective, S read
-  in the training window, decisions at 5/25/50/75% of training), ``tikmix_d_probes`` (the same
-  measured on probes, as the paper measures), ``tikmix_m`` (probes), ``tikmix_d_paper`` (the paper's
-  Eq. 10, on probes) at the bench's stage fractions 0.2/0.4/0.6/0.8, and, not run by default,
-  ``tikmix_d_eight`` (the default with eight decisions) and ``tikmix_d_short`` (a window of 10 steps,
-  about the probes' 152 sequences, instead of 32); all from the natural start with the adam
-  preconditioner;
+  ``aligned`` (the library's aligned start, ``tikmix_initial_weights="aligned"``, kept all run);
+- TiKMiX: ``tikmix_d`` with the library's defaults (the aligned start, the trust-region objective, S
+  read in the training window of 64 steps from the probe budget's sequences per domain, decisions at
+  5/25/50/75% of training) and its variants (``DEFAULT_VARIANTS``: the previous release's defaults
+  ``tikmix_d_v1``, the defaults from the natural mixture, with the general-ability task, on probes,
+  eight decisions, a shorter window, no average over stages, and from the target-tilted mixture);
+  ``tikmix_m`` (probes, 5/25/50/75%); ``tikmix_d_paper`` (the paper's Eq. 10, on probes, from the
+  natural mixture) at the bench's stage fractions 0.2/0.4/0.6/0.8; all with the adam preconditioner;
 - the library's baseline mixers at the same stages: ``odm``, ``doremi`` (its reference model is
   this seed's ``uniform`` model, as in the DoReMi paper) and ``doge``;
-- at equal *total* tokens (the TiKMiX arms give up the training steps their probe
-  and validation passes cost): ``tikmix_d_eq``, ``tikmix_d_probes_eq``, ``robust_eq`` (probes,
-  two decisions: an early one at 5% of the steps and one at 50%; ``tikmix_shrink_z=1``,
-  ``tikmix_smoothing=0.5``, adaptive probe budget with target RSE 0.3 inside the same cap, probe
-  micro-batches of 2 sequences so that every domain has the batches a standard error needs), and
-  the hindsight static mixtures ``hindsight_d`` / ``hindsight_robust``: each run's own final weights used from step 0.
+- at equal *compute*, ``<arm>_eq`` for every arm that measures (``EQ_ARMS``): the run gives up the
+  training steps its measurement's seconds would have bought, at its own seconds per training step
+  (window hooks, validation passes, probes and top-ups, look-aheads, the aligned start, solves);
+- the hindsight static mixture ``hindsight_d``: the default run's own final weights used from step 0,
+  which costs a whole run to know.
+
+``reach`` tables how far each dynamic arm's mixture got early: the KL divergence from the mixture
+training drew over the first 25% and 50% of its samples to the run's final weights.
 
 The gap closed, on the synthetic corpus: ``(uniform - arm) / (uniform - oracle)`` of the average
 held-out loss.
 
-Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x the 13 default arms of a 400-step
-model take about 55 minutes on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model, without the
+Runs go two at a time (one torch thread each): 2 corpora x 3 seeds x the default arms of a 400-step
+model (108 runs) take about an hour on 2 CPU cores (19 local domains); ``--quick`` (1 seed, tiny model, without the
 arms of ``QUICK_SKIPS``) under a minute.
 
     python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--corpora synthetic local] [--workers 2]
@@ -407,7 +410,9 @@ def _pct(ms: tuple[float, float]) -> str:
 def markdown(summary: dict, rows: list[dict], size, seconds: float, plots: dict[str, str]) -> str:
     parts = [
         f"Setup: a Llama of {size.layers} layers x {size.hidden_size} hidden units on {size.block_size}-token blocks, "
-        f"{size.max_steps} steps of {size.batch_size} blocks, stages at {list(size.stage_fractions)}, "
+        f"{size.max_steps} steps of {size.batch_size} blocks, decisions at {list(DEFAULT_SCHEDULE)} for the default "
+        f"objective (TiKMiX-D and -M) and at "
+        f"{list(size.stage_fractions)} for the paper's objective and the baselines, "
         f"{size.probe_sequences} probe sequences per domain and {size.validation_sequences} validation sequences per "
         f"task at each stage. Mean ± standard deviation over seeds {summary[next(iter(summary))]['seeds']}. "
         f"Held-out loss: mean token cross-entropy on test text no mixer saw (lower is better). "
@@ -497,7 +502,7 @@ def verdicts(corpus: str, entry: dict) -> str:
     for arm, ref in (("tikmix_d_eq", "hindsight_d"), ("tikmix_d_eq", "targets"), ("tikmix_d_eq", "aligned")):
         if arm in arms and f"vs_{ref}" in arms[arm]:
             v = arms[arm][f"vs_{ref}"]
-            lines.append(f"- **{arms[arm]['label']} vs its own hindsight static mixture:** "
+            lines.append(f"- **{arms[arm]['label']} vs {arms[ref]['label']}:** "
                          f"{_pct(v['gain'])} (better in {v['wins']}/{v['n']} seeds).")
     return "\n".join(lines)
 
