@@ -137,11 +137,18 @@ def test_cost_charges_a_training_window_its_hooks_and_only_its_extra_passes(tmp_
         history = load_history(tmp_path / source / row["history"])
         spent = cost.tikmix_cost(row, history, data, shape)
         assert spent["labelled_tokens"] == row["probe_tokens"] > 0
-        windows = [s["influence"]["window"] for s in history["stages"] if s["influence"].get("window")]
+        stages = [s["influence"] for s in history["stages"] if s["influence"].get("window")]
+        windows = [s["window"] for s in stages]
         assert bool(windows) == (source == "training")
         # every window sequence is one training block of block_size tokens
         blocks = sum(sum(w["sequences"].values()) for w in windows)
         assert spent["window_tokens"] == blocks * size.block_size
-        assert spent["hook_flops"] == pytest.approx(sum(2.0 * w["parameters"] * sum(w["sequences"].values())
-                                                        * size.block_size for w in windows), rel=1e-12)
+        # per read token the weight gradient (2 P) and the loss-scale fit (LOSS_FIT per logit); per read
+        # sequence its dot products with each task's gradient (2 P per task)
+        expected = 0.0
+        for inf in stages:
+            w, sequences = inf["window"], sum(inf["window"]["sequences"].values())
+            expected += (sequences * size.block_size * (2.0 * w["parameters"] + cost.LOSS_FIT * shape["vocab"])
+                         + sequences * 2.0 * len(inf["task_losses"]) * w["parameters"])
+        assert spent["hook_flops"] == pytest.approx(expected, rel=1e-12)
         assert spent["flops"] > spent["hook_flops"]
